@@ -1,0 +1,77 @@
+"""ClientApp entry: train and evaluate on this node's shard, on its local device."""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.shard import NodeData, load_node_data, model_for
+from strategies.strategy import arrays_to_numpy, numpy_to_arrays
+from task import keys
+from task.config import RunConfig, parse_run_config
+from task.training import load_numpy_into, model_to_numpy, resolve_device, test, train
+
+app = ClientApp()
+
+
+def _node_data(context: Context) -> tuple[RunConfig, NodeData]:
+    config = parse_run_config(context.run_config)
+    return config, load_node_data(config, dict(context.node_config))
+
+
+@app.train()
+def train_fn(msg: Message, context: Context) -> Message:
+    """Train the received global model on the local shard; reply arrays and metrics."""
+    config, data = _node_data(context)
+    device = resolve_device(config.device)
+    model = model_for(config, data, device)
+    load_numpy_into(model, arrays_to_numpy(msg.content[keys.ARRAYS]))
+    round_config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
+    result = train(
+        model,
+        data.train,
+        epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        momentum=config.momentum,
+        device=device,
+        seed=config.seed + int(round_config.get(keys.SERVER_ROUND, 0)) * 1000 + data.partition_id,
+        proximal_mu=float(round_config.get(keys.PROXIMAL_MU, 0.0)),
+    )
+    metrics = MetricRecord(
+        {
+            keys.NUM_EXAMPLES: result.num_examples,
+            keys.PARTITION_ID: data.partition_id,
+            keys.TRAIN_LOSS: result.loss,
+            keys.TRAIN_ACCURACY: result.accuracy,
+            keys.TRAIN_SECONDS: result.seconds,
+        }
+    )
+    content = RecordDict(
+        {
+            keys.ARRAYS: numpy_to_arrays(model_to_numpy(model)),
+            keys.METRICS: metrics,
+            keys.INFO: ConfigRecord({keys.DEVICE: str(device)}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_fn(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on the local test split."""
+    config, data = _node_data(context)
+    device = resolve_device(config.device)
+    model = model_for(config, data, device)
+    load_numpy_into(model, arrays_to_numpy(msg.content[keys.ARRAYS]))
+    result = test(model, data.test, batch_size=max(256, config.batch_size), device=device)
+    metrics = MetricRecord(
+        {
+            keys.NUM_EXAMPLES: result.num_examples,
+            keys.PARTITION_ID: data.partition_id,
+            keys.EVAL_LOSS: result.loss,
+            keys.EVAL_ACCURACY: result.accuracy,
+        }
+    )
+    return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)
+

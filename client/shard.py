@@ -1,0 +1,94 @@
+"""This node's data shard and model, loaded once per process and cached.
+
+Flower keeps a ClientApp process (a Ray actor in simulation) alive across
+rounds, so the dataset is read and partitioned once, not every round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from task import keys
+from task.config import ConfigError, RunConfig
+from task.datasets import DatasetSplits, TensorSplit, load_dataset
+from task.models import build_model
+from task.partitioning import partition_indices, split_local
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """The local train and test splits of one partition."""
+
+    partition_id: int
+    num_partitions: int
+    train: TensorSplit
+    test: TensorSplit
+    input_shape: tuple[int, int, int]
+    num_classes: int
+
+
+def node_partition(node_config: dict[str, object]) -> tuple[int, int]:
+    """Read ``partition-id`` / ``num-partitions`` from the node config.
+
+    Raises
+    ------
+    ConfigError
+        If either is missing or out of range; the message shows the fix.
+    """
+    try:
+        partition_id = int(node_config[keys.NODE_PARTITION_ID])  # type: ignore[call-overload]
+        num_partitions = int(node_config[keys.NODE_NUM_PARTITIONS])  # type: ignore[call-overload]
+    except (KeyError, TypeError, ValueError) as error:
+        raise ConfigError(
+            "this node needs integer partition-id and num-partitions in its node config, "
+            'e.g. flower-supernode --node-config "partition-id=0 num-partitions=3"'
+        ) from error
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(
+            f"partition-id {partition_id} must be in [0, num-partitions={num_partitions})"
+        )
+    return partition_id, num_partitions
+
+
+@lru_cache(maxsize=2)
+def _dataset(name: str, data_dir: str, seed: int) -> DatasetSplits:
+    return load_dataset(name, data_dir, seed)
+
+
+@lru_cache(maxsize=8)
+def _shard(config: RunConfig, partition_id: int, num_partitions: int) -> NodeData:
+    data = _dataset(config.dataset, str(config.resolved_data_dir), config.seed)
+    labels = data.train.y.numpy()
+    partitions = partition_indices(
+        labels, num_partitions, config.partitioner, config.seed,
+        alpha=config.dirichlet_alpha, classes_per_partition=config.classes_per_partition,
+        num_classes=data.num_classes,
+    )
+    local_train, local_test = split_local(
+        partitions[partition_id], config.local_test_fraction, config.seed + partition_id
+    )
+    train = TensorSplit(data.train.x[local_train], data.train.y[local_train])
+    test = TensorSplit(data.train.x[local_test], data.train.y[local_test])
+    return NodeData(partition_id, num_partitions, train, test, data.input_shape, data.num_classes)
+
+
+def load_node_data(config: RunConfig, node_config: dict[str, object]) -> NodeData:
+    """Return this node's shard, cached per (config, partition)."""
+    partition_id, num_partitions = node_partition(node_config)
+    return _shard(config, partition_id, num_partitions)
+
+
+@lru_cache(maxsize=2)
+def _model(name: str, shape: tuple[int, int, int], classes: int, device: str) -> torch.nn.Module:
+    return build_model(name, shape, classes, seed=0).to(device)
+
+
+def model_for(config: RunConfig, data: NodeData, device: torch.device) -> torch.nn.Module:
+    """A model of the configured architecture on ``device``, reused across rounds.
+
+    Its weights are overwritten by the received global arrays before each use.
+    """
+    return _model(config.model, data.input_shape, data.num_classes, str(device))

@@ -1,0 +1,1 @@
+"""ServerApp, coordinator, run store, checkpoints and the control CLI."""

@@ -1,0 +1,284 @@
+"""The coordinator: drives rounds on the Grid itself and records them in the run store.
+
+Flower's ``Strategy.start()`` sends a round's messages and blocks until every
+reply is in. The coordinator instead pushes messages, pulls replies with a
+short poll interval and folds each one into the strategy as it arrives, so a
+round closes as soon as its replies are in, or at ``round-timeout`` with what
+arrived.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from server.store import RoundRecord, RunStore
+from strategies.strategy import (
+    FedCoordStrategy,
+    NamedArrays,
+    aggregate_evaluate_metrics,
+    numpy_to_arrays,
+)
+from task import keys
+from task.config import RunConfig
+
+EvaluateFn = Callable[[NamedArrays], tuple[float, float]]
+"""Central evaluation: global arrays -> (loss, accuracy)."""
+
+POLL_INTERVAL_S = 0.05
+NODE_POLL_INTERVAL_S = 0.5
+NODE_SETTLE_S = 1.0
+
+
+class NodeShortageError(RuntimeError):
+    """Fewer nodes than ``min-train-nodes`` registered within the wait limit."""
+
+
+@dataclass
+class PhaseResult:
+    """Replies gathered in one phase (train or evaluate) of a round."""
+
+    sampled: int
+    replies: list[Message] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    timed_out: list[int] = field(default_factory=list)
+
+
+def model_hash(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the arrays' names, dtypes, shapes and bytes, in order."""
+    digest = hashlib.sha256()
+    for name, value in arrays.items():
+        digest.update(f"{name}|{value.dtype.str}|{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+class Coordinator:
+    """Owns the round loop of one run.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower's Grid for this run.
+    strategy : FedCoordStrategy
+        Folds replies into the new global model.
+    store : RunStore
+        The run's store; every completed round is written to it.
+    config : RunConfig
+        The parsed run configuration.
+    evaluate_fn : EvaluateFn
+        Central evaluation of the global arrays on the held-out test set.
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        strategy: FedCoordStrategy,
+        store: RunStore,
+        config: RunConfig,
+        evaluate_fn: EvaluateFn,
+    ) -> None:
+        self.grid = grid
+        self.strategy = strategy
+        self.store = store
+        self.config = config
+        self.evaluate_fn = evaluate_fn
+        self._last_progress: tuple[str, int, int] = ("", 0, 0)
+
+    # ------------------------------------------------------------------ run
+    def run(self, initial_arrays: NamedArrays, first_round: int = 1) -> NamedArrays:
+        """Run rounds ``first_round..num-server-rounds`` and return the final arrays."""
+        arrays = initial_arrays
+        if first_round == 1:
+            self._record_initial_evaluation(arrays)
+        for server_round in range(first_round, self.config.num_server_rounds + 1):
+            arrays = self.run_round(server_round, arrays)
+        return arrays
+
+    def run_round(self, server_round: int, arrays: NamedArrays) -> NamedArrays:
+        """Run one round in four phases and return the (possibly unchanged) global arrays."""
+        started = time.time()
+        # 1. Sample nodes and send them the global model
+        node_ids = self.wait_for_nodes()
+        sampled = self.strategy.sample_nodes(
+            node_ids, self.config.fraction_train, self.config.min_train_nodes
+        )
+        self.strategy.begin_round(server_round, arrays)
+        # 2. Fold replies in as they arrive, until all are in or the deadline passes
+        train = self._run_phase(server_round, "train", sampled, arrays, self._fold_reply)
+        new_arrays, summary = self.strategy.end_round()
+        if new_arrays is None:
+            log(WARNING, "round %s: %s", server_round, summary.reason)
+            self.store.add_event("round-kept", f"round {server_round}: {summary.reason}")
+        arrays = new_arrays if new_arrays is not None else arrays
+        # 3. Evaluate centrally and on the clients' local test splits
+        central_loss, central_accuracy = self.evaluate_fn(arrays)
+        federated = self._evaluate_federated(server_round, arrays, node_ids)
+        # 4. Record the round
+        metrics = {
+            **{f"train-{k.removeprefix('train-')}": v for k, v in summary.metrics.items()},
+            "central-loss": central_loss,
+            "central-accuracy": central_accuracy,
+            **federated,
+        }
+        ended = time.time()
+        self.store.record_round(
+            RoundRecord(
+                round=server_round, started_at=started, ended_at=ended, sampled=len(sampled),
+                accepted=summary.accepted, rejected=summary.rejected, failed=len(train.failed)
+                + len(train.timed_out), updated=summary.updated, metrics=metrics,
+                model_hash=model_hash(arrays), note=summary.reason,
+            )
+        )
+        log(
+            INFO,
+            "round %d/%d: train loss %.4f, central accuracy %.4f, %d/%d accepted, "
+            "%d rejected, %d failed, %.1fs",
+            server_round, self.config.num_server_rounds,
+            summary.metrics.get(keys.TRAIN_LOSS, float("nan")), central_accuracy,
+            summary.accepted, len(sampled), summary.rejected,
+            len(train.failed) + len(train.timed_out), ended - started,
+        )
+        return arrays
+
+    # ---------------------------------------------------------------- phases
+    def wait_for_nodes(self) -> list[int]:
+        """Return the registered node ids once at least ``min-train-nodes`` are in.
+
+        Never waits forever: after ``node-wait-timeout`` seconds it raises.
+        """
+        deadline = time.monotonic() + self.config.node_wait_timeout
+        node_ids = list(self.grid.get_node_ids())
+        while len(node_ids) < self.config.min_train_nodes:
+            if time.monotonic() > deadline:
+                raise NodeShortageError(
+                    f"only {len(node_ids)} node(s) registered after "
+                    f"{self.config.node_wait_timeout:.0f}s; min-train-nodes is "
+                    f"{self.config.min_train_nodes}"
+                )
+            self._report_progress("waiting-for-nodes", len(node_ids), self.config.min_train_nodes)
+            time.sleep(NODE_POLL_INTERVAL_S)
+            node_ids = list(self.grid.get_node_ids())
+        return node_ids
+
+    def _run_phase(
+        self,
+        server_round: int,
+        message_type: str,
+        node_ids: list[int],
+        arrays: NamedArrays,
+        on_reply: Callable[[int, Message], None],
+    ) -> PhaseResult:
+        """Push one message per node, then pull and hand over replies until done."""
+        content = RecordDict(
+            {
+                keys.ARRAYS: numpy_to_arrays(arrays),
+                keys.CONFIG: ConfigRecord(self._round_config(server_round)),
+            }
+        )
+        messages = [Message(content, node_id, message_type) for node_id in node_ids]
+        message_ids = list(self.grid.push_messages(messages))
+        pending = {mid: nid for mid, nid in zip(message_ids, node_ids, strict=True) if mid}
+        result = PhaseResult(sampled=len(node_ids))
+        deadline = time.monotonic() + self.config.round_timeout
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                node_id = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node_id is None:
+                    continue
+                self._dispatch(server_round, node_id, reply, result, on_reply)
+            self._report_progress(message_type, len(node_ids) - len(pending), len(node_ids))
+            if pending:
+                time.sleep(POLL_INTERVAL_S)
+        result.timed_out = sorted(pending.values())
+        for node_id in result.timed_out:
+            reason = f"no {message_type} reply within round-timeout={self.config.round_timeout}s"
+            self.store.record_node_fault(node_id, server_round, "failure", reason)
+        return result
+
+    def _dispatch(
+        self,
+        server_round: int,
+        node_id: int,
+        reply: Message,
+        result: PhaseResult,
+        on_reply: Callable[[int, Message], None],
+    ) -> None:
+        """Route a reply: error replies count as failures of the node they answer."""
+        if reply.has_error():
+            reason = f"{reply.error.code}: {reply.error.reason}"
+            result.failed[node_id] = reason
+            self.store.record_node_fault(node_id, server_round, "failure", reason)
+            log(WARNING, "round %s: node %s failed: %s", server_round, node_id, reason)
+            return
+        result.replies.append(reply)
+        on_reply(server_round, reply)
+
+    def _fold_reply(self, server_round: int, reply: Message) -> None:
+        outcome = self.strategy.add_reply(reply)
+        partition = outcome.metrics.get(keys.PARTITION_ID)
+        self.store.record_node_reply(
+            outcome.node_id,
+            partition_id=int(partition) if partition is not None else None,
+            num_examples=outcome.num_examples if outcome.accepted else None,
+            device=outcome.info.get(keys.DEVICE),
+            joined=outcome.accepted,
+        )
+        if not outcome.accepted:
+            self.store.record_node_fault(outcome.node_id, server_round, "rejected", outcome.reason)
+            log(WARNING, "round %s: update from node %s rejected: %s", server_round,
+                outcome.node_id, outcome.reason)
+
+    def _evaluate_federated(
+        self, server_round: int, arrays: NamedArrays, node_ids: Iterable[int]
+    ) -> dict[str, float]:
+        """Evaluate the global model on every node's local test split."""
+        collected: list[dict[str, float]] = []
+
+        def keep(_: int, reply: Message) -> None:
+            record = reply.content.metric_records.get(keys.METRICS)
+            if record is not None:
+                collected.append({k: float(v) for k, v in record.items()})  # type: ignore[arg-type]
+
+        self._run_phase(server_round, "evaluate", list(node_ids), arrays, keep)
+        averaged = aggregate_evaluate_metrics(collected)
+        result = {}
+        if keys.EVAL_LOSS in averaged:
+            result["federated-loss"] = averaged[keys.EVAL_LOSS]
+        if keys.EVAL_ACCURACY in averaged:
+            result["federated-accuracy"] = averaged[keys.EVAL_ACCURACY]
+        return result
+
+    def _record_initial_evaluation(self, arrays: NamedArrays) -> None:
+        loss, accuracy = self.evaluate_fn(arrays)
+        now = time.time()
+        self.store.record_round(
+            RoundRecord(
+                round=0, started_at=now, ended_at=now, sampled=0, accepted=0, rejected=0,
+                failed=0, updated=False,
+                metrics={"central-loss": loss, "central-accuracy": accuracy},
+                model_hash=model_hash(arrays), note="initial model",
+            )
+        )
+        log(INFO, "round 0/%d: central accuracy %.4f (initial model)",
+            self.config.num_server_rounds, accuracy)
+
+    def _round_config(self, server_round: int) -> dict[str, int | float | str | bool]:
+        config: dict[str, int | float | str | bool] = {keys.SERVER_ROUND: server_round}
+        if self.config.proximal_mu > 0:
+            config[keys.PROXIMAL_MU] = self.config.proximal_mu
+        return config
+
+    def _report_progress(self, phase: str, received: int, expected: int) -> None:
+        progress = (phase, received, expected)
+        if progress != self._last_progress:
+            self.store.set_progress(phase, received, expected)
+            self._last_progress = progress

@@ -1,0 +1,130 @@
+"""Read-side views of run directories, shared by the CLI (and any other reader)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from server.store import DB_NAME, RunStore, RunStoreError
+from task.config import fedcoord_home
+
+FINAL_STATES = ("stopped", "completed", "failed")
+STALE_HEARTBEAT_S = 15.0
+
+
+class RunNotFoundError(LookupError):
+    """No run of that name (or no run at all) in the runs directory."""
+
+
+def default_runs_dir() -> Path:
+    """``$FEDCOORD_HOME/runs``, the runs directory when none is given."""
+    return fedcoord_home() / "runs"
+
+
+def list_run_dirs(runs_dir: Path) -> list[Path]:
+    """Run directories under ``runs_dir`` (those holding a run.db), by name."""
+    if not runs_dir.is_dir():
+        return []
+    return sorted(d for d in runs_dir.iterdir() if (d / DB_NAME).is_file())
+
+
+def resolve_run_dir(runs_dir: Path, run_name: str | None) -> Path:
+    """The directory of ``run_name``, or of the newest run when it is None.
+
+    Raises
+    ------
+    RunNotFoundError
+        If the run does not exist; the message lists the runs that do.
+    """
+    runs = list_run_dirs(runs_dir)
+    if run_name is None:
+        if not runs:
+            raise RunNotFoundError(f"no runs in {runs_dir}")
+        return newest(runs)
+    candidate = runs_dir / run_name
+    if "/" in run_name or run_name in (".", "..") or candidate not in runs:
+        names = ", ".join(d.name for d in runs) or "none"
+        raise RunNotFoundError(f"no run {run_name!r} in {runs_dir}; runs: {names}")
+    return candidate
+
+
+def newest(runs: list[Path]) -> Path:
+    """The run created last, by the creation time stored in its run.db."""
+    def created(run_dir: Path) -> float:
+        try:
+            store = RunStore(run_dir)
+        except RunStoreError:
+            return 0.0
+        try:
+            return float(store.run_row()["created_at"])  # type: ignore[arg-type]
+        finally:
+            store.close()
+
+    return max(runs, key=created)
+
+
+def effective_state(state: str, heartbeat_at: float | None, now: float) -> str:
+    """``interrupted`` for a non-final state whose heartbeat is stale, else the state."""
+    if state in FINAL_STATES:
+        return state
+    if heartbeat_at is None or now - heartbeat_at > STALE_HEARTBEAT_S:
+        return "interrupted"
+    return state
+
+
+def run_status(run_dir: Path) -> dict[str, object]:
+    """The status of one run as a JSON-ready dict (SPEC ``status --json`` fields)."""
+    store = RunStore(run_dir)
+    try:
+        run = store.run_row()
+        rounds = store.rounds()
+        nodes = store.nodes()
+    finally:
+        store.close()
+    now = time.time()
+    heartbeat_at = run["heartbeat_at"]
+    completed = [r for r in rounds if int(r["round"]) > 0]  # type: ignore[call-overload]
+    num_rounds = int(run["num_rounds"])  # type: ignore[call-overload]
+    current = int(run["current_round"])  # type: ignore[call-overload]
+    latest = rounds[-1] if rounds else None
+    state = effective_state(str(run["state"]), heartbeat_at, now)  # type: ignore[arg-type]
+    return {
+        "run_name": run["run_name"],
+        "state": state,
+        "stored_state": run["state"],
+        "current_round": current,
+        "num_rounds": num_rounds,
+        "progress": min(1.0, current / num_rounds) if num_rounds else 0.0,
+        "phase": run["phase"],
+        "replies_received": run["replies_received"],
+        "replies_expected": run["replies_expected"],
+        "metrics": _round_metrics(latest),
+        "best_accuracy": max(
+            (float(r["central_accuracy"]) for r in rounds if r["central_accuracy"] is not None),
+            default=None,
+        ),
+        "nodes": len(nodes),
+        "heartbeat_age_s": None if heartbeat_at is None else round(now - heartbeat_at, 3),
+        "server_pid": run["server_pid"],
+        "flwr_run_id": run["flwr_run_id"],
+        "eta_s": _eta(completed, num_rounds - current, state),
+        "message": run["message"],
+        "run_dir": str(run_dir),
+        "created_at": run["created_at"],
+    }
+
+
+def _round_metrics(row: dict[str, object] | None) -> dict[str, object]:
+    if row is None:
+        return {}
+    keys = ("round", "train_loss", "central_loss", "central_accuracy", "federated_loss",
+            "federated_accuracy", "accepted", "rejected", "failed", "duration_s")
+    return {key: row[key] for key in keys}
+
+
+def _eta(completed: list[dict[str, object]], remaining: int, state: str) -> float | None:
+    if state != "running" or not completed or remaining <= 0:
+        return None if remaining > 0 else 0.0
+    recent = completed[-5:]
+    mean = sum(float(r["duration_s"]) for r in recent) / len(recent)  # type: ignore[arg-type]
+    return round(mean * remaining, 1)

@@ -1,0 +1,1 @@
+"""Aggregation math, update validation and the Flower strategy of fedcoord."""

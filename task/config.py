@@ -1,0 +1,232 @@
+"""The run configuration, parsed once from Flower's run config into a frozen dataclass.
+
+This is the only module that reads string keys of ``run_config``. Every value is
+checked here, at start, so that a bad key is refused before any round runs, with
+the valid options named in the error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from task.datasets import DATASET_NAMES
+from task.models import MODEL_NAMES
+from task.partitioning import PARTITIONER_NAMES
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_FORMS = "auto, cpu, mps, cuda, cuda:N"
+NODE_WEIGHTS_PATTERN = re.compile(r"^\s*\d+\s*=\s*[-+0-9.eE]+\s*$")
+
+
+class ConfigError(ValueError):
+    """A run-config value that cannot be used; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a run, with defaults that work offline.
+
+    Attribute names are the run-config keys with ``-`` replaced by ``_``.
+    """
+
+    num_server_rounds: int = 5
+    strategy: str = "fedavg"
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    round_timeout: float = 300.0
+    server_lr: float = 1.0
+    clip_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    node_weights: str = ""
+    dataset: str = "digits"
+    data_dir: str = ""
+    partitioner: str = "iid"
+    dirichlet_alpha: float = 0.5
+    classes_per_partition: int = 2
+    model: str = "simple-cnn"
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    proximal_mu: float = 0.0
+    device: str = "auto"
+    seed: int = 42
+    run_name: str = ""
+    runs_dir: str = ""
+    resume: bool = False
+    # Fraction of each node's shard kept back as its local test split.
+    local_test_fraction: float = 0.2
+    # Seconds to wait at start for at least min-train-nodes nodes to register.
+    node_wait_timeout: float = 120.0
+    # Extra keys that a strategy reads (e.g. Flower built-ins' parameters).
+    extra: Mapping[str, object] = field(default_factory=dict, compare=False)
+
+    @property
+    def resolved_runs_dir(self) -> Path:
+        """Absolute folder that holds run directories."""
+        if self.runs_dir:
+            return Path(self.runs_dir).expanduser().resolve()
+        return fedcoord_home() / "runs"
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        """Absolute folder where dataset files live or are downloaded."""
+        if self.data_dir:
+            return Path(self.data_dir).expanduser().resolve()
+        return fedcoord_home() / "data"
+
+    @property
+    def parsed_node_weights(self) -> dict[int, float]:
+        """Operator weights by partition id from ``node-weights``."""
+        return parse_node_weights(self.node_weights)
+
+
+def fedcoord_home() -> Path:
+    """Return ``$FEDCOORD_HOME`` (default ``~/.fedcoord``) as an absolute path."""
+    return Path(os.environ.get("FEDCOORD_HOME", "~/.fedcoord")).expanduser().resolve()
+
+
+def parse_node_weights(text: str) -> dict[int, float]:
+    """Parse ``"0=2.0,3=0.5"`` into ``{0: 2.0, 3: 0.5}``.
+
+    Raises
+    ------
+    ConfigError
+        If an entry is malformed or a weight is negative or not finite.
+    """
+    weights: dict[int, float] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        if not NODE_WEIGHTS_PATTERN.match(entry):
+            raise ConfigError(
+                f"node-weights entry {entry!r} is malformed; use 'PARTITION=WEIGHT,...', "
+                "e.g. node-weights='0=2.0,3=0.5'"
+            )
+        partition, weight_text = (part.strip() for part in entry.split("="))
+        weight = float(weight_text)
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"node-weights: weight {weight_text} for partition "
+                              f"{partition} must be a finite number >= 0")
+        weights[int(partition)] = weight
+    return weights
+
+
+def _key(attribute: str) -> str:
+    return attribute.replace("_", "-")
+
+
+def _coerce(key: str, value: object, default: object) -> object:
+    """Convert ``value`` to the type of ``default``, or raise ConfigError."""
+    expected = type(default)
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{key} must be finite, got {value!r}")
+        return float(value)
+    return str(value)
+
+
+def _require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {key} {value!r}; valid: {', '.join(choices)}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_config(config: RunConfig) -> None:
+    """Refuse values no run can use; each message names the valid ones.
+
+    Raises
+    ------
+    ConfigError
+        On the first invalid value.
+    """
+    _require_choice("dataset", config.dataset, DATASET_NAMES)
+    _require_choice("model", config.model, MODEL_NAMES)
+    _require_choice("partitioner", config.partitioner, PARTITIONER_NAMES)
+    _require(
+        bool(DEVICE_PATTERN.match(config.device)),
+        f"unknown device {config.device!r}; valid: {DEVICE_FORMS}",
+    )
+    _require(config.num_server_rounds >= 1,
+             f"num-server-rounds must be >= 1, got {config.num_server_rounds}")
+    _require(0.0 < config.fraction_train <= 1.0,
+             f"fraction-train must be in (0, 1], got {config.fraction_train}")
+    _require(config.min_train_nodes >= 1,
+             f"min-train-nodes must be >= 1, got {config.min_train_nodes}")
+    _require(config.round_timeout > 0, f"round-timeout must be > 0, got {config.round_timeout}")
+    _require(config.server_lr > 0, f"server-lr must be > 0, got {config.server_lr}")
+    _require(config.clip_norm > 0, f"clip-norm must be > 0, got {config.clip_norm}")
+    _require(config.noise_multiplier >= 0,
+             f"noise-multiplier must be >= 0, got {config.noise_multiplier}")
+    _require(config.dirichlet_alpha > 0,
+             f"dirichlet-alpha must be > 0, got {config.dirichlet_alpha}")
+    _require(config.classes_per_partition >= 1,
+             f"classes-per-partition must be >= 1, got {config.classes_per_partition}")
+    _require(config.local_epochs >= 1, f"local-epochs must be >= 1, got {config.local_epochs}")
+    _require(config.batch_size >= 1, f"batch-size must be >= 1, got {config.batch_size}")
+    _require(config.lr > 0, f"lr must be > 0, got {config.lr}")
+    _require(0 <= config.momentum < 1, f"momentum must be in [0, 1), got {config.momentum}")
+    _require(config.proximal_mu >= 0, f"proximal-mu must be >= 0, got {config.proximal_mu}")
+    _require(0 < config.local_test_fraction < 1,
+             f"local-test-fraction must be in (0, 1), got {config.local_test_fraction}")
+    _require(not config.runs_dir or Path(config.runs_dir).expanduser().is_absolute(),
+             f"runs-dir must be an absolute path, got {config.runs_dir!r}")
+    _require("/" not in config.run_name and config.run_name not in (".", ".."),
+             f"run-name must be a plain folder name, got {config.run_name!r}")
+    _require(not config.resume or bool(config.run_name),
+             "resume=true needs run-name='NAME' of the run to continue")
+    parse_node_weights(config.node_weights)
+
+
+def parse_run_config(run_config: Mapping[str, object]) -> RunConfig:
+    """Parse Flower's ``context.run_config`` into a validated :class:`RunConfig`.
+
+    Keys this dataclass does not know are kept in ``extra`` for strategies that
+    take their own parameters (e.g. ``proximal-mu`` for Flower's FedProx).
+
+    Raises
+    ------
+    ConfigError
+        If a value has the wrong type or is not one of the valid options.
+    """
+    defaults = RunConfig()
+    known = {_key(f.name): f.name for f in fields(RunConfig) if f.name != "extra"}
+    values: dict[str, object] = {}
+    extra: dict[str, object] = {}
+    for key, value in run_config.items():
+        if key in known:
+            attribute = known[key]
+            values[attribute] = _coerce(key, value, getattr(defaults, attribute))
+        else:
+            extra[key] = value
+    config = RunConfig(**values, extra=extra)  # type: ignore[arg-type]
+    validate_config(config)
+    return config
+
+
+def config_to_dict(config: RunConfig) -> dict[str, object]:
+    """Return the config as run-config keys, for the run store and checkpoints."""
+    data = {_key(f.name): getattr(config, f.name) for f in fields(config) if f.name != "extra"}
+    data.update(config.extra)
+    return data
