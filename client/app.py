@@ -74,4 +74,3 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)
-

@@ -63,8 +63,12 @@ def _shard(config: RunConfig, partition_id: int, num_partitions: int) -> NodeDat
     data = _dataset(config.dataset, str(config.resolved_data_dir), config.seed)
     labels = data.train.y.numpy()
     partitions = partition_indices(
-        labels, num_partitions, config.partitioner, config.seed,
-        alpha=config.dirichlet_alpha, classes_per_partition=config.classes_per_partition,
+        labels,
+        num_partitions,
+        config.partitioner,
+        config.seed,
+        alpha=config.dirichlet_alpha,
+        classes_per_partition=config.classes_per_partition,
         num_classes=data.num_classes,
     )
     local_train, local_test = split_local(

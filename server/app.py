@@ -48,7 +48,9 @@ def main(grid: Grid, context: Context) -> None:
     run_name = config.run_name or make_run_name()
     run_dir = config.resolved_runs_dir / run_name
     store = RunStore.create(run_dir, run_name, config_to_dict(config), config.num_server_rounds)
-    store.update_run(server_pid=os.getpid(), flwr_run_id=str(grid.run.run_id), heartbeat_at=time.time())
+    store.update_run(
+        server_pid=os.getpid(), flwr_run_id=str(grid.run.run_id), heartbeat_at=time.time()
+    )
     store.add_event("started", f"run {run_name} started, flwr run id {grid.run.run_id}")
     log(INFO, "fedcoord run %s: %s", run_name, run_dir)
     heartbeat = store.start_heartbeat()
@@ -56,7 +58,9 @@ def main(grid: Grid, context: Context) -> None:
         data = load_dataset(config.dataset, config.resolved_data_dir, config.seed)
         model = build_model(config.model, data.input_shape, data.num_classes, config.seed)
         initial = model_to_numpy(model)
-        coordinator = Coordinator(grid, strategy, store, config, make_central_evaluate(config, data))
+        coordinator = Coordinator(
+            grid, strategy, store, config, make_central_evaluate(config, data)
+        )
         final = coordinator.run(initial)
     except BaseException as error:
         store.update_run(state="failed", message=f"{type(error).__name__}: {error}")

@@ -132,20 +132,32 @@ class Coordinator:
         ended = time.time()
         self.store.record_round(
             RoundRecord(
-                round=server_round, started_at=started, ended_at=ended, sampled=len(sampled),
-                accepted=summary.accepted, rejected=summary.rejected, failed=len(train.failed)
-                + len(train.timed_out), updated=summary.updated, metrics=metrics,
-                model_hash=model_hash(arrays), note=summary.reason,
+                round=server_round,
+                started_at=started,
+                ended_at=ended,
+                sampled=len(sampled),
+                accepted=summary.accepted,
+                rejected=summary.rejected,
+                failed=len(train.failed) + len(train.timed_out),
+                updated=summary.updated,
+                metrics=metrics,
+                model_hash=model_hash(arrays),
+                note=summary.reason,
             )
         )
         log(
             INFO,
             "round %d/%d: train loss %.4f, central accuracy %.4f, %d/%d accepted, "
             "%d rejected, %d failed, %.1fs",
-            server_round, self.config.num_server_rounds,
-            summary.metrics.get(keys.TRAIN_LOSS, float("nan")), central_accuracy,
-            summary.accepted, len(sampled), summary.rejected,
-            len(train.failed) + len(train.timed_out), ended - started,
+            server_round,
+            self.config.num_server_rounds,
+            summary.metrics.get(keys.TRAIN_LOSS, float("nan")),
+            central_accuracy,
+            summary.accepted,
+            len(sampled),
+            summary.rejected,
+            len(train.failed) + len(train.timed_out),
+            ended - started,
         )
         return arrays
 
@@ -234,8 +246,13 @@ class Coordinator:
         )
         if not outcome.accepted:
             self.store.record_node_fault(outcome.node_id, server_round, "rejected", outcome.reason)
-            log(WARNING, "round %s: update from node %s rejected: %s", server_round,
-                outcome.node_id, outcome.reason)
+            log(
+                WARNING,
+                "round %s: update from node %s rejected: %s",
+                server_round,
+                outcome.node_id,
+                outcome.reason,
+            )
 
     def _evaluate_federated(
         self, server_round: int, arrays: NamedArrays, node_ids: Iterable[int]
@@ -262,14 +279,25 @@ class Coordinator:
         now = time.time()
         self.store.record_round(
             RoundRecord(
-                round=0, started_at=now, ended_at=now, sampled=0, accepted=0, rejected=0,
-                failed=0, updated=False,
+                round=0,
+                started_at=now,
+                ended_at=now,
+                sampled=0,
+                accepted=0,
+                rejected=0,
+                failed=0,
+                updated=False,
                 metrics={"central-loss": loss, "central-accuracy": accuracy},
-                model_hash=model_hash(arrays), note="initial model",
+                model_hash=model_hash(arrays),
+                note="initial model",
             )
         )
-        log(INFO, "round 0/%d: central accuracy %.4f (initial model)",
-            self.config.num_server_rounds, accuracy)
+        log(
+            INFO,
+            "round 0/%d: central accuracy %.4f (initial model)",
+            self.config.num_server_rounds,
+            accuracy,
+        )
 
     def _round_config(self, server_round: int) -> dict[str, int | float | str | bool]:
         config: dict[str, int | float | str | bool] = {keys.SERVER_ROUND: server_round}

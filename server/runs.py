@@ -50,6 +50,7 @@ def resolve_run_dir(runs_dir: Path, run_name: str | None) -> Path:
 
 def newest(runs: list[Path]) -> Path:
     """The run created last, by the creation time stored in its run.db."""
+
     def created(run_dir: Path) -> float:
         try:
             store = RunStore(run_dir)
@@ -117,8 +118,18 @@ def run_status(run_dir: Path) -> dict[str, object]:
 def _round_metrics(row: dict[str, object] | None) -> dict[str, object]:
     if row is None:
         return {}
-    keys = ("round", "train_loss", "central_loss", "central_accuracy", "federated_loss",
-            "federated_accuracy", "accepted", "rejected", "failed", "duration_s")
+    keys = (
+        "round",
+        "train_loss",
+        "central_loss",
+        "central_accuracy",
+        "federated_loss",
+        "federated_accuracy",
+        "accepted",
+        "rejected",
+        "failed",
+        "duration_s",
+    )
     return {key: row[key] for key in keys}
 
 

@@ -92,7 +92,9 @@ def _wait_healthy(process: subprocess.Popen[bytes], port: int, log_file: Path) -
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"flower-superlink not healthy after {STARTUP_TIMEOUT_S:.0f}s; see {log_file}")
+    raise RuntimeError(
+        f"flower-superlink not healthy after {STARTUP_TIMEOUT_S:.0f}s; see {log_file}"
+    )
 
 
 def stop_process(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
@@ -122,15 +124,27 @@ def local_superlink(flwr_home: Path) -> Iterator[LocalSuperLink]:
     http_port, control_port = free_port(), free_port()
     log_file = flwr_home / "superlink.log"
     command = [
-        str(Path(sys.executable).with_name("flower-superlink")), "--insecure", "--simulation",
-        "--isolation", "subprocess", "--disable-runtime-dependency-installation",
-        "--host", "127.0.0.1", "--port", str(http_port),
-        "--control-api-address", f"127.0.0.1:{control_port}",
-        "--log-file", str(log_file),
+        str(Path(sys.executable).with_name("flower-superlink")),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http_port),
+        "--control-api-address",
+        f"127.0.0.1:{control_port}",
+        "--log-file",
+        str(log_file),
     ]
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
-            command, env=flwr_env(flwr_home), stdout=log, stderr=subprocess.STDOUT,
+            command,
+            env=flwr_env(flwr_home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     link = LocalSuperLink(process, flwr_home, http_port, control_port)
@@ -148,8 +162,12 @@ def flwr_run_command(
     """The ``flwr run`` command line for a simulation with ``supernodes`` nodes."""
     federation = f"num-supernodes={supernodes} client-resources-num-cpus={num_cpus:g}"
     command = [
-        str(Path(sys.executable).with_name("flwr")), "run", str(app_dir), CONNECTION_NAME,
-        "--federation-config", federation,
+        str(Path(sys.executable).with_name("flwr")),
+        "run",
+        str(app_dir),
+        CONNECTION_NAME,
+        "--federation-config",
+        federation,
     ]
     if run_config.strip():
         command += ["--run-config", run_config]
@@ -183,7 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return run_simulation(
-            Path(args.app).resolve(), Path(args.flwr_home), args.supernodes, args.run_config,
+            Path(args.app).resolve(),
+            Path(args.flwr_home),
+            args.supernodes,
+            args.run_config,
             args.num_cpus,
         )
     except KeyboardInterrupt:

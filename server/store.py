@@ -236,18 +236,31 @@ class RunStore:
             ).fetchone()
             link = chain_hash(
                 previous["chain_hash"] if previous else GENESIS_HASH,
-                record.model_hash, record.round, metrics_json,
+                record.model_hash,
+                record.round,
+                metrics_json,
             )
             self._db.execute(
                 "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
-                    record.round, record.started_at, record.ended_at,
-                    record.ended_at - record.started_at, record.sampled, record.accepted,
-                    record.rejected, record.failed, int(record.updated),
-                    record.metrics.get("train-loss"), record.metrics.get("central-loss"),
-                    record.metrics.get("central-accuracy"), record.metrics.get("federated-loss"),
-                    record.metrics.get("federated-accuracy"), metrics_json, record.model_hash,
-                    link, record.note,
+                    record.round,
+                    record.started_at,
+                    record.ended_at,
+                    record.ended_at - record.started_at,
+                    record.sampled,
+                    record.accepted,
+                    record.rejected,
+                    record.failed,
+                    int(record.updated),
+                    record.metrics.get("train-loss"),
+                    record.metrics.get("central-loss"),
+                    record.metrics.get("central-accuracy"),
+                    record.metrics.get("federated-loss"),
+                    record.metrics.get("federated-accuracy"),
+                    metrics_json,
+                    record.model_hash,
+                    link,
+                    record.note,
                 ),
             )
             self.update_run(current_round=record.round)

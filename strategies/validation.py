@@ -131,7 +131,9 @@ def _all_finite(array: np.ndarray) -> bool:
         # infinity. It can also overflow for huge finite values, so a non-finite
         # result is confirmed element-wise.
         flat = array.reshape(-1)
-        if math.isfinite(float(np.dot(flat, flat))):
+        with np.errstate(over="ignore"):
+            sum_of_squares = float(np.dot(flat, flat))
+        if math.isfinite(sum_of_squares):
             return True
     return bool(np.isfinite(array).all())
 

@@ -49,8 +49,8 @@ class RunConfig:
     dirichlet_alpha: float = 0.5
     classes_per_partition: int = 2
     model: str = "simple-cnn"
-    local_epochs: int = 2
-    batch_size: int = 32
+    local_epochs: int = 5
+    batch_size: int = 16
     lr: float = 0.05
     momentum: float = 0.9
     proximal_mu: float = 0.0
@@ -109,8 +109,10 @@ def parse_node_weights(text: str) -> dict[int, float]:
         partition, weight_text = (part.strip() for part in entry.split("="))
         weight = float(weight_text)
         if not math.isfinite(weight) or weight < 0:
-            raise ConfigError(f"node-weights: weight {weight_text} for partition "
-                              f"{partition} must be a finite number >= 0")
+            raise ConfigError(
+                f"node-weights: weight {weight_text} for partition "
+                f"{partition} must be a finite number >= 0"
+            )
         weights[int(partition)] = weight
     return weights
 
@@ -168,34 +170,52 @@ def validate_config(config: RunConfig) -> None:
         bool(DEVICE_PATTERN.match(config.device)),
         f"unknown device {config.device!r}; valid: {DEVICE_FORMS}",
     )
-    _require(config.num_server_rounds >= 1,
-             f"num-server-rounds must be >= 1, got {config.num_server_rounds}")
-    _require(0.0 < config.fraction_train <= 1.0,
-             f"fraction-train must be in (0, 1], got {config.fraction_train}")
-    _require(config.min_train_nodes >= 1,
-             f"min-train-nodes must be >= 1, got {config.min_train_nodes}")
+    _require(
+        config.num_server_rounds >= 1,
+        f"num-server-rounds must be >= 1, got {config.num_server_rounds}",
+    )
+    _require(
+        0.0 < config.fraction_train <= 1.0,
+        f"fraction-train must be in (0, 1], got {config.fraction_train}",
+    )
+    _require(
+        config.min_train_nodes >= 1, f"min-train-nodes must be >= 1, got {config.min_train_nodes}"
+    )
     _require(config.round_timeout > 0, f"round-timeout must be > 0, got {config.round_timeout}")
     _require(config.server_lr > 0, f"server-lr must be > 0, got {config.server_lr}")
     _require(config.clip_norm > 0, f"clip-norm must be > 0, got {config.clip_norm}")
-    _require(config.noise_multiplier >= 0,
-             f"noise-multiplier must be >= 0, got {config.noise_multiplier}")
-    _require(config.dirichlet_alpha > 0,
-             f"dirichlet-alpha must be > 0, got {config.dirichlet_alpha}")
-    _require(config.classes_per_partition >= 1,
-             f"classes-per-partition must be >= 1, got {config.classes_per_partition}")
+    _require(
+        config.noise_multiplier >= 0,
+        f"noise-multiplier must be >= 0, got {config.noise_multiplier}",
+    )
+    _require(
+        config.dirichlet_alpha > 0, f"dirichlet-alpha must be > 0, got {config.dirichlet_alpha}"
+    )
+    _require(
+        config.classes_per_partition >= 1,
+        f"classes-per-partition must be >= 1, got {config.classes_per_partition}",
+    )
     _require(config.local_epochs >= 1, f"local-epochs must be >= 1, got {config.local_epochs}")
     _require(config.batch_size >= 1, f"batch-size must be >= 1, got {config.batch_size}")
     _require(config.lr > 0, f"lr must be > 0, got {config.lr}")
     _require(0 <= config.momentum < 1, f"momentum must be in [0, 1), got {config.momentum}")
     _require(config.proximal_mu >= 0, f"proximal-mu must be >= 0, got {config.proximal_mu}")
-    _require(0 < config.local_test_fraction < 1,
-             f"local-test-fraction must be in (0, 1), got {config.local_test_fraction}")
-    _require(not config.runs_dir or Path(config.runs_dir).expanduser().is_absolute(),
-             f"runs-dir must be an absolute path, got {config.runs_dir!r}")
-    _require("/" not in config.run_name and config.run_name not in (".", ".."),
-             f"run-name must be a plain folder name, got {config.run_name!r}")
-    _require(not config.resume or bool(config.run_name),
-             "resume=true needs run-name='NAME' of the run to continue")
+    _require(
+        0 < config.local_test_fraction < 1,
+        f"local-test-fraction must be in (0, 1), got {config.local_test_fraction}",
+    )
+    _require(
+        not config.runs_dir or Path(config.runs_dir).expanduser().is_absolute(),
+        f"runs-dir must be an absolute path, got {config.runs_dir!r}",
+    )
+    _require(
+        "/" not in config.run_name and config.run_name not in (".", ".."),
+        f"run-name must be a plain folder name, got {config.run_name!r}",
+    )
+    _require(
+        not config.resume or bool(config.run_name),
+        "resume=true needs run-name='NAME' of the run to continue",
+    )
     parse_node_weights(config.node_weights)
 
 

@@ -10,6 +10,7 @@ when it is installed. Nothing is cached here: callers cache.
 
 import gzip
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -45,6 +46,10 @@ CIFAR10_FILES: tuple[str, ...] = (
     "test_batch",
     "batches.meta",
 )
+
+
+# What torchvision raises for missing, truncated or malformed files.
+_LOAD_ERRORS = (OSError, RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError)
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -235,12 +240,13 @@ def _open_vision(
         _stage_idx_files(root / spec.folder, extra_dirs)
     try:
         return spec.dataset_cls(str(root), train=train, download=False)
-    except RuntimeError as missing:
+    except _LOAD_ERRORS as missing:
         if not download_allowed(download):
-            raise _unavailable(spec, root, reason="download disabled") from missing
+            reason = f"download disabled: download=False or {NO_DOWNLOAD_ENV}=1"
+            raise _unavailable(spec, root, reason=reason) from missing
     try:
         return spec.dataset_cls(str(root), train=train, download=True)
-    except (OSError, RuntimeError, ValueError) as failure:
+    except _LOAD_ERRORS as failure:
         raise _unavailable(spec, root, reason=f"download failed: {failure}") from failure
 
 
@@ -253,7 +259,7 @@ def _unavailable(spec: _VisionSpec, root: Path, reason: str) -> DatasetUnavailab
         else "the files are there but corrupted or truncated"
     )
     return DatasetUnavailableError(
-        f"Dataset files not found in {folder} ({state}; {reason}). "
+        f"Cannot load the dataset files from {folder} ({state}; {reason}). "
         f"Needed: {', '.join(spec.files)} in {folder}. To get them: {spec.how_to_get}."
     )
 
@@ -289,6 +295,7 @@ def _copy_atomically(source: Path, target: Path) -> None:
     try:
         with opener(source, "rb") as reader, os.fdopen(handle, "wb") as writer:
             shutil.copyfileobj(reader, writer, length=1 << 20)
+        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; others may share data_dir
         os.replace(temp_name, target)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

@@ -28,9 +28,20 @@ class SimulationRun:
     def status(self) -> dict[str, object]:
         """``fedcoord status --json`` for this run."""
         result = subprocess.run(
-            [sys.executable, "-m", "server.cli", "--runs-dir", str(self.run_dir.parent),
-             "status", self.run_dir.name, "--json"],
-            capture_output=True, text=True, check=True, cwd=APP_DIR,
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "--runs-dir",
+                str(self.run_dir.parent),
+                "status",
+                self.run_dir.name,
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=APP_DIR,
         )
         return json.loads(result.stdout)
 
@@ -52,8 +63,12 @@ def simulate(superlink: LocalSuperLink, tmp_path: Path):  # noqa: ANN201
         overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
         command = flwr_run_command(APP_DIR, supernodes, overrides, num_cpus=1)
         result = subprocess.run(
-            command, env=superlink.env(), capture_output=True, text=True,
-            timeout=RUN_TIMEOUT_S, cwd=APP_DIR,
+            command,
+            env=superlink.env(),
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+            cwd=APP_DIR,
         )
         return SimulationRun(result.returncode, result.stdout + result.stderr, runs_dir / run_name)
 

@@ -151,8 +151,8 @@ def test_weighted_names_match_numpy_weighted_average(name: str) -> None:
 def test_clipped_matches_clip_then_unweighted_mean() -> None:
     # Prepare
     updates = random_updates(5, seed=2)
-    clip_norm = 2.5
     norms = [flat_norm(u) for u in updates]
+    clip_norm = float(np.median(norms))
     clipped = [
         [a.astype(np.float64) * min(1.0, clip_norm / norm) for a in u]
         for u, norm in zip(updates, norms, strict=True)
@@ -426,7 +426,7 @@ def test_a_single_array_is_not_mistaken_for_an_update() -> None:
         ("mean", [1, 2], None, 2),  # 1.5 rounds to even
         ("mean", [2, 3], None, 2),  # 2.5 rounds to even
         ("fedavg", [10, 20, 30], [1.0, 1.0, 2.0], 22),  # 22.5 rounds to even
-        ("weighted", [2**40 + 1, 2**40 + 3], [1.0, 1.0], 2**40 + 2),
+        ("weighted", [2**30 + 1, 2**30 + 3], [1.0, 1.0], 2**30 + 2),  # beyond float32
         ("clipped", [100, 200, 300], None, 200),  # counters are never clipped
         ("median", [1, 5, 9, 100], None, 7),
         ("trimmed-mean", [0, 10, 11, 1000, 12], None, 11),
@@ -634,9 +634,12 @@ def test_clipped_aggregate_norm_is_at_most_clip_norm(
         aggregator.add(update, 1.0)
     result = aggregator.result()
 
-    # Assert
+    # Assert: norms are computed in float32, so a norm within rounding of
+    # clip_norm may go either way
+    norms = [flat_norm(u) for u in updates]
     assert flat_norm(result) <= clip_norm * (1 + 1e-5)
-    assert aggregator.num_clipped == sum(flat_norm(u) > clip_norm for u in updates)
+    assert aggregator.num_clipped >= sum(norm > clip_norm * (1 + 1e-5) for norm in norms)
+    assert aggregator.num_clipped <= sum(norm > clip_norm * (1 - 1e-5) for norm in norms)
 
 
 @PROPERTY_SETTINGS
@@ -699,7 +702,7 @@ def test_property_inputs_unmutated(data: tuple[list, list[float]], name: str) ->
     # Prepare
     updates, weights = data
     if name == "krum":
-        updates, weights = (updates * 3)[:5], (weights * 3)[:5]
+        updates, weights = (updates * 5)[:5], (weights * 5)[:5]
     originals = [[a.copy() for a in u] for u in updates]
 
     # Execute

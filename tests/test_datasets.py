@@ -220,3 +220,15 @@ def test_unknown_dataset_lists_valid_names(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as error:
         load_dataset("imagenet", tmp_path, seed=0)
     assert all(name in str(error.value) for name in DATASET_NAMES)
+
+
+def test_truncated_idx_file_raises_clear_error(tmp_path: Path) -> None:
+    # Prepare
+    raw_dir = tmp_path / "MNIST" / "raw"
+    write_idx_files(raw_dir, make_mnist_like(seed=2), gzipped=False)
+    images = raw_dir / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+
+    # Execute / Assert
+    with pytest.raises(DatasetUnavailableError, match="corrupted"):
+        load_dataset("mnist", tmp_path, seed=0, download=False)

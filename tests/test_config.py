@@ -1,0 +1,101 @@
+import pytest
+
+from strategies.registry import build_strategy
+from task.config import ConfigError, RunConfig, config_to_dict, parse_node_weights, parse_run_config
+
+
+def test_defaults_parse_and_are_frozen():
+    # Execute
+    config = parse_run_config({})
+
+    # Assert
+    assert config == RunConfig()
+    assert config.dataset == "digits" and config.strategy == "fedavg"
+    with pytest.raises(AttributeError):
+        config.dataset = "mnist"  # type: ignore[misc]
+
+
+def test_values_are_coerced_from_run_config_types():
+    # Execute
+    config = parse_run_config(
+        {"num-server-rounds": 3, "lr": 1, "resume": "true", "run-name": "x", "seed": 7.0}
+    )
+
+    # Assert
+    assert config.num_server_rounds == 3 and isinstance(config.lr, float)
+    assert config.resume is True and config.seed == 7
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("dataset", "imagenet", "digits, mnist, fashion-mnist, cifar10"),
+        ("model", "vgg", "simple-cnn, resnet18, mobilenet-v2"),
+        ("partitioner", "random", "iid, dirichlet, pathological, shard"),
+        ("device", "tpu", "auto, cpu, mps, cuda, cuda:N"),
+        ("num-server-rounds", 0, "num-server-rounds must be >= 1"),
+        ("num-server-rounds", -3, "num-server-rounds must be >= 1"),
+        ("fraction-train", 1.5, "fraction-train must be in (0, 1]"),
+        ("fraction-train", 0.0, "fraction-train must be in (0, 1]"),
+        ("clip-norm", 0.0, "clip-norm must be > 0"),
+        ("num-server-rounds", "five", "must be an integer"),
+        ("lr", float("nan"), "lr must be finite"),
+        ("runs-dir", "relative/path", "runs-dir must be an absolute path"),
+        ("node-weights", "0:2", "node-weights entry '0:2' is malformed"),
+    ],
+)
+def test_bad_values_are_refused_with_the_fix_named(key, value, named):
+    # Execute / Assert
+    with pytest.raises(ConfigError) as error:
+        parse_run_config({key: value})
+    assert named in str(error.value)
+
+
+def test_resume_needs_a_run_name():
+    with pytest.raises(ConfigError, match="resume=true needs run-name"):
+        parse_run_config({"resume": True})
+
+
+def test_unknown_strategy_lists_valid_names():
+    # Prepare
+    config = parse_run_config({"strategy": "fedsgd"})
+
+    # Execute / Assert
+    with pytest.raises(ConfigError) as error:
+        build_strategy(config)
+    assert "fedavg" in str(error.value) and "clipped" in str(error.value)
+
+
+def test_node_weights_parse():
+    assert parse_node_weights("0=2.0, 3=0.5") == {0: 2.0, 3: 0.5}
+    assert parse_node_weights("") == {}
+    with pytest.raises(ConfigError):
+        parse_node_weights("1=-1")
+
+
+def test_config_round_trips_through_its_dict(tmp_path):
+    # Prepare
+    config = parse_run_config({"runs-dir": str(tmp_path), "dataset": "mnist"})
+
+    # Execute
+    again = parse_run_config(config_to_dict(config))
+
+    # Assert
+    assert again == config
+    assert config.resolved_runs_dir == tmp_path
+
+
+def test_pyproject_defaults_match_the_dataclass():
+    # Prepare: the app's [tool.flwr.app.config] is what `flwr run` passes by default
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    app_config = pyproject["tool"]["flwr"]["app"]["config"]
+
+    # Execute
+    config = parse_run_config(app_config)
+
+    # Assert: every key is known, and the defaults agree
+    assert config.extra == {}
+    assert config == RunConfig()
