@@ -2,33 +2,43 @@
 
 Run ``python bench/aggregation.py [--quick]``; prints a markdown table.
 
-For each (clients N, float32 parameters P) it times, on the same replies:
+For each (clients N, float32 parameters P), on the same N replies (RecordDicts
+holding an ArrayRecord and a MetricRecord with ``num-examples``, plus the same
+arrays as numpy lists), it times:
 
 - ``floor``: N*P*4 bytes at the copy bandwidth np.copyto reaches on a large
-  buffer in this process (each byte read once and written once);
-- ``flower``: ``flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords``
-  on N reply RecordDicts (ArrayRecord + MetricRecord with ``num-examples``):
-  deserialising every Array, the weighted sum, and serialising the result into
-  an ArrayRecord;
-- ``fedavg numpy`` / ``clipped numpy``: our aggregator from numpy arrays already
-  in memory to the list of result arrays (aggregation math alone);
-- ``fedavg records`` / ``clipped records``: our aggregator on the same
-  RecordDicts, input to output like Flower's: ``to_numpy_ndarrays()`` per reply
-  (np.load: a fresh copy of every array), ``add``, ``result()``, and the result
-  serialised into an ArrayRecord;
-- ``... records, views``: the same, but each Array is read as a zero-copy,
-  read-only numpy view of its .npy bytes (``npy_view``), which is safe because
-  aggregators never write to their inputs;
-- ``fedavg records, client - global (new arrays)``: ``records`` plus the
-  subtraction that turns a reply into an update, allocating fresh arrays per
-  reply (``client - global``);
-- ``fedavg records, views, client - global (reused buffer)``: views plus the
-  subtraction into one buffer reused for every reply
-  (``np.subtract(client, global, out=buffer)``): what a coordinator can reach.
+  buffer in this process (each byte read once and written once).
 
-Times are the best of a few runs. Peak MiB is the highest total of numpy and
-Python memory traced by tracemalloc during one run, above what was allocated
-before it (the replies themselves are not counted).
+FedAvg group, compared with ``flwr.serverapp.strategy.strategy_utils.
+aggregate_arrayrecords(records, "num-examples")``, which deserialises every
+Array (np.load), sums ``array * weight`` into fresh temporaries and serialises
+the result into an ArrayRecord:
+
+- ``numpy``: our ``fedavg`` from numpy arrays already in memory to the result
+  arrays (aggregation math alone);
+- ``records``: input and output like Flower's: ``to_numpy_ndarrays()`` per reply,
+  ``add``, ``result()``, result serialised into an ArrayRecord;
+- ``records, views``: the same, but every Array read as a zero-copy read-only
+  view of its .npy bytes (``npy_view``; aggregators never write their inputs);
+- ``records, client - global (new arrays)``: ``records`` plus turning each reply
+  into an update with ``client - global`` (a fresh array per reply);
+- ``records, views, client - global (reused buffer)``: views plus
+  ``np.subtract(client, global, out=buffer)`` into one buffer kept across replies.
+
+Clipped group, compared with the steps of Flower's
+``DifferentialPrivacyServerSideFixedClipping.aggregate_train`` (noise 0) on
+RecordDicts: ``to_numpy_ndarrays()``, ``compute_clip_model_update`` against the
+global arrays, re-serialisation, then ``aggregate_arrayrecords`` (the wrapper's
+uniform-weight check is skipped; it costs nothing):
+
+- ``numpy``: our ``clipped`` from updates already in memory;
+- ``records, client - global (new arrays)`` and
+  ``records, views, client - global (reused buffer)``: as above.
+
+The speed-up column divides the Flower time of the same group by the row's
+time. Times are the best of a few runs. Peak MiB is the highest total of numpy
+and Python memory traced by tracemalloc during one run, above what was
+allocated before it (the replies themselves are not counted).
 """
 
 from __future__ import annotations
@@ -46,12 +56,14 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.supercore.differential_privacy import compute_clip_model_update
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from strategies.aggregators import make_aggregator  # noqa: E402
 
 NUM_EXAMPLES_KEY = "num-examples"
+CLIP_NORM = 1.0
 FULL_SIZES = [(10, 1_660_000), (100, 1_660_000), (20, 11_200_000)]
 QUICK_SIZES = [(5, 200_000), (20, 200_000), (4, 1_000_000)]
 
@@ -60,6 +72,7 @@ Updates = list[list[np.ndarray]]
 
 @dataclass
 class Measurement:
+    group: str
     path: str
     seconds: float
     peak_bytes: int | None
@@ -137,36 +150,50 @@ def ours_from_numpy(name: str, updates: Updates, weights: list[int]) -> list[np.
     return aggregator.result()
 
 
-def ours_from_records(name: str, records: list[RecordDict], zero_copy: bool = False) -> ArrayRecord:
-    aggregator = make_aggregator(name)
-    for record in records:
-        weight = float(record.metric_records["metrics"][NUM_EXAMPLES_KEY])
-        aggregator.add(record_arrays(record, zero_copy), weight)
-    return to_array_record(aggregator.result())
-
-
-def ours_from_records_minus_global(
-    name: str, records: list[RecordDict], global_arrays: list[np.ndarray], zero_copy: bool
+def ours_from_records(
+    name: str,
+    records: list[RecordDict],
+    *,
+    views: bool = False,
+    global_arrays: list[np.ndarray] | None = None,
+    reuse_buffer: bool = False,
 ) -> ArrayRecord:
-    """Fold ``client - global``: into fresh arrays, or (zero_copy) into one reused buffer."""
+    """Aggregate replies; with ``global_arrays``, fold ``client - global`` updates."""
     aggregator = make_aggregator(name)
-    buffers = [np.empty_like(g) for g in global_arrays] if zero_copy else None
+    buffers = [np.empty_like(g) for g in global_arrays or []] if reuse_buffer else None
     for record in records:
         weight = float(record.metric_records["metrics"][NUM_EXAMPLES_KEY])
-        client = record_arrays(record, zero_copy)
-        if buffers is None:
-            update = [c - g for c, g in zip(client, global_arrays, strict=True)]
-        else:
-            update = [
-                np.subtract(c, g, out=b)
-                for c, g, b in zip(client, global_arrays, buffers, strict=True)
-            ]
+        update = record_arrays(record, views)
+        if global_arrays is not None and buffers is not None:
+            parts = zip(update, global_arrays, buffers, strict=True)
+            update = [np.subtract(c, g, out=b) for c, g, b in parts]
+        elif global_arrays is not None:
+            update = [c - g for c, g in zip(update, global_arrays, strict=True)]
         aggregator.add(update, weight)
     return to_array_record(aggregator.result())
 
 
-def flower(records: list[RecordDict]) -> ArrayRecord:
+def flower_fedavg(records: list[RecordDict]) -> ArrayRecord:
     return aggregate_arrayrecords(records, NUM_EXAMPLES_KEY)
+
+
+def flower_fixed_clipping(
+    records: list[RecordDict], global_arrays: list[np.ndarray]
+) -> ArrayRecord:
+    """Flower's server-side fixed clipping steps, without mutating the replies."""
+    clipped_records = []
+    for record in records:
+        array_record = record.array_records["arrays"]
+        reply_arrays = array_record.to_numpy_ndarrays()
+        compute_clip_model_update(reply_arrays, global_arrays, CLIP_NORM)
+        clipped = ArrayRecord(
+            dict(
+                zip(array_record.keys(), (Array(np.asarray(v)) for v in reply_arrays), strict=True)
+            )
+        )
+        metrics = record.metric_records["metrics"]
+        clipped_records.append(RecordDict({"arrays": clipped, "metrics": metrics}))
+    return aggregate_arrayrecords(clipped_records, NUM_EXAMPLES_KEY)
 
 
 # -- measuring ---------------------------------------------------------------------
@@ -207,6 +234,48 @@ def max_abs_difference(ours: ArrayRecord, theirs: ArrayRecord) -> float:
     )
 
 
+def timed_paths(
+    updates: Updates, weights: list[int], records: list[RecordDict], global_arrays: list
+) -> list[tuple[str, str, Callable[[], object]]]:
+    """(group, path, run) for every timed path; the first of each group is Flower's."""
+    return [
+        ("fedavg", "flower aggregate_arrayrecords", lambda: flower_fedavg(records)),
+        ("fedavg", "numpy", lambda: ours_from_numpy("fedavg", updates, weights)),
+        ("fedavg", "records", lambda: ours_from_records("fedavg", records)),
+        ("fedavg", "records, views", lambda: ours_from_records("fedavg", records, views=True)),
+        (
+            "fedavg",
+            "records, client - global (new arrays)",
+            lambda: ours_from_records("fedavg", records, global_arrays=global_arrays),
+        ),
+        (
+            "fedavg",
+            "records, views, client - global (reused buffer)",
+            lambda: ours_from_records(
+                "fedavg", records, views=True, global_arrays=global_arrays, reuse_buffer=True
+            ),
+        ),
+        (
+            "clipped",
+            "flower server-side fixed clipping",
+            lambda: flower_fixed_clipping(records, global_arrays),
+        ),
+        ("clipped", "numpy", lambda: ours_from_numpy("clipped", updates, weights)),
+        (
+            "clipped",
+            "records, client - global (new arrays)",
+            lambda: ours_from_records("clipped", records, global_arrays=global_arrays),
+        ),
+        (
+            "clipped",
+            "records, views, client - global (reused buffer)",
+            lambda: ours_from_records(
+                "clipped", records, views=True, global_arrays=global_arrays, reuse_buffer=True
+            ),
+        ),
+    ]
+
+
 def measure_size(
     num_clients: int, num_parameters: int, bandwidth: float, repeats: int
 ) -> tuple[list[Measurement], float]:
@@ -214,31 +283,16 @@ def measure_size(
     weights = [int(w) for w in np.random.default_rng(1).integers(50, 500, num_clients)]
     records = make_records(updates, weights)
     global_arrays = [np.zeros_like(array) for array in updates[0]]
-    paths: dict[str, Callable[[], object]] = {
-        "flower aggregate_arrayrecords": lambda: flower(records),
-        "fedavg numpy": lambda: ours_from_numpy("fedavg", updates, weights),
-        "fedavg records": lambda: ours_from_records("fedavg", records),
-        "fedavg records, views": lambda: ours_from_records("fedavg", records, zero_copy=True),
-        "fedavg records, client - global (new arrays)": lambda: ours_from_records_minus_global(
-            "fedavg", records, global_arrays, zero_copy=False
-        ),
-        "fedavg records, views, client - global (reused buffer)": (
-            lambda: ours_from_records_minus_global("fedavg", records, global_arrays, True)
-        ),
-        "clipped numpy": lambda: ours_from_numpy("clipped", updates, weights),
-        "clipped records": lambda: ours_from_records("clipped", records),
-        "clipped records, views": lambda: ours_from_records("clipped", records, zero_copy=True),
-    }
-    floor = Measurement(
-        "floor (copy N*P*4 bytes)", num_clients * num_parameters * 4 / bandwidth, None
-    )
-    measurements = [floor]
-    for path, run in paths.items():
+    floor_seconds = num_clients * num_parameters * 4 / bandwidth
+    measurements = [Measurement("-", "floor (copy N*P*4 bytes)", floor_seconds, None)]
+    for group, path, run in timed_paths(updates, weights, records, global_arrays):
         seconds = best_seconds(run, repeats)
-        measurements.append(Measurement(path, seconds, peak_allocated_bytes(run)))
+        measurements.append(Measurement(group, path, seconds, peak_allocated_bytes(run)))
     difference = max(
-        max_abs_difference(ours_from_records("fedavg", records, zero_copy), flower(records))
-        for zero_copy in (False, True)
+        max_abs_difference(
+            ours_from_records("fedavg", records, views=views), flower_fedavg(records)
+        )
+        for views in (False, True)
     )
     return measurements, difference
 
@@ -248,13 +302,14 @@ def measure_size(
 
 def table_rows(num_clients: int, num_parameters: int, measurements: list[Measurement]) -> list[str]:
     floor = measurements[0].seconds
-    flower_seconds = next(m.seconds for m in measurements if m.path.startswith("flower"))
+    flower_seconds = {m.group: m.seconds for m in reversed(measurements) if m.group != "-"}
     rows = []
     for m in measurements:
         peak = "" if m.peak_bytes is None else f"{m.peak_bytes / 2**20:.0f}"
+        speed_up = f"{flower_seconds[m.group] / m.seconds:.2f}" if m.group != "-" else ""
         rows.append(
-            f"| {num_clients} | {num_parameters / 1e6:.2f}M | {m.path} | {m.seconds * 1e3:.1f} "
-            f"| {m.seconds / floor:.2f} | {flower_seconds / m.seconds:.2f} | {peak} |"
+            f"| {num_clients} | {num_parameters / 1e6:.2f}M | {m.group} | {m.path} "
+            f"| {m.seconds * 1e3:.1f} | {m.seconds / floor:.2f} | {speed_up} | {peak} |"
         )
     return rows
 
@@ -269,8 +324,8 @@ def main() -> None:
     model_mib = max(p for _, p in sizes) * 4 / 2**20
     print(f"numpy {np.__version__}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (np.copyto)")
     print(f"model sizes up to {model_mib:.0f} MiB of float32; best of {repeats} run(s)\n")
-    print("| N | P | path | time (ms) | x floor | speed-up vs Flower | peak MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| N | P | group | path | time (ms) | x floor | speed-up vs Flower | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     differences = []
     for num_clients, num_parameters in sizes:
         measurements, difference = measure_size(num_clients, num_parameters, bandwidth, repeats)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -92,6 +93,7 @@ class Coordinator:
         self.config = config
         self.evaluate_fn = evaluate_fn
         self._last_progress: tuple[str, int, int] = ("", 0, 0)
+        self._aggregation_s = 0.0
 
     # ------------------------------------------------------------------ run
     def run(self, initial_arrays: NamedArrays, first_round: int = 1) -> NamedArrays:
@@ -106,6 +108,7 @@ class Coordinator:
     def run_round(self, server_round: int, arrays: NamedArrays) -> NamedArrays:
         """Run one round in four phases and return the (possibly unchanged) global arrays."""
         started = time.time()
+        self._aggregation_s = 0.0
         # 1. Sample nodes and send them the global model
         node_ids = self.wait_for_nodes()
         sampled = self.strategy.sample_nodes(
@@ -113,21 +116,31 @@ class Coordinator:
         )
         self.strategy.begin_round(server_round, arrays)
         # 2. Fold replies in as they arrive, until all are in or the deadline passes
+        train_started = time.perf_counter()
         train = self._run_phase(server_round, "train", sampled, arrays, self._fold_reply)
-        new_arrays, summary = self.strategy.end_round()
+        train_s = time.perf_counter() - train_started
+        with self._timed_aggregation():
+            new_arrays, summary = self.strategy.end_round()
         if new_arrays is None:
             log(WARNING, "round %s: %s", server_round, summary.reason)
             self.store.add_event("round-kept", f"round {server_round}: {summary.reason}")
         arrays = new_arrays if new_arrays is not None else arrays
         # 3. Evaluate centrally and on the clients' local test splits
+        central_started = time.perf_counter()
         central_loss, central_accuracy = self.evaluate_fn(arrays)
+        federated_started = time.perf_counter()
         federated = self._evaluate_federated(server_round, arrays, node_ids)
+        federated_s = time.perf_counter() - federated_started
         # 4. Record the round
         metrics = {
             **{f"train-{k.removeprefix('train-')}": v for k, v in summary.metrics.items()},
             "central-loss": central_loss,
             "central-accuracy": central_accuracy,
             **federated,
+            "seconds-train-phase": train_s,
+            "seconds-aggregation": self._aggregation_s,
+            "seconds-central-eval": federated_started - central_started,
+            "seconds-federated-eval": federated_s,
         }
         ended = time.time()
         self.store.record_round(
@@ -234,8 +247,17 @@ class Coordinator:
         result.replies.append(reply)
         on_reply(server_round, reply)
 
+    @contextmanager
+    def _timed_aggregation(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._aggregation_s += time.perf_counter() - started
+
     def _fold_reply(self, server_round: int, reply: Message) -> None:
-        outcome = self.strategy.add_reply(reply)
+        with self._timed_aggregation():
+            outcome = self.strategy.add_reply(reply)
         partition = outcome.metrics.get(keys.PARTITION_ID)
         self.store.record_node_reply(
             outcome.node_id,

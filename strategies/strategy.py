@@ -140,9 +140,17 @@ class FedCoordStrategy(Strategy):
         self._round = server_round
         self._global = dict(global_arrays)
         self._specs = specs_from_arrays(self._global)
-        self._aggregator = make_aggregator(self.aggregator_name, **self.aggregator_options)
+        self._aggregator = make_aggregator(self.aggregator_name, **self._round_options())
         self._replied = set()
         self._outcomes = []
+
+    def _round_options(self) -> dict[str, object]:
+        """Aggregator options for this round: a seeded aggregator gets a fresh seed per round."""
+        options = dict(self.aggregator_options)
+        seed = options.get("seed")
+        if isinstance(seed, int):
+            options["seed"] = seed * 1_000_003 + self._round
+        return options
 
     def add_reply(self, reply: Message) -> ReplyOutcome:
         """Validate one training reply and fold its update in, or reject it."""
