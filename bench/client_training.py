@@ -45,8 +45,16 @@ def plain_loop(model, split, epochs, batch_size, lr, momentum, device) -> float:
 def client_path(model, record, split, epochs, batch_size, lr, momentum, device) -> float:
     started = time.perf_counter()
     load_numpy_into(model, arrays_to_numpy(record))
-    train(model, split, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-          device=device, seed=0)
+    train(
+        model,
+        split,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        device=device,
+        seed=0,
+    )
     numpy_to_arrays(model_to_numpy(model))
     return time.perf_counter() - started
 
@@ -66,8 +74,10 @@ def main() -> None:
     device = resolve_device(args.device)
     data = load_dataset(args.dataset, args.data_dir, seed=0)
     reps = -(-args.examples // len(data.train))  # digits is small: repeat it up to the size
-    split = TensorSplit(data.train.x.repeat(reps, 1, 1, 1)[: args.examples],
-                        data.train.y.repeat(reps)[: args.examples])
+    split = TensorSplit(
+        data.train.x.repeat(reps, 1, 1, 1)[: args.examples],
+        data.train.y.repeat(reps)[: args.examples],
+    )
     initial = build_model(args.model, data.input_shape, data.num_classes, seed=0)
     record = numpy_to_arrays(model_to_numpy(initial))
     settings = (args.epochs, args.batch_size, 0.01, 0.9, device)
@@ -83,14 +93,18 @@ def main() -> None:
         our_times.append(client_path(our_model, record, split, *settings))
     samples = len(split) * args.epochs
     plain_rate, our_rate = samples / min(plain_times), samples / min(our_times)
-    print(f"client training: {args.dataset}, {args.model}, {len(split)} examples x "
-          f"{args.epochs} epochs, batch {args.batch_size}, device {device}, "
-          f"torch threads {torch.get_num_threads()}, best of {args.repeats}\n")
+    print(
+        f"client training: {args.dataset}, {args.model}, {len(split)} examples x "
+        f"{args.epochs} epochs, batch {args.batch_size}, device {device}, "
+        f"torch threads {torch.get_num_threads()}, best of {args.repeats}\n"
+    )
     print("| path | samples/s | ratio to plain |")
     print("|---|---:|---:|")
     print(f"| plain PyTorch loop (DataLoader) | {plain_rate:,.0f} | 1.00 |")
-    print(f"| fedcoord client path (arrays in, train, arrays out) | {our_rate:,.0f} | "
-          f"{our_rate / plain_rate:.2f} |")
+    print(
+        f"| fedcoord client path (arrays in, train, arrays out) | {our_rate:,.0f} | "
+        f"{our_rate / plain_rate:.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -41,23 +41,28 @@ def main() -> None:
         ended = time.time()
         db = sqlite3.connect(runs_dir / "bench" / "run.db")
         created = db.execute("SELECT created_at FROM run").fetchone()[0]
-        rows = db.execute("SELECT round, duration_s, metrics_json, central_accuracy FROM rounds "
-                          "WHERE round > 0 ORDER BY round").fetchall()
+        rows = db.execute(
+            "SELECT round, duration_s, metrics_json, central_accuracy FROM rounds "
+            "WHERE round > 0 ORDER BY round"
+        ).fetchall()
     total = ended - launched
     metrics = [json.loads(r[2]) for r in rows]
     parts = {
         "Flower start-up (SuperLink, simulation, ServerApp)": created - launched,
         "train phase, round 1 (includes Ray actor start-up)": metrics[0]["seconds-train-phase"],
         f"train phase, rounds 2-{len(rows)}": sum(m["seconds-train-phase"] for m in metrics[1:]),
-        "  of which streaming aggregation (overlaps)": sum(m["seconds-aggregation"]
-                                                          for m in metrics),
+        "  of which streaming aggregation (overlaps)": sum(
+            m["seconds-aggregation"] for m in metrics
+        ),
         "central evaluation": sum(m["seconds-central-eval"] for m in metrics),
         "federated evaluation": sum(m["seconds-federated-eval"] for m in metrics),
     }
     accounted = sum(v for k, v in parts.items() if not k.startswith("  "))
     parts["other (initial evaluation, recording, shutdown)"] = total - accounted
-    print(f"demo breakdown: {args.supernodes} nodes, {len(rows)} rounds, digits, simple-cnn; "
-          f"final central accuracy {rows[-1][3]:.4f}\n")
+    print(
+        f"demo breakdown: {args.supernodes} nodes, {len(rows)} rounds, digits, simple-cnn; "
+        f"final central accuracy {rows[-1][3]:.4f}\n"
+    )
     print("| part | seconds | share |")
     print("|---|---:|---:|")
     for name, seconds in parts.items():
