@@ -11,7 +11,7 @@ RUN_CONFIG ?=
 NUM_CPUS ?= 1
 FLWR_HOME_DIR := $(CURDIR)/.flwr_home
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench dashboard clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ bench: setup
 	$(BIN)/python bench/client_training.py
 	$(BIN)/python bench/aggregation.py
 	$(BIN)/python bench/demo_breakdown.py
+
+dashboard: setup
+	$(BIN)/fedcoord dashboard
 
 clean:
 	rm -rf $(FLWR_HOME_DIR) .pytest_cache .ruff_cache .mypy_cache

@@ -23,7 +23,10 @@ the result into an ArrayRecord:
 - ``records, client - global (new arrays)``: ``records`` plus turning each reply
   into an update with ``client - global`` (a fresh array per reply);
 - ``records, views, client - global (reused buffer)``: views plus
-  ``np.subtract(client, global, out=buffer)`` into one buffer kept across replies.
+  ``np.subtract(client, global, out=buffer)`` into one buffer kept across replies;
+- ``FedCoordStrategy round``: what the coordinator runs, from reply Messages:
+  ``begin_round``, ``add_reply`` per reply (update validation, views, reused
+  buffers, fold), ``end_round`` (result + server step), result serialised.
 
 Clipped group, compared with the steps of Flower's
 ``DifferentialPrivacyServerSideFixedClipping.aggregate_train`` (noise 0) on
@@ -32,8 +35,9 @@ global arrays, re-serialisation, then ``aggregate_arrayrecords`` (the wrapper's
 uniform-weight check is skipped; it costs nothing):
 
 - ``numpy``: our ``clipped`` from updates already in memory;
-- ``records, client - global (new arrays)`` and
-  ``records, views, client - global (reused buffer)``: as above.
+- ``records, client - global (new arrays)``,
+  ``records, views, client - global (reused buffer)`` and
+  ``FedCoordStrategy round``: as above.
 
 The speed-up column divides the Flower time of the same group by the row's
 time. Times are the best of a few runs. Peak MiB is the highest total of numpy
@@ -45,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import sys
 import time
 import tracemalloc
@@ -54,13 +57,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+
 from strategies.aggregators import make_aggregator  # noqa: E402
+from strategies.records import npy_view, numpy_to_arrays  # noqa: E402
+from strategies.strategy import FedCoordStrategy  # noqa: E402
 
 NUM_EXAMPLES_KEY = "num-examples"
 CLIP_NORM = 1.0
@@ -119,23 +125,6 @@ def to_array_record(arrays: list[np.ndarray]) -> ArrayRecord:
     return ArrayRecord({f"layer{k}": Array(array) for k, array in enumerate(arrays)})
 
 
-def npy_view(array: Array) -> np.ndarray:
-    """Return a read-only numpy view of an Array's .npy bytes, without copying them.
-
-    Uses the dtype and shape the Array declares, after checking that its .npy
-    header says the same (no ``ast.literal_eval`` of the header, 37 us per array
-    here); anything unexpected falls back to ``Array.numpy()``.
-    """
-    dtype, shape = np.dtype(array.dtype), tuple(array.shape)
-    offset = len(array.data) - math.prod(shape) * dtype.itemsize
-    header = array.data[: max(offset, 0)]
-    descr = np.lib.format.dtype_to_descr(dtype)
-    expected = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
-    if dtype.hasobject or not header.startswith(b"\x93NUMPY") or expected.encode() not in header:
-        return array.numpy()
-    return np.frombuffer(array.data, dtype=dtype, offset=offset).reshape(shape)
-
-
 def record_arrays(record: RecordDict, zero_copy: bool) -> list[np.ndarray]:
     array_record = record.array_records["arrays"]
     if zero_copy:
@@ -171,6 +160,40 @@ def ours_from_records(
             update = [c - g for c, g in zip(update, global_arrays, strict=True)]
         aggregator.add(update, weight)
     return to_array_record(aggregator.result())
+
+
+def make_replies(records: list[RecordDict]) -> list[Message]:
+    """Reply Messages carrying the records, one node id each."""
+    return [
+        Message(content=record, metadata=reply_metadata(node_id))  # type: ignore[call-overload]
+        for node_id, record in enumerate(records, start=1)
+    ]
+
+
+def reply_metadata(node_id: int) -> Metadata:
+    """Metadata of a train reply from ``node_id``, as the SuperLink would deliver it."""
+    return Metadata(
+        run_id=1,
+        message_id=f"reply-{node_id}",
+        src_node_id=node_id,
+        dst_node_id=1,
+        reply_to_message_id=f"instruction-{node_id}",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
+
+
+def strategy_round(name: str, replies: list[Message], global_arrays: list) -> ArrayRecord:
+    """One round of FedCoordStrategy as the coordinator drives it."""
+    strategy = FedCoordStrategy(aggregator=name, min_train_nodes=1)
+    strategy.begin_round(1, {f"layer{k}": g for k, g in enumerate(global_arrays)})
+    for reply in replies:
+        strategy.add_reply(reply)
+    new_global, summary = strategy.end_round()
+    assert new_global is not None and summary.accepted == len(replies), summary
+    return numpy_to_arrays(new_global)
 
 
 def flower_fedavg(records: list[RecordDict]) -> ArrayRecord:
@@ -238,6 +261,7 @@ def timed_paths(
     updates: Updates, weights: list[int], records: list[RecordDict], global_arrays: list
 ) -> list[tuple[str, str, Callable[[], object]]]:
     """(group, path, run) for every timed path; the first of each group is Flower's."""
+    replies = make_replies(records)
     return [
         ("fedavg", "flower aggregate_arrayrecords", lambda: flower_fedavg(records)),
         ("fedavg", "numpy", lambda: ours_from_numpy("fedavg", updates, weights)),
@@ -256,6 +280,11 @@ def timed_paths(
             ),
         ),
         (
+            "fedavg",
+            "FedCoordStrategy round (validation included)",
+            lambda: strategy_round("fedavg", replies, global_arrays),
+        ),
+        (
             "clipped",
             "flower server-side fixed clipping",
             lambda: flower_fixed_clipping(records, global_arrays),
@@ -272,6 +301,11 @@ def timed_paths(
             lambda: ours_from_records(
                 "clipped", records, views=True, global_arrays=global_arrays, reuse_buffer=True
             ),
+        ),
+        (
+            "clipped",
+            "FedCoordStrategy round (validation included)",
+            lambda: strategy_round("clipped", replies, global_arrays),
         ),
     ]
 

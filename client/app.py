@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.byzantine import byzantine_arrays
 from client.shard import NodeData, load_node_data, model_for
 from strategies.strategy import arrays_to_numpy, numpy_to_arrays
 from task import keys
@@ -25,8 +27,10 @@ def train_fn(msg: Message, context: Context) -> Message:
     config, data = _node_data(context)
     device = resolve_device(config.device)
     model = model_for(config, data, device)
-    load_numpy_into(model, arrays_to_numpy(msg.content[keys.ARRAYS]))
+    received = arrays_to_numpy(msg.content[keys.ARRAYS])
+    load_numpy_into(model, received)
     round_config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
+    seed = config.seed + int(round_config.get(keys.SERVER_ROUND, 0)) * 1000 + data.partition_id
     result = train(
         model,
         data.train,
@@ -35,7 +39,7 @@ def train_fn(msg: Message, context: Context) -> Message:
         lr=config.lr,
         momentum=config.momentum,
         device=device,
-        seed=config.seed + int(round_config.get(keys.SERVER_ROUND, 0)) * 1000 + data.partition_id,
+        seed=seed,
         proximal_mu=float(round_config.get(keys.PROXIMAL_MU, 0.0)),
     )
     metrics = MetricRecord(
@@ -47,12 +51,14 @@ def train_fn(msg: Message, context: Context) -> Message:
             keys.TRAIN_SECONDS: result.seconds,
         }
     )
+    arrays = model_to_numpy(model)
+    info = ConfigRecord({keys.DEVICE: str(device)})
+    if data.partition_id in config.parsed_byzantine_partitions:
+        rng = np.random.default_rng(seed)
+        arrays = byzantine_arrays(received, arrays, config.byzantine_mode, rng)
+        info[keys.BYZANTINE] = config.byzantine_mode
     content = RecordDict(
-        {
-            keys.ARRAYS: numpy_to_arrays(model_to_numpy(model)),
-            keys.METRICS: metrics,
-            keys.INFO: ConfigRecord({keys.DEVICE: str(device)}),
-        }
+        {keys.ARRAYS: numpy_to_arrays(arrays), keys.METRICS: metrics, keys.INFO: info}
     )
     return Message(content=content, reply_to=msg)
 

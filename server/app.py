@@ -4,22 +4,36 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from logging import ERROR, INFO
 
-import torch
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import RunNotRunningException
 
-from server.coordinator import Coordinator
-from server.store import RunStore
+from server import lifecycle
+from server.checkpoints import load_checkpoint
+from server.control import StopRequestedError
+from server.coordinator import Coordinator, EvaluateFn, NamedArrays
+from server.runs import effective_state
+from server.store import DB_NAME, RunStore
 from strategies.registry import build_strategy
-from task.config import RunConfig, config_to_dict, parse_run_config
+from task.config import ConfigError, RunConfig, config_to_dict, parse_run_config
 from task.datasets import DatasetSplits, load_dataset
 from task.models import build_model
-from task.training import load_numpy_into, model_to_numpy, resolve_device, test
+from task.training import load_numpy_into, model_to_numpy, resolve_device
+from task.training import test as evaluate_model
 
 app = ServerApp()
+
+
+@dataclass
+class StartPoint:
+    """Where a run starts: the global arrays and the first round to run."""
+
+    arrays: NamedArrays
+    first_round: int
 
 
 def make_run_name() -> str:
@@ -27,53 +41,135 @@ def make_run_name() -> str:
     return time.strftime("run-%Y%m%d-%H%M%S") + f"-{os.getpid()}"
 
 
-def make_central_evaluate(config: RunConfig, data: DatasetSplits):  # noqa: ANN201
+def make_central_evaluate(config: RunConfig, data: DatasetSplits) -> EvaluateFn:
     """Return ``evaluate_fn(arrays) -> (loss, accuracy)`` on the held-out test set."""
     device = resolve_device(config.device)
     model = build_model(config.model, data.input_shape, data.num_classes, config.seed).to(device)
 
-    def evaluate(arrays: dict) -> tuple[float, float]:
+    def evaluate(arrays: NamedArrays) -> tuple[float, float]:
         load_numpy_into(model, arrays)
-        result = test(model, data.test, batch_size=max(256, config.batch_size), device=device)
+        result = evaluate_model(
+            model, data.test, batch_size=max(256, config.batch_size), device=device
+        )
         return result.loss, result.accuracy
 
     return evaluate
 
 
+def open_new_run(config: RunConfig, run_name: str) -> RunStore:
+    """Create the run directory of a fresh run; refuse to overwrite an existing one."""
+    run_dir = config.resolved_runs_dir / run_name
+    if (run_dir / DB_NAME).exists():
+        raise ConfigError(
+            f"run {run_name!r} already exists in {config.resolved_runs_dir}; continue it with "
+            f"--run-config \"run-name='{run_name}' resume=true\" or choose another run-name"
+        )
+    return RunStore.create(run_dir, run_name, config_to_dict(config), config.num_server_rounds)
+
+
+def open_resumed_run(config: RunConfig) -> RunStore:
+    """Open the run named by ``run-name`` for ``resume=true``, checking it can go on."""
+    run_dir = config.resolved_runs_dir / config.run_name
+    if not (run_dir / DB_NAME).exists():
+        raise ConfigError(f"resume=true: no run {config.run_name!r} in {config.resolved_runs_dir}")
+    store = RunStore(run_dir)
+    run = store.run_row()
+    state = effective_state(str(run["state"]), run["heartbeat_at"], time.time())  # type: ignore[arg-type]
+    if state in (lifecycle.RUNNING, lifecycle.PAUSED, lifecycle.STOPPING):
+        raise ConfigError(
+            f"run {config.run_name!r} is {state} in server pid {run['server_pid']}; "
+            "stop it first (fedcoord stop) or wait until its heartbeat is stale"
+        )
+    if state == lifecycle.COMPLETED and int(run["current_round"]) >= config.num_server_rounds:  # type: ignore[call-overload]
+        raise ConfigError(
+            f"run {config.run_name!r} already completed {run['current_round']} rounds; "
+            "raise num-server-rounds to continue it"
+        )
+    return store
+
+
+def restore_start_point(store: RunStore, config: RunConfig, strategy: object) -> StartPoint | None:
+    """Load the latest checkpoint (hash-checked) into ``strategy``; None if there is none."""
+    for leftover in (store.run_dir / "checkpoints").glob(".tmp-*"):
+        leftover.unlink()  # a save cut short by a crash; the renamed files are whole
+    rows = store.checkpoints()
+    if not rows:
+        store.truncate_after(-1)
+        return None
+    latest = rows[-1]
+    checkpoint = load_checkpoint(
+        store.run_dir / "checkpoints" / str(latest["path"]), str(latest["sha256"])
+    )
+    for key in ("model", "dataset"):
+        saved = checkpoint.metadata.get(key)
+        if saved != getattr(config, key):
+            raise ConfigError(
+                f"resume: the checkpoint was trained with {key}={saved!r}, "
+                f"this run asks for {key}={getattr(config, key)!r}; they must match"
+            )
+    store.truncate_after(checkpoint.server_round)
+    strategy.load_state_dict(checkpoint.strategy_state)  # type: ignore[attr-defined]
+    return StartPoint(checkpoint.arrays, checkpoint.server_round + 1)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run one federated training run under the coordinator."""
+    """Run (or resume) one federated training run under the coordinator."""
     config = parse_run_config(context.run_config)
     strategy = build_strategy(config)
     run_name = config.run_name or make_run_name()
-    run_dir = config.resolved_runs_dir / run_name
-    store = RunStore.create(run_dir, run_name, config_to_dict(config), config.num_server_rounds)
+    store = open_resumed_run(config) if config.resume else open_new_run(config, run_name)
     store.update_run(
-        server_pid=os.getpid(), flwr_run_id=str(grid.run.run_id), heartbeat_at=time.time()
+        state=lifecycle.RUNNING,
+        num_rounds=config.num_server_rounds,
+        server_pid=os.getpid(),
+        flwr_run_id=str(grid.run.run_id),
+        heartbeat_at=time.time(),
+        message="",
     )
-    store.add_event("started", f"run {run_name} started, flwr run id {grid.run.run_id}")
-    log(INFO, "fedcoord run %s: %s", run_name, run_dir)
+    log(INFO, "fedcoord run %s: %s", run_name, store.run_dir)
     heartbeat = store.start_heartbeat()
     try:
-        data = load_dataset(config.dataset, config.resolved_data_dir, config.seed)
-        model = build_model(config.model, data.input_shape, data.num_classes, config.seed)
-        initial = model_to_numpy(model)
-        coordinator = Coordinator(
-            grid, strategy, store, config, make_central_evaluate(config, data)
-        )
-        final = coordinator.run(initial)
-    except BaseException as error:
-        store.update_run(state="failed", message=f"{type(error).__name__}: {error}")
-        store.add_event("failed", f"{type(error).__name__}: {error}")
-        log(ERROR, "run %s failed: %s", run_name, error)
-        raise
+        outcome = run_training(grid, config, store, strategy)
     finally:
         heartbeat.set()
-        torch.cuda.empty_cache()
-    store.update_run(state="completed", heartbeat_at=time.time(), phase="done")
-    rounds = store.rounds()
-    accuracy = rounds[-1]["central_accuracy"] if rounds else float("nan")
-    store.add_event("completed", f"final accuracy {accuracy:.4f}")
     store.close()
-    del final
-    log(INFO, "final accuracy: %.4f", accuracy)
+    log(INFO, "%s", outcome)
+
+
+def run_training(grid: Grid, config: RunConfig, store: RunStore, strategy: object) -> str:
+    """Run the rounds and record how the run ended; return the closing log line."""
+    try:
+        data = load_dataset(config.dataset, config.resolved_data_dir, config.seed)
+        start = restore_start_point(store, config, strategy) if config.resume else None
+        if start is None:
+            model = build_model(config.model, data.input_shape, data.num_classes, config.seed)
+            start = StartPoint(model_to_numpy(model), 1)
+        else:
+            store.add_event(
+                "resumed", f"resumed from the checkpoint of round {start.first_round - 1}"
+            )
+            log(INFO, "resuming from the checkpoint of round %d", start.first_round - 1)
+        coordinator = Coordinator(
+            grid,
+            strategy,
+            store,
+            config,
+            make_central_evaluate(config, data),  # type: ignore[arg-type]
+        )
+        coordinator.run(start.arrays, start.first_round)
+    except (StopRequestedError, RunNotRunningException, KeyboardInterrupt, SystemExit) as error:
+        reason = "flwr stop" if isinstance(error, RunNotRunningException) else str(error)
+        store.update_run(state=lifecycle.STOPPED, phase="stopped", message=reason)
+        store.add_event("stopped", reason)
+        return f"run stopped ({reason}) after round {store.run_row()['current_round']}"
+    except BaseException as error:
+        store.update_run(state=lifecycle.FAILED, message=f"{type(error).__name__}: {error}")
+        store.add_event("failed", f"{type(error).__name__}: {error}")
+        log(ERROR, "run failed: %s", error)
+        raise
+    store.update_run(state=lifecycle.COMPLETED, phase="done")
+    rounds = store.rounds()
+    accuracy = float(rounds[-1]["central_accuracy"]) if rounds else float("nan")  # type: ignore[arg-type]
+    store.add_event("completed", f"final accuracy {accuracy:.4f}")
+    return f"final accuracy: {accuracy:.4f}"

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from server import lifecycle
+from server.operations import request_command, request_weight
+from server.results import plot_rounds, write_rows
 from server.runs import (
     RunNotFoundError,
     default_runs_dir,
@@ -15,7 +19,8 @@ from server.runs import (
     resolve_run_dir,
     run_status,
 )
-from server.store import RunStoreError
+from server.store import RunStore, RunStoreError
+from server.verify import verify_run
 
 
 def _fmt(value: object, digits: int = 4) -> str:
@@ -88,6 +93,139 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_store(args: argparse.Namespace) -> RunStore:
+    return RunStore(resolve_run_dir(Path(args.runs_dir), args.run))
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """Queue pause / resume / stop after checking the run's state allows it."""
+    run_dir = resolve_run_dir(Path(args.runs_dir), args.run)
+    print(request_command(run_dir, args.command))
+    if args.wait > 0:
+        return _wait_for_state(run_dir, _settled_state(args.command), args.wait)
+    return 0
+
+
+def _settled_state(command: str) -> str:
+    return {"pause": "paused", "resume": "running", "stop": "stopped"}[command]
+
+
+def _wait_for_state(run_dir: Path, wanted: str, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = run_status(run_dir)["state"]
+        if state == wanted:
+            print(f"{run_dir.name} is {state}")
+            return 0
+        time.sleep(0.2)
+    print(f"{run_dir.name} is {run_status(run_dir)['state']}, not {wanted}, after {timeout_s}s")
+    return 1
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    """Print the node table."""
+    store = _open_store(args)
+    try:
+        nodes = store.nodes()
+    finally:
+        store.close()
+    print(
+        f"{'PARTITION':>9} {'NODE':>20} {'DEVICE':<8} {'EXAMPLES':>8} {'ROUNDS':>6} "
+        f"{'FAILURES':>8} {'REJECTED':>8} {'WEIGHT':>6}  LAST ERROR"
+    )
+    for node in nodes:
+        print(
+            f"{_fmt(node['partition_id']):>9} {node['node_id']!s:>20} {node['device'] or '-':<8} "
+            f"{node['num_examples']:>8} {node['rounds_joined']:>6} {node['failures']:>8} "
+            f"{node['rejected']:>8} {float(node['weight']):>6.2f}  {node['last_error']}"  # type: ignore[arg-type]
+        )
+    return 0
+
+
+def cmd_weight(args: argparse.Namespace) -> int:
+    """Queue an operator weight for a partition, used from the next round."""
+    run_dir = resolve_run_dir(Path(args.runs_dir), args.run)
+    print(request_weight(run_dir, args.partition, args.weight))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check the round hash chain and the checkpoint files; exit 1 on any problem."""
+    run_dir = resolve_run_dir(Path(args.runs_dir), args.run)
+    problems, summary = verify_run(run_dir)
+    if problems:
+        print(f"{run_dir.name}: {len(problems)} problem(s) in {summary}")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    print(f"{run_dir.name}: intact ({summary})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the round rows as CSV or JSON lines."""
+    store = _open_store(args)
+    try:
+        rows = store.rounds()
+    finally:
+        store.close()
+    output = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        write_rows(rows, args.format, output)
+    finally:
+        if args.output:
+            output.close()
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Plot accuracy and loss per round to a PNG."""
+    store = _open_store(args)
+    try:
+        rows, name = store.rounds(), str(store.run_row()["run_name"])
+    finally:
+        store.close()
+    plot_rounds(rows, name, Path(args.output))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Redraw a progress line every second until the run ends."""
+    run_dir = resolve_run_dir(Path(args.runs_dir), args.run)
+    while True:
+        status = run_status(run_dir)
+        sys.stdout.write("\r" + progress_line(status))
+        sys.stdout.flush()
+        if status["state"] in (*lifecycle.FINAL_STATES, lifecycle.INTERRUPTED):
+            sys.stdout.write("\n")
+            return 0
+        time.sleep(args.interval)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Serve the web dashboard of the runs directory until Ctrl-C."""
+    from server.dashboard import dashboard_settings, serve, startup_lines
+
+    settings = dashboard_settings(Path(args.runs_dir), args.host)
+    print("\n".join(startup_lines(settings, args.host, args.port)), flush=True)
+    serve(settings, args.host, args.port)
+    return 0
+
+
+def progress_line(status: dict[str, object], width: int = 30) -> str:
+    """``[#####.....] round 3/10  replies 4/10  acc 0.9123  ETA 1m05s  running``."""
+    progress = float(status["progress"])  # type: ignore[arg-type]
+    filled = int(round(progress * width))
+    metrics = status["metrics"] if isinstance(status["metrics"], dict) else {}
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] round {status['current_round']}/"
+        f"{status['num_rounds']}  replies {status['replies_received']}/"
+        f"{status['replies_expected']}  acc {_fmt(metrics.get('central_accuracy'))}  "
+        f"ETA {_fmt_seconds(status['eta_s'])}  {status['state']:<12}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``fedcoord`` subcommand."""
     parser = argparse.ArgumentParser(
@@ -105,6 +243,50 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run", nargs="?", help="run name (default: the newest run)")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(func=cmd_status)
+    watch = sub.add_parser("watch", help="live progress bar until the run ends")
+    watch.add_argument("run", nargs="?", help="run name (default: the newest run)")
+    watch.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
+    watch.set_defaults(func=cmd_watch)
+    for command, text in (
+        ("pause", "finish the round in flight, then wait"),
+        ("resume", "start the next round"),
+        ("stop", "abandon the round in flight and end the run"),
+    ):
+        control = sub.add_parser(command, help=text)
+        control.add_argument("run", help="run name")
+        control.add_argument(
+            "--wait", type=float, default=0.0, help="seconds to wait for the new state"
+        )
+        control.set_defaults(func=cmd_control, command=command)
+    nodes = sub.add_parser("nodes", help="node table")
+    nodes.add_argument("run", nargs="?", help="run name (default: the newest run)")
+    nodes.set_defaults(func=cmd_nodes)
+    weight = sub.add_parser("weight", help="operator weight of a partition, from the next round")
+    weight.add_argument("run", help="run name")
+    weight.add_argument("partition", type=int, help="partition id")
+    weight.add_argument("weight", type=float, help="weight >= 0")
+    weight.set_defaults(func=cmd_weight)
+    plot = sub.add_parser("plot", help="accuracy / loss per round as a PNG")
+    plot.add_argument("run", nargs="?", help="run name (default: the newest run)")
+    plot.add_argument("-o", "--output", required=True, help="PNG file to write")
+    plot.set_defaults(func=cmd_plot)
+    export = sub.add_parser("export", help="round rows as CSV or JSON lines")
+    export.add_argument("run", nargs="?", help="run name (default: the newest run)")
+    export.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    export.add_argument("-o", "--output", help="file to write (default: stdout)")
+    export.set_defaults(func=cmd_export)
+    verify = sub.add_parser("verify", help="are checkpoints and the round hash chain intact?")
+    verify.add_argument("run", nargs="?", help="run name (default: the newest run)")
+    verify.set_defaults(func=cmd_verify)
+    dashboard = sub.add_parser("dashboard", help="web dashboard of the runs, live")
+    dashboard.add_argument(
+        "--runs-dir", default=argparse.SUPPRESS, help="folder of run directories"
+    )
+    dashboard.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; not loopback = token required"
+    )
+    dashboard.add_argument("--port", type=int, default=8765, help="TCP port (default: 8765)")
+    dashboard.set_defaults(func=cmd_dashboard)
     return parser
 
 
@@ -113,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (RunNotFoundError, RunStoreError) as error:
+    except (RunNotFoundError, RunStoreError, lifecycle.InvalidTransitionError) as error:
         print(f"fedcoord: {error}", file=sys.stderr)
         return 2
 

@@ -21,6 +21,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from server.checkpoints import checkpoint_path, files_to_prune, save_checkpoint
+from server.control import ControlChannel
 from server.store import RoundRecord, RunStore
 from strategies.strategy import (
     FedCoordStrategy,
@@ -94,6 +96,8 @@ class Coordinator:
         self.evaluate_fn = evaluate_fn
         self._last_progress: tuple[str, int, int] = ("", 0, 0)
         self._aggregation_s = 0.0
+        self.operator_weights = dict(config.parsed_node_weights)
+        self.control = ControlChannel(store, self._set_operator_weight)
 
     # ------------------------------------------------------------------ run
     def run(self, initial_arrays: NamedArrays, first_round: int = 1) -> NamedArrays:
@@ -102,6 +106,7 @@ class Coordinator:
         if first_round == 1:
             self._record_initial_evaluation(arrays)
         for server_round in range(first_round, self.config.num_server_rounds + 1):
+            self.control.between_rounds()
             arrays = self.run_round(server_round, arrays)
         return arrays
 
@@ -142,6 +147,18 @@ class Coordinator:
             "seconds-central-eval": federated_started - central_started,
             "seconds-federated-eval": federated_s,
         }
+        checkpoint = save_checkpoint(
+            self.store.run_dir,
+            server_round,
+            arrays,
+            self.strategy.state_dict(),
+            {
+                "central-accuracy": central_accuracy,
+                "model": self.config.model,
+                "dataset": self.config.dataset,
+                "strategy": self.config.strategy,
+            },
+        )
         ended = time.time()
         self.store.record_round(
             RoundRecord(
@@ -156,8 +173,10 @@ class Coordinator:
                 metrics=metrics,
                 model_hash=model_hash(arrays),
                 note=summary.reason,
-            )
+            ),
+            checkpoint=checkpoint,
         )
+        self._prune_checkpoints()
         log(
             INFO,
             "round %d/%d: train loss %.4f, central accuracy %.4f, %d/%d accepted, "
@@ -190,6 +209,7 @@ class Coordinator:
                     f"{self.config.min_train_nodes}"
                 )
             self._report_progress("waiting-for-nodes", len(node_ids), self.config.min_train_nodes)
+            self.control.check_stop()
             time.sleep(NODE_POLL_INTERVAL_S)
             node_ids = list(self.grid.get_node_ids())
         return node_ids
@@ -221,6 +241,7 @@ class Coordinator:
                     continue
                 self._dispatch(server_round, node_id, reply, result, on_reply)
             self._report_progress(message_type, len(node_ids) - len(pending), len(node_ids))
+            self.control.check_stop()
             if pending:
                 time.sleep(POLL_INTERVAL_S)
         result.timed_out = sorted(pending.values())
@@ -264,6 +285,7 @@ class Coordinator:
             partition_id=int(partition) if partition is not None else None,
             num_examples=outcome.num_examples if outcome.accepted else None,
             device=outcome.info.get(keys.DEVICE),
+            weight=self._weight_of(partition),
             joined=outcome.accepted,
         )
         if not outcome.accepted:
@@ -284,8 +306,16 @@ class Coordinator:
 
         def keep(_: int, reply: Message) -> None:
             record = reply.content.metric_records.get(keys.METRICS)
-            if record is not None:
-                collected.append({k: float(v) for k, v in record.items()})  # type: ignore[arg-type]
+            if record is None:
+                return
+            metrics = {k: float(v) for k, v in record.items()}  # type: ignore[arg-type]
+            collected.append(metrics)
+            partition = metrics.get(keys.PARTITION_ID)
+            self.store.record_node_reply(
+                reply.metadata.src_node_id,
+                partition_id=int(partition) if partition is not None else None,
+                weight=self._weight_of(partition),
+            )
 
         self._run_phase(server_round, "evaluate", list(node_ids), arrays, keep)
         averaged = aggregate_evaluate_metrics(collected)
@@ -326,6 +356,22 @@ class Coordinator:
         if self.config.proximal_mu > 0:
             config[keys.PROXIMAL_MU] = self.config.proximal_mu
         return config
+
+    def _weight_of(self, partition: float | None) -> float | None:
+        return None if partition is None else self.operator_weights.get(int(partition), 1.0)
+
+    def _set_operator_weight(self, partition_id: int, weight: float) -> None:
+        """Apply an operator weight from the next round on (``weighted`` uses it)."""
+        self.operator_weights[partition_id] = weight
+        self.strategy.set_operator_weight(partition_id, weight)
+
+    def _prune_checkpoints(self) -> None:
+        """Delete checkpoint files beyond the last few and the best."""
+        rows = self.store.checkpoints()
+        scored = [(int(r["round"]), r["central_accuracy"]) for r in rows]  # type: ignore[call-overload]
+        for server_round in files_to_prune(scored):  # type: ignore[arg-type]
+            checkpoint_path(self.store.run_dir, server_round).unlink(missing_ok=True)
+            self.store.forget_checkpoint(server_round)
 
     def _report_progress(self, phase: str, received: int, expected: int) -> None:
         progress = (phase, received, expected)

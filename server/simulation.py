@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -97,6 +98,50 @@ def _wait_healthy(process: subprocess.Popen[bytes], port: int, log_file: Path) -
     )
 
 
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of ``pid``, read from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, frontier = [], [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            found.append(child)
+            frontier.append(child)
+    return found
+
+
+def stop_tree(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """Stop a process we started and every process it started, by PID.
+
+    Flower detaches its SuperExec (a new session), which starts the simulation
+    and Ray; some Ray agents outlive their parent. The tree is read before the
+    root is stopped, and whatever of it is still alive after ``grace_s`` is killed.
+    """
+    tree = descendants(process.pid)
+    stop_process(process, grace_s)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        alive = [pid for pid in tree if _alive(pid)]
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        deadline = time.monotonic() + grace_s
+        while any(_alive(pid) for pid in alive) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def stop_process(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
     """Stop a process group we started: SIGTERM, then SIGKILL after ``grace_s``."""
     if process.poll() is not None:
@@ -153,7 +198,7 @@ def local_superlink(flwr_home: Path) -> Iterator[LocalSuperLink]:
         write_connection(flwr_home, link.address)
         yield link
     finally:
-        stop_process(process)
+        stop_tree(process)
 
 
 def flwr_run_command(

@@ -226,10 +226,25 @@ class RunStore:
             "INSERT INTO events (at, kind, message) VALUES (?, ?, ?)", (time.time(), kind, message)
         )
 
-    def record_round(self, record: RoundRecord) -> str:
-        """Insert a completed round, chained to the previous row; return its chain hash."""
+    def record_round(self, record: RoundRecord, checkpoint: tuple[Path, str] | None = None) -> str:
+        """Insert a completed round, chained to the previous row; return its chain hash.
+
+        The round row and its checkpoint row (``(path, sha256)``) are written in
+        one transaction: either both are on record or neither is.
+        """
         metrics_json = json.dumps(dict(record.metrics), sort_keys=True)
         with _transaction(self._db):
+            if checkpoint is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                    (
+                        record.round,
+                        checkpoint[0].name,
+                        checkpoint[1],
+                        record.metrics.get("central-accuracy"),
+                        time.time(),
+                    ),
+                )
             previous = self._db.execute(
                 "SELECT chain_hash FROM rounds WHERE round < ? ORDER BY round DESC LIMIT 1",
                 (record.round,),
@@ -273,6 +288,7 @@ class RunStore:
         partition_id: int | None = None,
         num_examples: int | None = None,
         device: str | None = None,
+        weight: float | None = None,
         joined: bool = False,
     ) -> None:
         """Upsert a node after a reply: what it reported and that it was seen."""
@@ -280,8 +296,9 @@ class RunStore:
         self._db.execute(
             "UPDATE nodes SET partition_id = COALESCE(?, partition_id),"
             " num_examples = COALESCE(?, num_examples), device = COALESCE(?, device),"
-            " rounds_joined = rounds_joined + ?, last_seen = ? WHERE node_id = ?",
-            (partition_id, num_examples, device, int(joined), time.time(), str(node_id)),
+            " weight = COALESCE(?, weight), rounds_joined = rounds_joined + ?, last_seen = ?"
+            " WHERE node_id = ?",
+            (partition_id, num_examples, device, weight, int(joined), time.time(), str(node_id)),
         )
 
     def record_node_fault(self, node_id: int, server_round: int, kind: str, reason: str) -> None:
@@ -297,6 +314,50 @@ class RunStore:
                 "INSERT INTO rejections (round, node_id, kind, reason, at) VALUES (?,?,?,?,?)",
                 (server_round, str(node_id), kind, reason[:2000], time.time()),
             )
+
+    def add_command(self, command: str, argument: str = "") -> int:
+        """Queue an operator command for the server; return its id."""
+        cursor = self._db.execute(
+            "INSERT INTO commands (command, argument, created_at) VALUES (?, ?, ?)",
+            (command, argument, time.time()),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def pending_commands(self) -> list[dict[str, object]]:
+        """Commands not yet consumed, oldest first."""
+        rows = self._db.execute(
+            "SELECT * FROM commands WHERE consumed_at IS NULL ORDER BY id"
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def consume_command(self, command_id: int) -> None:
+        """Mark a command as acted on."""
+        self._db.execute(
+            "UPDATE commands SET consumed_at = ? WHERE id = ?", (time.time(), command_id)
+        )
+
+    def set_partition_weight(self, partition_id: int, weight: float) -> None:
+        """Record the operator weight of every node serving ``partition_id``."""
+        self._db.execute(
+            "UPDATE nodes SET weight = ? WHERE partition_id = ?", (weight, partition_id)
+        )
+
+    def checkpoints(self) -> list[dict[str, object]]:
+        """Checkpoint rows, oldest round first."""
+        rows = self._db.execute("SELECT * FROM checkpoints ORDER BY round").fetchall()
+        return [dict(r) for r in rows]
+
+    def forget_checkpoint(self, server_round: int) -> None:
+        """Drop the checkpoint row of a pruned file."""
+        self._db.execute("DELETE FROM checkpoints WHERE round = ?", (server_round,))
+
+    def truncate_after(self, server_round: int) -> int:
+        """Delete round and checkpoint rows after ``server_round``; return rows deleted."""
+        with _transaction(self._db):
+            cursor = self._db.execute("DELETE FROM rounds WHERE round > ?", (server_round,))
+            self._db.execute("DELETE FROM checkpoints WHERE round > ?", (server_round,))
+            self.update_run(current_round=server_round)
+        return cursor.rowcount
 
     def _ensure_node(self, node_id: int) -> None:
         self._db.execute("INSERT OR IGNORE INTO nodes (node_id) VALUES (?)", (str(node_id),))

@@ -14,59 +14,47 @@ where each update is ``client arrays - global arrays``.
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from logging import INFO
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.aggregators import make_aggregator
-from strategies.validation import ArraySpec, specs_from_arrays, validate_reply
+from strategies.aggregators import Aggregator, make_aggregator
+from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
+from strategies.replies import (
+    ReplyOutcome,
+    RoundSummary,
+    TrainRound,
+    aggregate_evaluate_metrics,
+    aggregate_train_metrics,
+)
+from strategies.sampling import NodeSampler
 from task import keys
 
-NamedArrays = dict[str, np.ndarray]
+__all__ = [
+    "FedCoordStrategy",
+    "NamedArrays",
+    "OperatorWeights",
+    "ReplyOutcome",
+    "RoundSummary",
+    "WeightFn",
+    "aggregate_evaluate_metrics",
+    "aggregate_train_metrics",
+    "apply_update",
+    "arrays_to_numpy",
+    "numpy_to_arrays",
+    "uniform_weight",
+    "weight_by_examples",
+]
+
 WeightFn = Callable[[int, int, Mapping[str, float]], float]
 """(node_id, num_examples, metrics) -> aggregation weight."""
 
-
-def arrays_to_numpy(record: ArrayRecord) -> NamedArrays:
-    """Deserialise an ArrayRecord into named numpy arrays."""
-    return {name: array.numpy() for name, array in record.items()}
-
-
-def numpy_to_arrays(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Serialise named numpy arrays into an ArrayRecord, keeping their order."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
-
-
-@dataclass
-class ReplyOutcome:
-    """What happened to one reply: accepted, or rejected with a reason."""
-
-    node_id: int
-    accepted: bool
-    reason: str = ""
-    num_examples: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    info: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class RoundSummary:
-    """Outcome of one aggregation round."""
-
-    server_round: int
-    accepted: int
-    rejected: int
-    updated: bool
-    reason: str
-    metrics: dict[str, float]
+OPERATOR_WEIGHTS_KEY = "operator-weights"
 
 
 def weight_by_examples(node_id: int, num_examples: int, metrics: Mapping[str, float]) -> float:
@@ -79,6 +67,27 @@ def uniform_weight(node_id: int, num_examples: int, metrics: Mapping[str, float]
     """Equal weight for every reply."""
     del node_id, num_examples, metrics
     return 1.0
+
+
+class OperatorWeights:
+    """Weight of a reply: its partition's operator weight, 1.0 where none is set.
+
+    A ``WeightFn`` whose weights the operator may change between rounds.
+
+    Parameters
+    ----------
+    weights : Mapping[int, float]
+        Operator weight by partition id.
+    """
+
+    def __init__(self, weights: Mapping[int, float] | None = None) -> None:
+        self.weights: dict[int, float] = dict(weights or {})
+
+    def __call__(self, node_id: int, num_examples: int, metrics: Mapping[str, float]) -> float:
+        """Return the weight of a reply from its ``partition-id`` metric."""
+        del node_id, num_examples
+        partition = metrics.get(keys.PARTITION_ID)
+        return self.weights.get(int(partition), 1.0) if partition is not None else 1.0
 
 
 class FedCoordStrategy(Strategy):
@@ -118,92 +127,97 @@ class FedCoordStrategy(Strategy):
         self.server_lr = server_lr
         self.fraction_train = fraction_train
         self.min_train_nodes = min_train_nodes
-        self.rng = random.Random(seed)
-        make_aggregator(aggregator, **self.aggregator_options)  # fail early on bad options
-        self._round = 0
-        self._global: NamedArrays = {}
-        self._specs: dict[str, ArraySpec] = {}
-        self._aggregator = make_aggregator(aggregator, **self.aggregator_options)
-        self._replied: set[int] = set()
-        self._outcomes: list[ReplyOutcome] = []
+        self.sampler = NodeSampler(seed)
+        self._aggregator: Aggregator = make_aggregator(aggregator, **self.aggregator_options)
+        self._round = TrainRound(0, {})
+        self._scratch: NamedArrays = {}
 
     # ------------------------------------------------------------------ sampling
     def sample_nodes(self, node_ids: Iterable[int], fraction: float, minimum: int) -> list[int]:
         """Sample ``fraction`` of ``node_ids`` (at least ``minimum``), reproducibly."""
-        available = sorted(node_ids)
-        count = min(len(available), max(minimum, math.ceil(fraction * len(available))))
-        return sorted(self.rng.sample(available, count))
+        return self.sampler.sample(node_ids, fraction, minimum)
 
     # -------------------------------------------------------- per-reply interface
     def begin_round(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
         """Start folding replies for ``server_round`` relative to ``global_arrays``."""
-        self._round = server_round
-        self._global = dict(global_arrays)
-        self._specs = specs_from_arrays(self._global)
+        self._round = TrainRound(server_round, global_arrays)
         self._aggregator = make_aggregator(self.aggregator_name, **self._round_options())
-        self._replied = set()
-        self._outcomes = []
+        self._scratch = reuse_buffers(self._scratch, self._round.global_arrays)
 
     def _round_options(self) -> dict[str, object]:
         """Aggregator options for this round: a seeded aggregator gets a fresh seed per round."""
         options = dict(self.aggregator_options)
         seed = options.get("seed")
         if isinstance(seed, int):
-            options["seed"] = seed * 1_000_003 + self._round
+            options["seed"] = seed * 1_000_003 + self._round.server_round
         return options
 
     def add_reply(self, reply: Message) -> ReplyOutcome:
-        """Validate one training reply and fold its update in, or reject it."""
-        node_id = reply.metadata.src_node_id
-        outcome = self._validate(reply)
-        self._outcomes.append(outcome)
-        if not outcome.accepted:
+        """Validate one training reply and fold its update in, or reject it.
+
+        The update ``client - global`` is computed into scratch buffers reused
+        for every reply: aggregators fold it in at once or copy what they keep.
+        """
+        outcome, client_arrays = self._round.check(reply)
+        if client_arrays is None:
             return outcome
-        client_arrays = arrays_to_numpy(reply.content.array_records[keys.ARRAYS])
-        update = [client_arrays[name] - self._global[name] for name in self._global]
-        weight = self.weight_fn(node_id, outcome.num_examples, outcome.metrics)
+        update = [
+            np.subtract(client_arrays[name], current, out=self._scratch[name])
+            for name, current in self._round.global_arrays.items()
+        ]
+        weight = self.weight_fn(outcome.node_id, outcome.num_examples, outcome.metrics)
         self._aggregator.add(update, weight)
         return outcome
 
     def end_round(self) -> tuple[NamedArrays | None, RoundSummary]:
         """Close the round: the new global arrays (None if unchanged) and a summary."""
-        accepted = [o for o in self._outcomes if o.accepted]
-        rejected = len(self._outcomes) - len(accepted)
-        metrics = aggregate_train_metrics(accepted)
-        if len(accepted) < self.min_train_nodes:
-            reason = (
-                f"only {len(accepted)} accepted update(s), fewer than "
-                f"min-train-nodes={self.min_train_nodes}: global model kept"
-            )
-            return None, RoundSummary(self._round, len(accepted), rejected, False, reason, metrics)
-        delta = self._aggregator.result()
-        new_global = apply_update(self._global, delta, self.server_lr)
-        summary = RoundSummary(self._round, len(accepted), rejected, True, "", metrics)
-        return new_global, summary
+        shortfall = self._round.shortfall(self.min_train_nodes)
+        if shortfall is not None:
+            return None, self._round.summary(False, shortfall)
+        try:
+            delta = self._aggregator.result()
+        except ValueError as error:  # e.g. krum with fewer than 2f + 3 updates
+            reason = f"{self.aggregator_name} could not aggregate: {error}; global model kept"
+            return None, self._round.summary(False, reason)
+        new_global = apply_update(self._round.global_arrays, delta, self.server_lr)
+        return new_global, self._round.summary(True)
 
-    def _validate(self, reply: Message) -> ReplyOutcome:
-        node_id = reply.metadata.src_node_id
-        if reply.has_error():
-            error = reply.error
-            return ReplyOutcome(node_id, False, f"error reply: {error.code} {error.reason}")
-        if node_id in self._replied:
-            return ReplyOutcome(
-                node_id, False, f"duplicate reply from node {node_id} in round {self._round}"
-            )
-        self._replied.add(node_id)
-        content = reply.content
-        metrics_record = content.metric_records.get(keys.METRICS)
-        array_record = content.array_records.get(keys.ARRAYS)
-        metrics = dict(metrics_record) if metrics_record is not None else None
-        num_examples = metrics.get(keys.NUM_EXAMPLES) if metrics else None
-        arrays = arrays_to_numpy(array_record) if array_record is not None else None
-        reason = validate_reply(arrays, num_examples, metrics, self._specs)
-        info_record = content.config_records.get(keys.INFO)
-        info = {k: str(v) for k, v in info_record.items()} if info_record else {}
-        if reason is not None:
-            return ReplyOutcome(node_id, False, reason, info=info)
-        float_metrics = {k: float(v) for k, v in (metrics or {}).items()}  # type: ignore[arg-type]
-        return ReplyOutcome(node_id, True, "", int(num_examples), float_metrics, info)  # type: ignore[arg-type]
+    # ------------------------------------------------------------------- state
+    def set_operator_weight(self, partition_id: int, weight: float) -> None:
+        """Set a partition's operator weight, used from the next reply on.
+
+        Only the ``weighted`` strategy weighs replies by operator weight; for the
+        others the call is logged and has no effect.
+        """
+        if isinstance(self.weight_fn, OperatorWeights):
+            self.weight_fn.weights[int(partition_id)] = float(weight)
+        else:
+            log(INFO, "operator weights do not apply to aggregator %s", self.aggregator_name)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """What must survive a restart: the sampler's state and operator weights."""
+        state = self.sampler.state_dict()
+        if isinstance(self.weight_fn, OperatorWeights):
+            items = sorted(self.weight_fn.weights.items())
+            state[OPERATOR_WEIGHTS_KEY] = np.array(items, dtype=np.float64).reshape(-1, 2)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore the state saved by :meth:`state_dict`.
+
+        Raises
+        ------
+        ValueError
+            If ``state`` holds keys this strategy does not save.
+        """
+        expected = set(self.state_dict())
+        unknown = set(state) - expected
+        if unknown:
+            raise ValueError(f"unexpected strategy state keys: {sorted(unknown)}")
+        self.sampler.load_state_dict(state)
+        if isinstance(self.weight_fn, OperatorWeights) and OPERATOR_WEIGHTS_KEY in state:
+            pairs = np.asarray(state[OPERATOR_WEIGHTS_KEY], dtype=np.float64).reshape(-1, 2)
+            self.weight_fn.weights = {int(p): float(w) for p, w in pairs}
 
     # ---------------------------------------------------------- Flower hooks
     def configure_train(
@@ -272,6 +286,20 @@ class FedCoordStrategy(Strategy):
         return [Message(content, node_id, message_type) for node_id in node_ids]
 
 
+def reuse_buffers(buffers: NamedArrays, like: Mapping[str, np.ndarray]) -> NamedArrays:
+    """Return one writable buffer per array of ``like``, keeping matching old ones."""
+    return {
+        name: (
+            buffers[name]
+            if name in buffers
+            and buffers[name].shape == array.shape
+            and buffers[name].dtype == array.dtype
+            else np.empty(array.shape, dtype=array.dtype)
+        )
+        for name, array in like.items()
+    }
+
+
 def apply_update(
     global_arrays: Mapping[str, np.ndarray], delta: list[np.ndarray], server_lr: float
 ) -> NamedArrays:
@@ -283,29 +311,3 @@ def apply_update(
         else:
             new_global[name] = (current + server_lr * step).astype(current.dtype, copy=False)
     return new_global
-
-
-def aggregate_train_metrics(outcomes: list[ReplyOutcome]) -> dict[str, float]:
-    """Example-weighted mean of accepted replies' numeric metrics, plus totals."""
-    total = sum(o.num_examples for o in outcomes)
-    if not outcomes or total <= 0:
-        return {}
-    names = set.intersection(*(set(o.metrics) for o in outcomes))
-    names -= {keys.NUM_EXAMPLES, keys.PARTITION_ID}
-    result = {
-        name: sum(o.metrics[name] * o.num_examples for o in outcomes) / total for name in names
-    }
-    result[keys.NUM_EXAMPLES] = float(total)
-    return result
-
-
-def aggregate_evaluate_metrics(metrics: list[Mapping[str, float]]) -> dict[str, float]:
-    """Example-weighted mean of evaluation metrics."""
-    usable = [m for m in metrics if m.get(keys.NUM_EXAMPLES, 0) > 0]
-    total = sum(m[keys.NUM_EXAMPLES] for m in usable)
-    if not usable:
-        return {}
-    names = set.intersection(*(set(m) for m in usable)) - {keys.NUM_EXAMPLES, keys.PARTITION_ID}
-    result = {name: sum(m[name] * m[keys.NUM_EXAMPLES] for m in usable) / total for name in names}
-    result[keys.NUM_EXAMPLES] = float(total)
-    return result

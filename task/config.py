@@ -14,13 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from task.datasets import DATASET_NAMES
-from task.models import MODEL_NAMES
-from task.partitioning import PARTITIONER_NAMES
+from task.names import DATASET_NAMES, MODEL_NAMES, PARTITIONER_NAMES
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEVICE_FORMS = "auto, cpu, mps, cuda, cuda:N"
 NODE_WEIGHTS_PATTERN = re.compile(r"^\s*\d+\s*=\s*[-+0-9.eE]+\s*$")
+BYZANTINE_MODES: tuple[str, ...] = ("flip", "noise")
 
 
 class ConfigError(ValueError):
@@ -54,6 +53,25 @@ class RunConfig:
     lr: float = 0.05
     momentum: float = 0.9
     proximal_mu: float = 0.0
+    # trimmed-mean / fedtrimmedavg: fraction trimmed from each end, in [0, 0.5).
+    trim_beta: float = 0.1
+    # krum / multikrum / bulyan: f, the number of Byzantine updates to tolerate.
+    num_malicious: int = 0
+    # krum / multikrum: m, updates averaged (1 = Krum, > 1 = Multi-Krum).
+    num_selected: int = 1
+    # fedavgm: server momentum, in [0, 1).
+    server_momentum: float = 0.9
+    # fedadam / fedyogi: first- and second-moment decay, in [0, 1).
+    fedopt_beta1: float = 0.9
+    fedopt_beta2: float = 0.99
+    # fedadam / fedyogi / fedadagrad: adaptivity tau, > 0.
+    fedopt_tau: float = 1e-3
+    # dp-adaptive-clipping: noise std of the clipped count (0 = none; needs > noise-multiplier / 2).
+    dp_clipped_count_stddev: float = 0.0
+    # Test only: partitions whose clients send Byzantine updates, e.g. "0,1,2"; "" = none.
+    byzantine_partitions: str = ""
+    # Test only: flip (received - 10 * honest update) or noise (norm 100x the honest update).
+    byzantine_mode: str = "flip"
     device: str = "auto"
     seed: int = 42
     run_name: str = ""
@@ -85,6 +103,11 @@ class RunConfig:
         """Operator weights by partition id from ``node-weights``."""
         return parse_node_weights(self.node_weights)
 
+    @property
+    def parsed_byzantine_partitions(self) -> frozenset[int]:
+        """Partition ids of the Byzantine clients from ``byzantine-partitions``."""
+        return parse_partition_ids("byzantine-partitions", self.byzantine_partitions)
+
 
 def fedcoord_home() -> Path:
     """Return ``$FEDCOORD_HOME`` (default ``~/.fedcoord``) as an absolute path."""
@@ -115,6 +138,20 @@ def parse_node_weights(text: str) -> dict[int, float]:
             )
         weights[int(partition)] = weight
     return weights
+
+
+def parse_partition_ids(key: str, text: str) -> frozenset[int]:
+    """Parse ``"0,1,2"`` into ``{0, 1, 2}``; ``""`` is the empty set.
+
+    Raises
+    ------
+    ConfigError
+        If an entry is not a non-negative integer.
+    """
+    entries = [part.strip() for part in text.split(",") if part.strip()]
+    if not all(entry.isdigit() for entry in entries):
+        raise ConfigError(f"{key} must list partition ids like '0,1,2', got {text!r}")
+    return frozenset(int(entry) for entry in entries)
 
 
 def _key(attribute: str) -> str:
@@ -200,6 +237,7 @@ def validate_config(config: RunConfig) -> None:
     _require(config.lr > 0, f"lr must be > 0, got {config.lr}")
     _require(0 <= config.momentum < 1, f"momentum must be in [0, 1), got {config.momentum}")
     _require(config.proximal_mu >= 0, f"proximal-mu must be >= 0, got {config.proximal_mu}")
+    _validate_strategy_options(config)
     _require(
         0 < config.local_test_fraction < 1,
         f"local-test-fraction must be in (0, 1), got {config.local_test_fraction}",
@@ -217,6 +255,26 @@ def validate_config(config: RunConfig) -> None:
         "resume=true needs run-name='NAME' of the run to continue",
     )
     parse_node_weights(config.node_weights)
+
+
+def _validate_strategy_options(config: RunConfig) -> None:
+    """Refuse out-of-range parameters of the aggregation strategies."""
+    _require(0 <= config.trim_beta < 0.5, f"trim-beta must be in [0, 0.5), got {config.trim_beta}")
+    _require(config.num_malicious >= 0, f"num-malicious must be >= 0, got {config.num_malicious}")
+    _require(config.num_selected >= 1, f"num-selected must be >= 1, got {config.num_selected}")
+    for key, value in (
+        ("server-momentum", config.server_momentum),
+        ("fedopt-beta1", config.fedopt_beta1),
+        ("fedopt-beta2", config.fedopt_beta2),
+    ):
+        _require(0 <= value < 1, f"{key} must be in [0, 1), got {value}")
+    _require(config.fedopt_tau > 0, f"fedopt-tau must be > 0, got {config.fedopt_tau}")
+    _require(
+        config.dp_clipped_count_stddev >= 0,
+        f"dp-clipped-count-stddev must be >= 0, got {config.dp_clipped_count_stddev}",
+    )
+    _require_choice("byzantine-mode", config.byzantine_mode, BYZANTINE_MODES)
+    parse_partition_ids("byzantine-partitions", config.byzantine_partitions)
 
 
 def parse_run_config(run_config: Mapping[str, object]) -> RunConfig:

@@ -23,7 +23,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torchvision.datasets import CIFAR10, MNIST, FashionMNIST, VisionDataset
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10")
+from task.names import DATASET_NAMES
 
 # Set to "1" to never download, whatever ``download`` says.
 NO_DOWNLOAD_ENV = "FEDCOORD_NO_DOWNLOAD"

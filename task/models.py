@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
-MODEL_NAMES: tuple[str, ...] = ("simple-cnn", "resnet18", "mobilenet-v2")
+from task.names import MODEL_NAMES
 
 InputShape = tuple[int, int, int]
 

@@ -41,7 +41,7 @@ from flwr_datasets.partitioner import (
     ShardPartitioner,
 )
 
-PARTITIONER_NAMES: tuple[str, ...] = ("iid", "dirichlet", "pathological", "shard")
+from task.names import PARTITIONER_NAMES
 
 LABEL_COLUMN = "label"
 INDEX_COLUMN = "index"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,33 @@ APP_DIR = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 900
 
 
+def fedcoord(runs_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the ``fedcoord`` CLI as a user would, on ``runs_dir``."""
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "--runs-dir", str(runs_dir), *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        cwd=APP_DIR,
+    )
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> object:
+    """Poll ``predicate()`` until it returns a truthy value; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except (FileNotFoundError, subprocess.CalledProcessError, json.JSONDecodeError) as error:
+            last = error
+        else:
+            if last:
+                return last
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last: {last!r}")
+
+
 @dataclass
 class SimulationRun:
     """The outcome of one ``flwr run`` in simulation."""
@@ -25,25 +53,18 @@ class SimulationRun:
     output: str
     run_dir: Path
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> dict:
         """``fedcoord status --json`` for this run."""
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "server.cli",
-                "--runs-dir",
-                str(self.run_dir.parent),
-                "status",
-                self.run_dir.name,
-                "--json",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=APP_DIR,
-        )
-        return json.loads(result.stdout)
+        return json.loads(self.cli("status", self.run_dir.name, "--json").stdout)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``fedcoord ARGS`` on this run's runs directory."""
+        return fedcoord(self.run_dir.parent, *args, check=check)
+
+
+def run_config_text(settings: dict[str, object]) -> str:
+    """``{"k": v}`` -> ``k=v`` pairs in TOML syntax for ``--run-config``."""
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
 
 
 @pytest.fixture(scope="session")
@@ -53,23 +74,41 @@ def superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSuperLi
         yield link
 
 
+def run_flwr_simulation(  # noqa: PLR0913
+    superlink: LocalSuperLink,
+    runs_dir: Path,
+    supernodes: int,
+    run_name: str,
+    run_config: dict[str, object],
+    wait: bool = True,
+) -> SimulationRun:
+    """``flwr run`` the app on ``superlink``; its run directory goes under ``runs_dir``.
+
+    ``wait=False`` submits the run and returns at once (``flwr run`` without
+    ``--stream``); follow it through ``SimulationRun.status()``.
+    """
+    settings = {"run-name": run_name, "runs-dir": str(runs_dir), **run_config}
+    command = flwr_run_command(
+        APP_DIR, supernodes, run_config_text(settings), num_cpus=1, stream=wait
+    )
+    result = subprocess.run(
+        command,
+        env=superlink.env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        cwd=APP_DIR,
+    )
+    return SimulationRun(result.returncode, result.stdout + result.stderr, runs_dir / run_name)
+
+
 @pytest.fixture()
 def simulate(superlink: LocalSuperLink, tmp_path: Path):  # noqa: ANN201
-    """Run the app in simulation: ``simulate(supernodes, run_name, **run_config)``."""
+    """Run the app in simulation: ``simulate(supernodes, run_name, wait=True, **run_config)``."""
 
-    def run(supernodes: int, run_name: str, **run_config: object) -> SimulationRun:
-        runs_dir = tmp_path / "runs"
-        settings = {"run-name": run_name, "runs-dir": str(runs_dir), **run_config}
-        overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
-        command = flwr_run_command(APP_DIR, supernodes, overrides, num_cpus=1)
-        result = subprocess.run(
-            command,
-            env=superlink.env(),
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT_S,
-            cwd=APP_DIR,
+    def run(supernodes: int, run_name: str, wait: bool = True, **run_config: object):  # noqa: ANN202
+        return run_flwr_simulation(
+            superlink, tmp_path / "runs", supernodes, run_name, run_config, wait=wait
         )
-        return SimulationRun(result.returncode, result.stdout + result.stderr, runs_dir / run_name)
 
     return run

@@ -1,0 +1,155 @@
+"""Checkpoints: the global model and the strategy's state after each completed round.
+
+Files are safetensors (no pickle, nothing executes on load), written to a temp
+file, fsynced and renamed into place, so a crash leaves either the old file or
+the new one, never half of one. The SHA-256 of each file goes to ``run.db``;
+loading recomputes it and refuses a file that does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+CHECKPOINT_DIR = "checkpoints"
+MODEL_PREFIX = "model/"
+STRATEGY_PREFIX = "strategy/"
+KEEP_LAST = 3
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, altered, or does not fit the run."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What one checkpoint file holds."""
+
+    server_round: int
+    arrays: dict[str, np.ndarray]
+    strategy_state: dict[str, np.ndarray]
+    metadata: dict[str, object]
+
+
+def checkpoint_path(run_dir: Path, server_round: int) -> Path:
+    """``<run_dir>/checkpoints/round-NNNNN.safetensors``."""
+    return run_dir / CHECKPOINT_DIR / f"round-{server_round:05d}.safetensors"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    run_dir: Path,
+    server_round: int,
+    arrays: Mapping[str, np.ndarray],
+    strategy_state: Mapping[str, np.ndarray],
+    metadata: Mapping[str, object],
+) -> tuple[Path, str]:
+    """Write a checkpoint atomically; return its path and SHA-256."""
+    path = checkpoint_path(run_dir, server_round)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {MODEL_PREFIX + k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    tensors.update(
+        {STRATEGY_PREFIX + k: np.ascontiguousarray(v) for k, v in strategy_state.items()}
+    )
+    header = {
+        "round": str(server_round),
+        "model_keys": json.dumps(list(arrays)),
+        "strategy_keys": json.dumps(list(strategy_state)),
+        "metadata": json.dumps(dict(metadata), default=str),
+    }
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(handle)
+    try:
+        save_file(tensors, temp_name, metadata=header)
+        with open(temp_name, "rb") as file:
+            os.fsync(file.fileno())
+        digest = file_sha256(Path(temp_name))
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path, digest
+
+
+def load_checkpoint(path: Path, expected_sha256: str) -> Checkpoint:
+    """Load a checkpoint after checking its SHA-256.
+
+    Raises
+    ------
+    CheckpointError
+        If the file is missing, its hash differs from ``expected_sha256``, or it
+        cannot be parsed.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is missing")
+    actual = file_sha256(path)
+    if actual != expected_sha256:
+        raise CheckpointError(
+            f"checkpoint {path} is altered: sha256 {actual} does not match the "
+            f"{expected_sha256} recorded in run.db; refusing to load it"
+        )
+    try:
+        tensors = load_file(str(path))
+        header = _read_header(path)
+    except Exception as error:  # noqa: BLE001 - any parse failure means a bad file
+        raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from error
+    model_keys = json.loads(header["model_keys"])
+    strategy_keys = json.loads(header["strategy_keys"])
+    return Checkpoint(
+        server_round=int(header["round"]),
+        arrays={k: tensors[MODEL_PREFIX + k] for k in model_keys},
+        strategy_state={k: tensors[STRATEGY_PREFIX + k] for k in strategy_keys},
+        metadata=json.loads(header["metadata"]),
+    )
+
+
+def _read_header(path: Path) -> dict[str, str]:
+    with open(path, "rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(size))
+    return dict(header.get("__metadata__", {}))
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def files_to_prune(
+    rounds_with_accuracy: list[tuple[int, float | None]], keep_last: int = KEEP_LAST
+) -> list[int]:
+    """Rounds whose checkpoints can go: all but the last ``keep_last`` and the best.
+
+    Parameters
+    ----------
+    rounds_with_accuracy : list[tuple[int, float | None]]
+        ``(round, central accuracy)`` of every checkpoint on record.
+    keep_last : int
+        How many of the newest checkpoints to keep.
+    """
+    ordered = sorted(rounds_with_accuracy)
+    keep = {r for r, _ in ordered[-keep_last:]}
+    scored = [(acc, r) for r, acc in ordered if acc is not None]
+    if scored:
+        keep.add(max(scored)[1])
+    return [r for r, _ in ordered if r not in keep]

@@ -1,0 +1,100 @@
+"""Operator commands, as the running server sees them.
+
+The CLI queues commands in the run store after checking them against the run's
+state; the coordinator asks this channel at safe points:
+
+- while waiting for replies, only ``stop`` is acted on (within a poll interval);
+- between rounds, every command is: ``pause`` holds the loop here (the round in
+  flight has already finished and been checkpointed) until ``resume`` or
+  ``stop``; ``weight`` changes an operator weight from the next round on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from logging import INFO
+
+from flwr.common.logger import log
+
+from server import lifecycle
+from server.store import RunStore
+
+PAUSE_POLL_S = 0.25
+STOP_POLL_S = 0.25
+
+
+class StopRequestedError(Exception):
+    """An operator asked the run to stop; the round in flight is abandoned."""
+
+
+def parse_weight_argument(argument: str) -> tuple[int, float]:
+    """``"PARTITION=WEIGHT"`` -> ``(partition, weight)``."""
+    partition, weight = argument.split("=", 1)
+    return int(partition), float(weight)
+
+
+class ControlChannel:
+    """Reads queued commands and moves the run's state accordingly.
+
+    Parameters
+    ----------
+    store : RunStore
+        The run store the CLI writes commands to.
+    on_weight : Callable[[int, float], None]
+        Called with ``(partition_id, weight)`` for each ``weight`` command.
+    """
+
+    def __init__(self, store: RunStore, on_weight: Callable[[int, float], None]) -> None:
+        self.store = store
+        self.on_weight = on_weight
+        self.state = lifecycle.RUNNING
+        self._last_stop_check = 0.0
+
+    def check_stop(self) -> None:
+        """Raise :class:`StopRequestedError` if a stop is queued (rate-limited)."""
+        now = time.monotonic()
+        if now - self._last_stop_check < STOP_POLL_S:
+            return
+        self._last_stop_check = now
+        for command in self.store.pending_commands():
+            if command["command"] == "stop":
+                self._consume_stop(command)
+
+    def between_rounds(self) -> None:
+        """Apply queued commands; block while paused; raise on stop."""
+        while True:
+            for command in self.store.pending_commands():
+                self._apply(command)
+            if self.state != lifecycle.PAUSED:
+                return
+            time.sleep(PAUSE_POLL_S)
+
+    def _apply(self, command: dict[str, object]) -> None:
+        name, command_id = str(command["command"]), int(command["id"])  # type: ignore[call-overload]
+        if name == "stop":
+            self._consume_stop(command)
+        elif name == "weight":
+            partition, weight = parse_weight_argument(str(command["argument"]))
+            self.on_weight(partition, weight)
+            self.store.set_partition_weight(partition, weight)
+            self.store.add_event("weight", f"partition {partition} weight {weight}")
+        elif name in ("pause", "resume"):
+            self._transition(name)
+        self.store.consume_command(command_id)
+
+    def _transition(self, name: str) -> None:
+        try:
+            self.state = lifecycle.next_state(self.state, name)
+        except lifecycle.InvalidTransitionError as error:
+            self.store.add_event("ignored", str(error))
+            return
+        self.store.update_run(state=self.state, phase=self.state)
+        self.store.add_event(self.state, f"{name} applied")
+        log(INFO, "run %s", self.state)
+
+    def _consume_stop(self, command: dict[str, object]) -> None:
+        self.store.consume_command(int(command["id"]))  # type: ignore[call-overload]
+        self.state = lifecycle.next_state(self.state, "stop")
+        self.store.update_run(state=self.state, phase="stopping")
+        raise StopRequestedError("stop requested by the operator")

@@ -1,0 +1,57 @@
+"""The web dashboard: ``fedcoord dashboard`` serves runs, rounds, charts, nodes and actions.
+
+It reads run directories like the CLI does and acts on them through the same
+validated operations (:mod:`server.operations`); see :mod:`server.dashboard.app`
+for the endpoints and :mod:`server.dashboard.security` for who may use them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from server.dashboard.app import DashboardSettings, create_app
+from server.dashboard.security import LOOPBACK_NAMES, is_loopback, new_token
+
+__all__ = ["DashboardSettings", "create_app", "dashboard_settings", "serve", "startup_lines"]
+
+
+def dashboard_settings(runs_dir: Path, host: str) -> DashboardSettings:
+    """Settings for binding ``host``: loopback answers loopback names, others need a token."""
+    if is_loopback(host):
+        return DashboardSettings(runs_dir=runs_dir, allowed_hosts=LOOPBACK_NAMES)
+    return DashboardSettings(
+        runs_dir=runs_dir, token=new_token(), login_code=secrets.token_urlsafe(16)
+    )
+
+
+def startup_lines(settings: DashboardSettings, host: str, port: int) -> list[str]:
+    """What ``fedcoord dashboard`` prints at start: the address and, if any, the token."""
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}"
+    lines = [f"fedcoord dashboard: {url}/  (runs in {settings.runs_dir}; Ctrl-C stops it)"]
+    if settings.token is not None:
+        if host in ("0.0.0.0", "::"):
+            lines.append(f"  bound to every interface: use this machine's address for {host}")
+        lines += [
+            f"  sign a browser in once: {url}/login?code={settings.login_code}",
+            f"  token for scripts (header X-Fedcoord-Token): {settings.token}",
+        ]
+    return lines
+
+
+def serve(settings: DashboardSettings, host: str, port: int) -> None:
+    """Serve the dashboard with uvicorn until interrupted."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=2,
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,282 @@
+"""The dashboard web app (Starlette): pages, JSON API, live stream, charts and actions.
+
+Endpoints (``NAME`` is a run directory's name in the runs directory):
+
+====== ================================ ==============================================
+GET    ``/``                            runs page
+GET    ``/runs/NAME``                   run page
+GET    ``/login?code=CODE``             one-time sign-in: sets the token cookie
+GET    ``/api/runs``                    every run's summary (JSON)
+GET    ``/api/runs/NAME``               one run: status, rounds, nodes, rejections, events
+GET    ``/api/runs/NAME/stream``        the same, as server-sent events while it changes
+GET    ``/api/runs/NAME/charts/C.svg``  chart ``accuracy``, ``loss`` or ``clients``
+POST   ``/api/runs/NAME/pause``         also ``resume`` and ``stop``: queue the command
+POST   ``/api/runs/NAME/weight``        ``{"partition": P, "weight": W}``
+====== ================================ ==============================================
+
+Actions go through :mod:`server.operations`, the CLI's own validation: a refused
+one answers 409 with the reason and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from server import lifecycle
+from server.dashboard.charts import CHARTS, render_chart
+from server.dashboard.security import (
+    TOKEN_COOKIE,
+    GuardMiddleware,
+    OneTimeCode,
+    token_presented,
+)
+from server.dashboard.views import RunNameError, find_run, list_runs, round_rows, run_detail
+from server.operations import request_command, request_weight
+from server.runs import RunNotFoundError
+from server.store import RunStoreError
+
+STATIC_DIR = Path(__file__).with_name("static")
+NO_STORE = {"cache-control": "no-store"}
+NOT_FOUND_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>fedcoord: no such run</title><link rel="stylesheet" href="/static/dashboard.css">
+</head><body><main class="narrow"><section class="card"><h1>No such run</h1>
+<p>{message}</p><p><a href="/">All runs</a></p></section></main></body></html>"""
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    """What one dashboard serves and how it guards it.
+
+    Parameters
+    ----------
+    runs_dir : Path
+        The runs directory; no run outside it can be reached.
+    token : str or None
+        Required on every request but ``/login`` and static files; None = none needed.
+    login_code : str or None
+        The one-time code of ``/login?code=``, which sets the token cookie.
+    allowed_hosts : tuple of str or None
+        ``Host`` names answered (loopback binding); None = any.
+    stream_interval_s : float
+        Seconds between reads of the run store while streaming.
+    stream_keepalive_s : float
+        Send a snapshot at least this often, changed or not.
+    stream_max_s : float
+        Close a stream after this long; the browser reconnects by itself.
+    """
+
+    runs_dir: Path
+    token: str | None = None
+    login_code: str | None = None
+    allowed_hosts: tuple[str, ...] | None = None
+    stream_interval_s: float = 1.0
+    stream_keepalive_s: float = 5.0
+    stream_max_s: float = 600.0
+
+
+def create_app(settings: DashboardSettings) -> Starlette:
+    """The Starlette application serving ``settings.runs_dir``."""
+    routes = [
+        Route("/", index_page),
+        Route("/runs/{name}", run_page),
+        Route("/login", login),
+        Route("/api/runs", api_runs),
+        Route("/api/runs/{name}", api_run),
+        Route("/api/runs/{name}/stream", api_stream),
+        Route("/api/runs/{name}/charts/{chart}.svg", api_chart),
+        Route("/api/runs/{name}/weight", api_weight, methods=["POST"]),
+        Route("/api/runs/{name}/{command}", api_command, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    guard = Middleware(GuardMiddleware, token=settings.token, allowed_hosts=settings.allowed_hosts)
+    app = Starlette(routes=routes, middleware=[guard], exception_handlers=EXCEPTION_HANDLERS)
+    app.state.settings = settings
+    app.state.login_code = OneTimeCode(settings.login_code)
+    return app
+
+
+def _settings(request: Request) -> DashboardSettings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def _run_dir(request: Request) -> Path:
+    return find_run(_settings(request).runs_dir, request.path_params["name"])
+
+
+# ------------------------------------------------------------------- pages
+def index_page(request: Request) -> Response:
+    """The runs page."""
+    return FileResponse(STATIC_DIR / "runs.html", headers=NO_STORE)
+
+
+def run_page(request: Request) -> Response:
+    """The run page (its data comes from the API); 404 for a name that is no run."""
+    try:
+        _run_dir(request)
+    except (RunNameError, RunNotFoundError) as error:
+        message = str(error).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        return HTMLResponse(NOT_FOUND_PAGE.format(message=message), status_code=404)
+    return FileResponse(STATIC_DIR / "run.html", headers=NO_STORE)
+
+
+def login(request: Request) -> Response:
+    """Spend the one-time login code: set the token cookie and go to the runs page."""
+    settings = _settings(request)
+    if settings.token is None or token_presented(request, settings.token):
+        return RedirectResponse("/", status_code=303)
+    if not request.app.state.login_code.consume(request.query_params.get("code", "")):
+        message = "this login link is wrong or was already used; restart the dashboard"
+        return Response(message, status_code=403, media_type="text/plain")
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(TOKEN_COOKIE, settings.token, httponly=True, samesite="lax", path="/")
+    return response
+
+
+# ---------------------------------------------------------------- read API
+def api_runs(request: Request) -> Response:
+    """Every run's summary, newest first."""
+    return _json(list_runs(_settings(request).runs_dir))
+
+
+def api_run(request: Request) -> Response:
+    """One run's status, config, rounds, nodes, rejections, events and pending commands."""
+    return _json(run_detail(_run_dir(request)))
+
+
+def api_chart(request: Request) -> Response:
+    """One chart of the run's rounds as SVG."""
+    chart = request.path_params["chart"]
+    if chart not in CHARTS:
+        raise HTTPException(404, f"unknown chart {chart!r}; charts: {', '.join(CHARTS)}")
+    rows, num_rounds = round_rows(_run_dir(request))
+    svg = render_chart(chart, rows, num_rounds)
+    return Response(svg, media_type="image/svg+xml", headers=NO_STORE)
+
+
+async def api_stream(request: Request) -> Response:
+    """Server-sent ``run`` events (the :func:`api_run` object) while the run changes.
+
+    A snapshot goes out when anything but the heartbeat's age changed, and at
+    least every ``stream_keepalive_s``; the stream ends after a final state.
+    """
+    run_dir = await run_in_threadpool(_run_dir, request)
+    settings = _settings(request)
+    return StreamingResponse(
+        _snapshots(run_dir, settings),
+        media_type="text/event-stream",
+        headers={**NO_STORE, "x-accel-buffering": "no"},
+    )
+
+
+async def _snapshots(run_dir: Path, settings: DashboardSettings) -> AsyncIterator[str]:
+    yield "retry: 2000\n\n"
+    deadline = time.monotonic() + settings.stream_max_s
+    last_key, last_sent = "", 0.0
+    while time.monotonic() < deadline:
+        try:
+            detail = await run_in_threadpool(run_detail, run_dir)
+        except (RunStoreError, sqlite3.Error) as error:
+            yield _event("problem", {"error": str(error)})
+            await anyio.sleep(settings.stream_interval_s)
+            continue
+        key = _change_key(detail)
+        if key != last_key or time.monotonic() - last_sent >= settings.stream_keepalive_s:
+            yield _event("run", detail)
+            last_key, last_sent = key, time.monotonic()
+        if detail["status"]["state"] in lifecycle.FINAL_STATES:  # type: ignore[index]
+            return
+        await anyio.sleep(settings.stream_interval_s)
+
+
+def _change_key(detail: dict[str, object]) -> str:
+    status = dict(detail["status"])  # type: ignore[call-overload]
+    status.pop("heartbeat_age_s", None)
+    return json.dumps({**detail, "now": None, "status": status}, default=str)
+
+
+def _event(kind: str, data: object) -> str:
+    return f"event: {kind}\ndata: {json.dumps(json_safe(data))}\n\n"
+
+
+# ----------------------------------------------------------------- actions
+async def api_command(request: Request) -> Response:
+    """Queue ``pause``, ``resume`` or ``stop`` after the CLI's own state check."""
+    command = request.path_params["command"]
+    if command not in lifecycle.COMMANDS:
+        raise HTTPException(404, f"unknown action {command!r}")
+    run_dir = await run_in_threadpool(_run_dir, request)
+    message = await run_in_threadpool(request_command, run_dir, command)
+    return _json({"ok": True, "message": message}, status_code=202)
+
+
+async def api_weight(request: Request) -> Response:
+    """Queue an operator weight, ``{"partition": int, "weight": number}``."""
+    run_dir = await run_in_threadpool(_run_dir, request)
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise HTTPException(400, "the body must be JSON") from None
+    partition = body.get("partition") if isinstance(body, dict) else None
+    weight = body.get("weight") if isinstance(body, dict) else None
+    if type(partition) is not int or type(weight) not in (int, float):
+        raise HTTPException(400, 'send {"partition": <int>, "weight": <number>}')
+    message = await run_in_threadpool(request_weight, run_dir, partition, float(weight))
+    return _json({"ok": True, "message": message}, status_code=202)
+
+
+# ------------------------------------------------------------------ errors
+def json_safe(value: object) -> object:
+    """``value`` with NaN and infinities as None, so it is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def _json(data: object, status_code: int = 200) -> Response:
+    return JSONResponse(json_safe(data), status_code=status_code, headers=NO_STORE)
+
+
+def _error_handler(status_code: int) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handle(request: Request, error: Exception) -> Response:
+        if isinstance(error, HTTPException):
+            return _json({"error": error.detail}, status_code=error.status_code)
+        return _json({"error": str(error)}, status_code=status_code)
+
+    return handle
+
+
+EXCEPTION_HANDLERS = {
+    HTTPException: _error_handler(500),
+    RunNameError: _error_handler(400),
+    RunNotFoundError: _error_handler(404),
+    lifecycle.InvalidTransitionError: _error_handler(409),
+    RunStoreError: _error_handler(503),
+    sqlite3.Error: _error_handler(503),
+}

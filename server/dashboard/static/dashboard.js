@@ -1,0 +1,362 @@
+// fedcoord dashboard: renders the JSON API into the page. No framework, no build step.
+// Every value from a run store is written with textContent, never parsed as HTML.
+"use strict";
+
+const FINAL_STATES = ["stopped", "completed", "failed"];
+const ACTION_HEADERS = { "X-Fedcoord-Request": "1", "Content-Type": "application/json" };
+const ALLOWED = {
+  running: ["pause", "stop"],
+  paused: ["resume", "stop"],
+};
+
+// ------------------------------------------------------------------ helpers
+const $ = (id) => document.getElementById(id);
+
+function fmt(value, digits = 4) {
+  return typeof value === "number" && Number.isFinite(value) ? value.toFixed(digits) : "–";
+}
+
+function duration(seconds) {
+  if (typeof seconds !== "number" || !Number.isFinite(seconds)) return "–";
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ${String(s % 60).padStart(2, "0")}s`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h ${String(Math.floor((s % 3600) / 60)).padStart(2, "0")}m`;
+  return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
+}
+
+function clock(epochSeconds) {
+  if (typeof epochSeconds !== "number") return "–";
+  return new Date(epochSeconds * 1000).toLocaleTimeString([], { hour12: false });
+}
+
+function cell(text, className) {
+  const td = document.createElement("td");
+  td.textContent = text === null || text === undefined ? "–" : String(text);
+  if (className) td.className = className;
+  return td;
+}
+
+// Flower node ids are 64-bit numbers: show the ends, keep the whole id as a tooltip.
+function nodeCell(nodeId) {
+  const text = String(nodeId);
+  const td = cell(text.length > 12 ? `${text.slice(0, 5)}…${text.slice(-4)}` : text, "node");
+  td.title = text;
+  return td;
+}
+
+function fillTable(bodyId, rows, makeCells, emptyId) {
+  const body = $(bodyId);
+  body.replaceChildren(
+    ...rows.map((row) => {
+      const tr = document.createElement("tr");
+      tr.append(...makeCells(row));
+      return tr;
+    }),
+  );
+  if (emptyId) {
+    $(emptyId).hidden = rows.length > 0;
+    body.closest("table").hidden = rows.length === 0;
+  }
+}
+
+function setLive(state, text) {
+  const live = $("live");
+  live.dataset.live = state;
+  live.textContent = text;
+}
+
+function setBadge(element, state) {
+  element.dataset.state = state;
+  element.textContent = state;
+}
+
+function runUrl(name, suffix = "") {
+  return `/api/runs/${encodeURIComponent(name)}${suffix}`;
+}
+
+// ---------------------------------------------------------------- runs page
+async function refreshRuns() {
+  try {
+    const response = await fetch("/api/runs", { cache: "no-store" });
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    const data = await response.json();
+    $("runs-dir").textContent = data.runs_dir;
+    fillTable("runs-body", data.runs, runCells, "runs-empty");
+    setLive("live", "live");
+  } catch (error) {
+    setLive("offline", `offline (${error.message})`);
+  }
+}
+
+function runCells(run) {
+  const name = document.createElement("td");
+  const link = document.createElement("a");
+  link.href = `/runs/${encodeURIComponent(run.run_name)}`;
+  link.textContent = run.run_name;
+  name.append(link);
+  const state = document.createElement("td");
+  const badge = document.createElement("span");
+  badge.className = "badge";
+  setBadge(badge, run.state);
+  state.append(badge);
+  const progress = document.createElement("td");
+  progress.textContent = run.num_rounds ? `${run.current_round}/${run.num_rounds}` : "–";
+  if (run.num_rounds) {
+    const bar = document.createElement("span");
+    bar.className = "mini-bar";
+    const fillSpan = document.createElement("span");
+    fillSpan.style.width = `${Math.round(100 * (run.progress || 0))}%`;
+    bar.append(fillSpan);
+    progress.append(bar);
+  }
+  return [
+    name,
+    state,
+    progress,
+    cell(fmt(run.accuracy), "num"),
+    cell(fmt(run.best_accuracy), "num"),
+    cell(run.nodes, "num"),
+    cell(FINAL_STATES.includes(run.state) ? "–" : duration(run.eta_s), "num"),
+    cell(duration(run.age_s), "num"),
+  ];
+}
+
+// ----------------------------------------------------------------- run page
+const page = { name: "", detail: null, receivedAt: 0, chartKey: "", partitions: "" };
+
+function startRunPage() {
+  page.name = decodeURIComponent(window.location.pathname.split("/")[2] || "");
+  document.title = `fedcoord · ${page.name}`;
+  $("crumb-run").textContent = page.name;
+  $("run-title").textContent = page.name;
+  for (const button of document.querySelectorAll("button[data-command]")) {
+    button.addEventListener("click", () => sendCommand(button.dataset.command));
+  }
+  $("weight-form").addEventListener("submit", sendWeight);
+  connect();
+  window.setInterval(tick, 1000);
+}
+
+function connect() {
+  const source = new EventSource(runUrl(page.name, "/stream"));
+  source.addEventListener("run", (event) => {
+    setLive("live", "live");
+    render(JSON.parse(event.data));
+    if (FINAL_STATES.includes(page.detail.status.state)) {
+      source.close();
+      setLive("finished", "finished · read-only");
+    }
+  });
+  source.addEventListener("problem", (event) => {
+    setLive("offline", `run store busy: ${JSON.parse(event.data).error}`);
+  });
+  source.onerror = () => {
+    if (source.readyState !== EventSource.CLOSED) setLive("offline", "reconnecting…");
+  };
+}
+
+function render(detail) {
+  page.detail = detail;
+  page.receivedAt = Date.now() / 1000;
+  const status = detail.status;
+  renderHeader(detail, status);
+  renderKpis(detail, status);
+  renderCharts(detail, status);
+  renderNodes(detail.nodes);
+  fillTable("rejections-body", detail.rejections, rejectionCells, "rejections-empty");
+  fillTable("rounds-body", [...detail.rounds].reverse(), roundCells, "rounds-empty");
+  fillTable("events-body", [...detail.events].reverse(), eventCells, "events-empty");
+  tick();
+}
+
+function renderHeader(detail, status) {
+  setBadge($("state-badge"), status.state);
+  const config = detail.config;
+  $("run-config").replaceChildren(
+    ...Object.entries(config).map(([key, value]) => {
+      const span = document.createElement("span");
+      span.textContent = `${key} ${value}`;
+      return span;
+    }),
+  );
+  $("round-current").textContent = status.current_round;
+  $("round-total").textContent = status.num_rounds;
+  const percent = Math.round(100 * status.progress);
+  $("progress-fill").style.width = `${percent}%`;
+  $("progress-caption").textContent = `${percent}% · ${progressText(status)}`;
+  const expected = status.state === "running" ? status.replies_expected || 0 : 0;
+  const replies = expected ? Math.min(1, status.replies_received / expected) : 0;
+  $("replies-fill").style.width = `${Math.round(100 * replies)}%`;
+  $("fact-replies").textContent = expected ? `${status.replies_received}/${expected}` : "–";
+  $("fact-phase").textContent = status.state === "running" ? phaseText(status.phase) : "–";
+  $("fact-eta").textContent = status.state === "running" ? duration(status.eta_s) : "–";
+  $("run-message").hidden = !status.message;
+  $("run-message").textContent = status.message || "";
+  const pending = detail.pending_commands.map((c) => c.argument ? `${c.command} ${c.argument}` : c.command);
+  $("pending").hidden = pending.length === 0;
+  $("pending").textContent = pending.length ? `queued: ${pending.join(", ")}` : "";
+  const allowed = ALLOWED[status.state] || [];
+  for (const button of document.querySelectorAll("button[data-command]")) {
+    button.disabled = !allowed.includes(button.dataset.command);
+  }
+  $("btn-weight").disabled = !["running", "paused"].includes(status.state);
+}
+
+const PHASES = { train: "training", evaluate: "evaluating", "waiting-for-nodes": "waiting for nodes" };
+
+function phaseText(phase) {
+  return PHASES[phase] || phase || "starting";
+}
+
+function progressText(status) {
+  if (status.current_round >= status.num_rounds) return "all rounds done";
+  if (status.state === "running") return `round ${status.current_round + 1}: ${phaseText(status.phase)}`;
+  return `${status.state} after round ${status.current_round}`;
+}
+
+function renderKpis(detail, status) {
+  const metrics = status.metrics || {};
+  $("kpi-accuracy").textContent = fmt(metrics.central_accuracy);
+  $("kpi-best").textContent = fmt(status.best_accuracy);
+  $("kpi-federated").textContent = fmt(metrics.federated_accuracy);
+  $("kpi-loss").textContent = fmt(metrics.central_loss);
+  $("kpi-nodes").textContent = status.nodes;
+  const rejected = detail.rounds.reduce((sum, r) => sum + (r.rejected || 0), 0);
+  const failed = detail.rounds.reduce((sum, r) => sum + (r.failed || 0), 0);
+  $("kpi-faults").textContent = `${rejected} / ${failed}`;
+}
+
+function renderCharts(detail, status) {
+  const key = `${detail.rounds.length}-${status.current_round}-${status.num_rounds}`;
+  if (key === page.chartKey) return;
+  page.chartKey = key;
+  for (const img of document.querySelectorAll("img[data-chart]")) {
+    img.src = `${runUrl(page.name, `/charts/${img.dataset.chart}.svg`)}?v=${key}`;
+  }
+}
+
+function renderNodes(nodes) {
+  fillTable("nodes-body", nodes, nodeCells, "nodes-empty");
+  const partitions = nodes.map((n) => n.partition_id).filter((p) => p !== null);
+  const signature = partitions.join(",");
+  if (signature === page.partitions) return;
+  page.partitions = signature;
+  const select = $("weight-partition");
+  const chosen = select.value;
+  select.replaceChildren(
+    ...partitions.map((p) => {
+      const option = document.createElement("option");
+      option.value = option.textContent = String(p);
+      return option;
+    }),
+  );
+  if (partitions.map(String).includes(chosen)) select.value = chosen;
+}
+
+function nodeCells(node) {
+  const now = page.detail ? page.detail.now : Date.now() / 1000;
+  return [
+    cell(node.partition_id, "num"),
+    nodeCell(node.node_id),
+    cell(node.device || "–"),
+    cell(node.num_examples, "num"),
+    cell(node.rounds_joined, "num"),
+    cell(node.failures, node.failures ? "num warn" : "num"),
+    cell(node.rejected, node.rejected ? "num warn" : "num"),
+    cell(fmt(node.weight, 2), "num"),
+    cell(node.last_seen ? `${duration(now - node.last_seen)} ago` : "–", "num"),
+  ];
+}
+
+function rejectionCells(row) {
+  return [
+    cell(row.round, "num"),
+    nodeCell(row.node_id),
+    cell(row.kind),
+    cell(row.reason, "reason"),
+    cell(clock(row.at), "num time"),
+  ];
+}
+
+function roundCells(row) {
+  const clients = `${row.accepted}/${row.sampled}` + (row.rejected || row.failed ? ` (−${row.rejected + row.failed})` : "");
+  return [
+    cell(row.round, "num"),
+    cell(fmt(row.central_accuracy), "num"),
+    cell(fmt(row.federated_accuracy), "num"),
+    cell(fmt(row.central_loss), "num"),
+    cell(fmt(row.train_loss), "num"),
+    cell(row.round === 0 ? "–" : clients, "num"),
+    cell(row.round === 0 ? "–" : `${fmt(row.duration_s, 1)}s`, "num"),
+    cell(row.note || ""),
+  ];
+}
+
+function eventCells(event) {
+  return [cell(clock(event.at), "time"), cell(event.kind, "kind"), cell(event.message)];
+}
+
+// Relative times move on between snapshots.
+function tick() {
+  const detail = page.detail;
+  if (!detail) return;
+  const status = detail.status;
+  const elapsed = Date.now() / 1000 - page.receivedAt;
+  const final = FINAL_STATES.includes(status.state);
+  const age = status.heartbeat_age_s;
+  $("fact-heartbeat").textContent = final || age === null ? "–" : `${duration(age + elapsed)} ago`;
+  $("fact-age").textContent = `${duration(detail.now + elapsed - status.created_at)} ago`;
+}
+
+// ------------------------------------------------------------------ actions
+function showNotice(kind, text) {
+  const notice = $("notice");
+  notice.dataset.kind = kind;
+  notice.textContent = text;
+  notice.hidden = false;
+}
+
+async function post(suffix, body) {
+  try {
+    const response = await fetch(runUrl(page.name, suffix), {
+      method: "POST",
+      headers: ACTION_HEADERS,
+      body: JSON.stringify(body || {}),
+      credentials: "same-origin",
+    });
+    const data = await response.json().catch(() => ({}));
+    if (response.ok) showNotice("ok", data.message || "done");
+    else showNotice("error", data.error || `HTTP ${response.status}`);
+  } catch (error) {
+    showNotice("error", `request failed: ${error.message}`);
+  }
+}
+
+function sendCommand(command) {
+  if (command === "stop" && !window.confirm(`Stop run ${page.name}? The round in flight is abandoned.`)) {
+    return;
+  }
+  post(`/${command}`);
+}
+
+function sendWeight(event) {
+  event.preventDefault();
+  const partition = Number.parseInt($("weight-partition").value, 10);
+  const weight = Number.parseFloat($("weight-value").value);
+  if (!Number.isInteger(partition)) {
+    showNotice("error", "no partition to weight yet");
+    return;
+  }
+  post("/weight", { partition, weight });
+}
+
+// -------------------------------------------------------------------- start
+document.addEventListener("DOMContentLoaded", () => {
+  if (document.body.dataset.page === "run") {
+    startRunPage();
+  } else {
+    refreshRuns();
+    window.setInterval(refreshRuns, 2000);
+  }
+});

@@ -1,0 +1,83 @@
+"""Round results out of the run store: CSV / JSON lines export and a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import TextIO
+
+EXPORT_COLUMNS = (
+    "round",
+    "started_at",
+    "ended_at",
+    "duration_s",
+    "sampled",
+    "accepted",
+    "rejected",
+    "failed",
+    "updated",
+    "train_loss",
+    "central_loss",
+    "central_accuracy",
+    "federated_loss",
+    "federated_accuracy",
+    "model_hash",
+    "chain_hash",
+    "note",
+)
+
+
+def write_rows(rows: list[dict[str, object]], fmt: str, output: TextIO) -> None:
+    """Write round rows as ``csv`` (one header line) or ``jsonl`` (one object a line)."""
+    if fmt == "csv":
+        writer = csv.DictWriter(output, fieldnames=EXPORT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    for row in rows:
+        record = {key: row[key] for key in EXPORT_COLUMNS}
+        record["metrics"] = json.loads(str(row["metrics_json"]))
+        output.write(json.dumps(record) + "\n")
+
+
+def plot_rounds(rows: list[dict[str, object]], run_name: str, output: Path) -> None:
+    """Central and federated accuracy, losses and clients per round, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        points = [(int(r["round"]), float(r[key])) for r in rows if r[key] is not None]  # type: ignore[call-overload, arg-type]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    figure, (accuracy, loss, clients) = plt.subplots(1, 3, figsize=(15, 4))
+    for key, label in (("central_accuracy", "central"), ("federated_accuracy", "federated")):
+        accuracy.plot(*series(key), marker="o", label=label)
+    accuracy.set(title="accuracy", xlabel="round", ylim=(0, 1))
+    accuracy.legend()
+    for key, label in (
+        ("central_loss", "central"),
+        ("federated_loss", "federated"),
+        ("train_loss", "train"),
+    ):
+        loss.plot(*series(key), marker="o", label=label)
+    loss.set(title="loss", xlabel="round")
+    loss.legend()
+    trained = [r for r in rows if int(r["round"]) > 0]  # type: ignore[call-overload]
+    rounds = [int(r["round"]) for r in trained]  # type: ignore[call-overload]
+    clients.bar(rounds, [int(r["accepted"]) for r in trained], label="accepted")  # type: ignore[call-overload]
+    clients.bar(
+        rounds,
+        [int(r["rejected"]) + int(r["failed"]) for r in trained],  # type: ignore[call-overload]
+        bottom=[int(r["accepted"]) for r in trained],
+        label="rejected / failed",  # type: ignore[call-overload]
+    )
+    clients.set(title="clients per round", xlabel="round")
+    clients.legend()
+    figure.suptitle(run_name)
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,272 @@
+"""Flower's built-in strategies, driven reply by reply by the coordinator.
+
+``FlowerStrategyAdapter`` offers the coordinator's interface (``sample_nodes``,
+``begin_round``, ``add_reply``, ``end_round``, ``state_dict``) around any
+Flower ``Strategy``:
+
+- every reply is validated exactly as ``FedCoordStrategy`` validates it
+  (``strategies.replies.TrainRound``), so one malformed reply is rejected
+  instead of ending the run with ``InconsistentMessageReplies``;
+- only accepted replies reach the Flower strategy, as fresh messages holding
+  the arrays (in the global model's order) and the metrics all of them share,
+  so Flower's in-place edits (FedMedian pops arrays, the DP wrappers replace
+  them) never touch the coordinator's messages;
+- ``configure_train`` is never called: it would sample nodes with
+  ``strategy_utils.sample_nodes``, which waits forever for absent nodes. What
+  it records is set here instead (FedOpt's ``current_arrays`` as numpy, FedAvgM's
+  and the DP wrappers' as an ArrayRecord);
+- the aggregate is checked against the global model (names, shapes, finite
+  values) and cast back to its dtypes (FedAdam's step returns float64).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app.exception import AppExitException
+from flwr.common.logger import log
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideAdaptiveClipping as DPServerSideAdaptiveClipping,
+)
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping as DPServerSideFixedClipping,
+)
+from flwr.serverapp.strategy import FedAvgM, Strategy
+from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdaptiveBase
+from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
+from flwr.serverapp.strategy.fedopt import FedOpt
+
+from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
+from strategies.replies import ReplyOutcome, RoundSummary, TrainRound
+from strategies.sampling import NodeSampler
+from strategies.strategy import apply_update
+from strategies.validation import find_non_finite_array
+from task import keys
+
+_DP_WRAPPERS = (DifferentialPrivacyFixedClippingBase, DifferentialPrivacyAdaptiveBase)
+DP_NORM_KEY = "dp/clipping-norm"
+
+
+class FlowerStrategyAdapter:
+    """Runs a Flower built-in strategy under the coordinator.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The Flower strategy whose ``aggregate_train`` computes the new model.
+    name : str
+        The strategy's run-config name, for logs and reasons.
+    server_lr : float
+        Step size on ``aggregate - global``. Pass 1.0 for strategies that apply
+        a server step of their own (FedOpt family, FedAvgM).
+    min_train_nodes : int
+        Fewest accepted updates for a round to change the global model.
+    seed : int
+        Seeds node sampling.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        name: str,
+        server_lr: float = 1.0,
+        min_train_nodes: int = 2,
+        seed: int = 42,
+    ) -> None:
+        self.strategy = strategy
+        self.name = name
+        self.server_lr = server_lr
+        self.min_train_nodes = min_train_nodes
+        self.sampler = NodeSampler(seed)
+        self._round = TrainRound(0, {})
+        self._accepted: list[tuple[Message, ArrayRecord]] = []
+
+    def sample_nodes(self, node_ids: Iterable[int], fraction: float, minimum: int) -> list[int]:
+        """Sample ``fraction`` of ``node_ids`` (at least ``minimum``), reproducibly."""
+        return self.sampler.sample(node_ids, fraction, minimum)
+
+    def begin_round(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
+        """Start collecting replies for ``server_round`` relative to ``global_arrays``."""
+        self._round = TrainRound(server_round, global_arrays)
+        self._accepted = []
+        prepare_flower_round(self.strategy, self._round.global_arrays)
+
+    def add_reply(self, reply: Message) -> ReplyOutcome:
+        """Validate one training reply and keep it if accepted."""
+        outcome, arrays = self._round.check(reply)
+        if arrays is not None:
+            record = reply.content.array_records[keys.ARRAYS]
+            ordered = ArrayRecord({name: record[name] for name in self._round.global_arrays})
+            self._accepted.append((reply, ordered))
+        return outcome
+
+    def end_round(self) -> tuple[NamedArrays | None, RoundSummary]:
+        """Aggregate the accepted replies with the Flower strategy."""
+        shortfall = self._round.shortfall(self.min_train_nodes)
+        if shortfall is not None:
+            return None, self._round.summary(False, shortfall)
+        replies = self._flower_replies()
+        set_num_sampled_clients(self.strategy, len(replies))
+        try:
+            record, _ = self.strategy.aggregate_train(self._round.server_round, replies)
+        except (AppExitException, ValueError) as error:
+            return self._keep(f"{type(error).__name__}: {error}")
+        if record is None:
+            return self._keep("it returned no arrays")
+        aggregate, problem = conform_to_global(record, self._round.global_arrays)
+        if aggregate is None:
+            return self._keep(problem)
+        return self._step(aggregate), self._round.summary(True)
+
+    def _keep(self, problem: str) -> tuple[None, RoundSummary]:
+        reason = f"{self.name} could not aggregate: {problem}; global model kept"
+        log(WARNING, "round %s: %s", self._round.server_round, reason)
+        return None, self._round.summary(False, reason)
+
+    def _flower_replies(self) -> list[Message]:
+        """Fresh messages with the accepted arrays and the metrics every reply carries."""
+        outcomes = self._round.accepted
+        shared = set.intersection(*(set(o.metrics) for o in outcomes))
+        messages = []
+        for (reply, arrays), outcome in zip(self._accepted, outcomes, strict=True):
+            metrics: dict[str, int | float | list[int] | list[float]] = {
+                k: v for k, v in outcome.metrics.items() if k in shared
+            }
+            metrics[keys.NUM_EXAMPLES] = outcome.num_examples
+            content = RecordDict({keys.ARRAYS: arrays, keys.METRICS: MetricRecord(metrics)})
+            # Keep the reply's metadata (node id, round): the public constructors
+            # would need the ServerApp's TaskIdentity or make a reply to the reply.
+            metadata = copy.copy(reply.metadata)
+            messages.append(Message(content=content, metadata=metadata))  # type: ignore[call-overload]
+        return messages
+
+    def _step(self, aggregate: NamedArrays) -> NamedArrays:
+        if self.server_lr == 1.0:
+            return aggregate
+        current = self._round.global_arrays
+        delta = [aggregate[name] - array for name, array in current.items()]
+        return apply_update(current, delta, self.server_lr)
+
+    def set_operator_weight(self, partition_id: int, weight: float) -> None:
+        """Operator weights do not apply to Flower's strategies: log and ignore."""
+        log(
+            INFO,
+            "operator weight %s for partition %s ignored: %s does not use operator weights",
+            weight,
+            partition_id,
+            self.name,
+        )
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """What must survive a restart: sampler state and the Flower strategy's state."""
+        return {**self.sampler.state_dict(), **flower_state_dict(self.strategy)}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore the state saved by :meth:`state_dict`.
+
+        Raises
+        ------
+        ValueError
+            If ``state`` holds keys this strategy does not use.
+        """
+        self.sampler.load_state_dict(state)
+        used = set(self.sampler.state_dict()) | load_flower_state_dict(self.strategy, state)
+        unknown = set(state) - used
+        if unknown:
+            raise ValueError(f"unexpected strategy state keys for {self.name}: {sorted(unknown)}")
+
+
+# ---------------------------------------------------------------------------
+# What configure_train would have recorded, and the state to checkpoint
+# ---------------------------------------------------------------------------
+
+
+def strategy_layers(strategy: Strategy) -> Iterator[Strategy]:
+    """Yield ``strategy`` and, for a DP wrapper, the strategies it wraps."""
+    layer: Strategy | None = strategy
+    while layer is not None:
+        yield layer
+        layer = layer.strategy if isinstance(layer, _DP_WRAPPERS) else None
+
+
+def prepare_flower_round(strategy: Strategy, global_arrays: NamedArrays) -> None:
+    """Record the global arrays where the strategy's ``configure_train`` would."""
+    for layer in strategy_layers(strategy):
+        if isinstance(layer, FedOpt):
+            layer.current_arrays = dict(global_arrays)
+        elif isinstance(layer, FedAvgM | DPServerSideFixedClipping | DPServerSideAdaptiveClipping):
+            layer.current_arrays = numpy_to_arrays(global_arrays)
+
+
+def set_num_sampled_clients(strategy: Strategy, count: int) -> None:
+    """Tell DP wrappers how many updates are averaged: their noise std is clip / count."""
+    for layer in strategy_layers(strategy):
+        if isinstance(layer, _DP_WRAPPERS):
+            layer.num_sampled_clients = count
+
+
+def conform_to_global(
+    record: ArrayRecord, global_arrays: NamedArrays
+) -> tuple[NamedArrays | None, str]:
+    """Return the aggregate in the global model's order and dtypes, or a problem.
+
+    Integer arrays are rounded to the nearest integer before the cast.
+    """
+    arrays = arrays_to_numpy(record)
+    if set(arrays) != set(global_arrays):
+        return None, "its arrays are not named like the model's"
+    result: NamedArrays = {}
+    for name, current in global_arrays.items():
+        value = arrays[name]
+        if value.shape != current.shape:
+            return None, f"array {name!r} has shape {value.shape}, expected {current.shape}"
+        if current.dtype.kind in "iu" and value.dtype.kind == "f":
+            value = np.rint(value)
+        result[name] = value.astype(current.dtype, copy=False)
+    problem = find_non_finite_array(result)
+    return (None, problem) if problem else (result, "")
+
+
+def _named(prefix: str, arrays: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    return {f"{prefix}/{name}": np.array(a) for name, a in (arrays or {}).items()}
+
+
+def _unnamed(prefix: str, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    start = len(prefix) + 1
+    return {key[start:]: np.array(v) for key, v in state.items() if key.startswith(prefix + "/")}
+
+
+def flower_state_dict(strategy: Strategy) -> dict[str, np.ndarray]:
+    """Server optimiser moments, momentum and adaptive clipping norm, as arrays."""
+    state: dict[str, np.ndarray] = {}
+    for layer in strategy_layers(strategy):
+        if isinstance(layer, FedOpt):
+            state |= _named("fedopt/m_t", layer.m_t) | _named("fedopt/v_t", layer.v_t)
+        elif isinstance(layer, FedAvgM) and layer.momentum_vector is not None:
+            momentum = {f"{i:04d}": v for i, v in enumerate(layer.momentum_vector)}
+            state |= _named("fedavgm/momentum", momentum)
+        elif isinstance(layer, DifferentialPrivacyAdaptiveBase):
+            state[DP_NORM_KEY] = np.array([layer.clipping_norm], dtype=np.float64)
+    return state
+
+
+def load_flower_state_dict(strategy: Strategy, state: Mapping[str, np.ndarray]) -> set[str]:
+    """Restore what :func:`flower_state_dict` saved; return the keys it used."""
+    used: set[str] = set()
+    for layer in strategy_layers(strategy):
+        if isinstance(layer, FedOpt):
+            layer.m_t = _unnamed("fedopt/m_t", state) or None
+            layer.v_t = _unnamed("fedopt/v_t", state) or None
+            used |= {key for key in state if key.startswith(("fedopt/m_t/", "fedopt/v_t/"))}
+        elif isinstance(layer, FedAvgM):
+            momentum = _unnamed("fedavgm/momentum", state)
+            layer.momentum_vector = [momentum[k] for k in sorted(momentum)] or None
+            used |= {key for key in state if key.startswith("fedavgm/momentum/")}
+        elif isinstance(layer, DifferentialPrivacyAdaptiveBase) and DP_NORM_KEY in state:
+            layer.clipping_norm = float(np.asarray(state[DP_NORM_KEY]).reshape(-1)[0])
+            used.add(DP_NORM_KEY)
+    return used

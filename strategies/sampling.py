@@ -1,0 +1,60 @@
+"""Reproducible node sampling whose state survives a restart.
+
+Flower's ``strategy_utils.sample_nodes`` waits, with no time limit, for enough
+nodes to connect; the coordinator checks the node count itself and then asks a
+strategy to sample from the node ids it has. The sampler's random state goes
+into checkpoints as a uint8 array (its JSON text), so a resumed run samples as
+the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+STATE_KEY = "sampler/rng"
+
+
+def encode_json(value: object) -> np.ndarray:
+    """Return ``value`` as the uint8 array of its UTF-8 JSON text (no pickle)."""
+    return np.frombuffer(json.dumps(value).encode(), dtype=np.uint8).copy()
+
+
+def decode_json(array: np.ndarray) -> object:
+    """Inverse of :func:`encode_json`."""
+    return json.loads(np.asarray(array, dtype=np.uint8).tobytes().decode())
+
+
+class NodeSampler:
+    """Samples a share of the available nodes, reproducibly from a seed.
+
+    Parameters
+    ----------
+    seed : int
+        Seeds the random generator.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def sample(self, node_ids: Iterable[int], fraction: float, minimum: int) -> list[int]:
+        """Sample ``ceil(fraction * n)`` of ``node_ids`` (at least ``minimum``, at most n)."""
+        available = sorted(node_ids)
+        count = min(len(available), max(minimum, math.ceil(fraction * len(available))))
+        return sorted(self.rng.sample(available, count))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The generator's state as ``{"sampler/rng": uint8 array}``."""
+        return {STATE_KEY: encode_json(self.rng.getstate())}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore the generator's state saved by :meth:`state_dict`."""
+        saved = decode_json(state[STATE_KEY])
+        if not isinstance(saved, list) or len(saved) != 3:
+            raise ValueError(f"{STATE_KEY} does not hold a random.Random state")
+        version, internal, gauss_next = saved
+        self.rng.setstate((version, tuple(internal), gauss_next))
