@@ -19,6 +19,7 @@ attackers); ``clipped`` with ``--clip-norm`` (default: the run config's 1.0).
 run first, the basis for choosing a clip norm.
 
 Usage: python bench/robustness.py [--rounds 5] [--concurrency 2] [--clip-norm 1.0]
+       [--measure-norms] [--strategies fedavg,clipped,...]
 """
 
 from __future__ import annotations
@@ -144,10 +145,17 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2, help="simulations at once")
     parser.add_argument("--clip-norm", type=float, default=1.0, help="clip-norm of 'clipped'")
     parser.add_argument("--measure-norms", action="store_true", help="print honest norms first")
+    parser.add_argument(
+        "--strategies", default=",".join(STRATEGIES), help="comma-separated subset to run"
+    )
     args = parser.parse_args()
+    chosen = [name for name in args.strategies.split(",") if name]
+    unknown = sorted(set(chosen) - set(STRATEGIES))
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; valid: {', '.join(STRATEGIES)}")
     if args.measure_norms:
         measure_honest_norms(args.rounds)
-    jobs = [Job(strategy, scenario) for strategy in STRATEGIES for scenario in SCENARIOS]
+    jobs = [Job(strategy, scenario) for strategy in chosen for scenario in SCENARIOS]
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = Path(tmp) / "runs"
@@ -165,7 +173,8 @@ def main() -> None:
         f"{BYZANTINE_PARTITIONS}; final central accuracy ({time.time() - started:.0f} s)\n"
     )
     print("| strategy | settings | clean | flip | noise |\n|---|---|---|---|---|")
-    for strategy, settings in STRATEGIES.items():
+    for strategy in chosen:
+        settings = STRATEGIES[strategy]
         shown = {**settings, **({"clip-norm": args.clip_norm} if strategy == "clipped" else {})}
         text = " ".join(f"{k}={v}" for k, v in shown.items()) or "defaults"
         cells = " | ".join(f"{accuracy[Job(strategy, s)]:.4f}" for s in SCENARIOS)

@@ -7,6 +7,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.byzantine import byzantine_arrays
+from client.faults import after_training, before_training, parse_faults
 from client.shard import NodeData, load_node_data, model_for
 from strategies.strategy import arrays_to_numpy, numpy_to_arrays
 from task import keys
@@ -30,6 +31,8 @@ def train_fn(msg: Message, context: Context) -> Message:
     received = arrays_to_numpy(msg.content[keys.ARRAYS])
     load_numpy_into(model, received)
     round_config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
+    fault = parse_faults(config.faults).get(data.partition_id)
+    before_training(fault, config.round_timeout)
     seed = config.seed + int(round_config.get(keys.SERVER_ROUND, 0)) * 1000 + data.partition_id
     result = train(
         model,
@@ -51,7 +54,7 @@ def train_fn(msg: Message, context: Context) -> Message:
             keys.TRAIN_SECONDS: result.seconds,
         }
     )
-    arrays = model_to_numpy(model)
+    arrays = after_training(fault, model_to_numpy(model))
     info = ConfigRecord({keys.DEVICE: str(device)})
     if data.partition_id in config.parsed_byzantine_partitions:
         rng = np.random.default_rng(seed)

@@ -11,31 +11,13 @@ import time
 
 import numpy as np
 
-FAULT_KINDS: tuple[str, ...] = ("raise", "sleep", "nan")
+from task.config import FAULT_KINDS, parse_faults
+
+__all__ = ["FAULT_KINDS", "InjectedFaultError", "after_training", "before_training", "parse_faults"]
 
 
 class InjectedFaultError(RuntimeError):
     """The failure a ``raise`` fault injects."""
-
-
-def parse_faults(text: str) -> dict[int, str]:
-    """``"0=raise,2=nan"`` -> ``{0: "raise", 2: "nan"}``.
-
-    Raises
-    ------
-    ValueError
-        If an entry is malformed or names an unknown kind.
-    """
-    faults: dict[int, str] = {}
-    for entry in filter(None, (part.strip() for part in text.split(","))):
-        partition, _, kind = entry.partition("=")
-        if not partition.strip().isdigit() or kind.strip() not in FAULT_KINDS:
-            raise ValueError(
-                f"faults entry {entry!r} is malformed; use PARTITION=KIND with KIND one of "
-                f"{', '.join(FAULT_KINDS)}"
-            )
-        faults[int(partition)] = kind.strip()
-    return faults
 
 
 def before_training(kind: str | None, round_timeout: float) -> None:

@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import torch
 
+from client.local_data import load_local_splits, local_partition_id
 from task import keys
 from task.config import ConfigError, RunConfig
 from task.datasets import DatasetSplits, TensorSplit, load_dataset
@@ -23,7 +24,7 @@ class NodeData:
     """The local train and test splits of one partition."""
 
     partition_id: int
-    num_partitions: int
+    num_partitions: int  # 0 for a node with its own data (data-path)
     train: TensorSplit
     test: TensorSplit
     input_shape: tuple[int, int, int]
@@ -80,7 +81,17 @@ def _shard(config: RunConfig, partition_id: int, num_partitions: int) -> NodeDat
 
 
 def load_node_data(config: RunConfig, node_config: dict[str, object]) -> NodeData:
-    """Return this node's shard, cached per (config, partition)."""
+    """Return this node's data: its own ``data-path`` files, else its shard of ``dataset``.
+
+    Both are cached per (config, node), so only the first round reads them.
+    """
+    data_path = node_config.get(keys.NODE_DATA_PATH)
+    if data_path:
+        partition_id = local_partition_id(node_config)
+        train, test, data_format = load_local_splits(config, str(data_path), partition_id)
+        return NodeData(
+            partition_id, 0, train, test, data_format.input_shape, data_format.num_classes
+        )
     partition_id, num_partitions = node_partition(node_config)
     return _shard(config, partition_id, num_partitions)
 

@@ -55,6 +55,19 @@ class PhaseResult:
     timed_out: list[int] = field(default_factory=list)
 
 
+def summarize_error(code: int, reason: str, limit: int = 300) -> str:
+    """One readable line from an error reply: the ClientApp's own message if present.
+
+    Ray wraps a ClientApp's exception in several layers of actor reprs; the
+    useful part is the text after the last ``Message:``.
+    """
+    marker = "Message:"
+    text = reason.rsplit(marker, 1)[1] if marker in reason else reason
+    lines = [line.strip(" '>\n") for line in text.splitlines() if line.strip(" '>")]
+    summary = lines[0] if marker in reason and lines else (lines[-1] if lines else reason)
+    return f"error reply (code {code}): {summary}"[:limit]
+
+
 def model_hash(arrays: Mapping[str, np.ndarray]) -> str:
     """SHA-256 over the arrays' names, dtypes, shapes and bytes, in order."""
     digest = hashlib.sha256()
@@ -177,6 +190,12 @@ class Coordinator:
             checkpoint=checkpoint,
         )
         self._prune_checkpoints()
+        self.store.add_event(
+            "round",
+            f"round {server_round}: central accuracy {central_accuracy:.4f}, "
+            f"{summary.accepted}/{len(sampled)} accepted, {summary.rejected} rejected, "
+            f"{len(train.failed) + len(train.timed_out)} failed, {ended - started:.1f}s",
+        )
         log(
             INFO,
             "round %d/%d: train loss %.4f, central accuracy %.4f, %d/%d accepted, "
@@ -260,7 +279,7 @@ class Coordinator:
     ) -> None:
         """Route a reply: error replies count as failures of the node they answer."""
         if reply.has_error():
-            reason = f"{reply.error.code}: {reply.error.reason}"
+            reason = summarize_error(reply.error.code, reply.error.reason)
             result.failed[node_id] = reason
             self.store.record_node_fault(node_id, server_round, "failure", reason)
             log(WARNING, "round %s: node %s failed: %s", server_round, node_id, reason)

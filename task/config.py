@@ -22,6 +22,9 @@ NODE_WEIGHTS_PATTERN = re.compile(r"^\s*\d+\s*=\s*[-+0-9.eE]+\s*$")
 BYZANTINE_MODES: tuple[str, ...] = ("flip", "noise")
 
 
+FAULT_KINDS: tuple[str, ...] = ("raise", "sleep", "nan")
+
+
 class ConfigError(ValueError):
     """A run-config value that cannot be used; the message names the fix."""
 
@@ -72,6 +75,8 @@ class RunConfig:
     byzantine_partitions: str = ""
     # Test only: flip (received - 10 * honest update) or noise (norm 100x the honest update).
     byzantine_mode: str = "flip"
+    # Test only: injected client faults by partition, e.g. "0=raise,1=sleep,2=nan"; "" = none.
+    faults: str = ""
     device: str = "auto"
     seed: int = 42
     run_name: str = ""
@@ -275,6 +280,27 @@ def _validate_strategy_options(config: RunConfig) -> None:
     )
     _require_choice("byzantine-mode", config.byzantine_mode, BYZANTINE_MODES)
     parse_partition_ids("byzantine-partitions", config.byzantine_partitions)
+    parse_faults(config.faults)
+
+
+def parse_faults(text: str) -> dict[int, str]:
+    """Parse ``faults``: ``"0=raise,2=nan"`` -> ``{0: "raise", 2: "nan"}``.
+
+    Raises
+    ------
+    ConfigError
+        If an entry is malformed or names an unknown kind.
+    """
+    faults: dict[int, str] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        partition, _, kind = (part.strip() for part in entry.partition("="))
+        if not partition.isdigit() or kind not in FAULT_KINDS:
+            raise ConfigError(
+                f"faults entry {entry!r} is malformed; use PARTITION=KIND with KIND one of "
+                f"{', '.join(FAULT_KINDS)}"
+            )
+        faults[int(partition)] = kind
+    return faults
 
 
 def parse_run_config(run_config: Mapping[str, object]) -> RunConfig:
