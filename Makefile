@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python bench/client_training.py
 	$(BIN)/python bench/aggregation.py
 	$(BIN)/python bench/demo_breakdown.py
+	$(BIN)/python bench/coordinator_round_time.py
 
 dashboard: setup
 	$(BIN)/fedcoord dashboard

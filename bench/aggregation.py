@@ -351,9 +351,10 @@ def table_rows(num_clients: int, num_parameters: int, measurements: list[Measure
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one run each")
+    parser.add_argument("--repeats", type=int, default=0, help="best of N (default 5; quick 1)")
     args = parser.parse_args()
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
-    repeats = 1 if args.quick else 5
+    repeats = args.repeats or (1 if args.quick else 5)
     bandwidth = copy_bandwidth((64 if args.quick else 512) << 20)
     model_mib = max(p for _, p in sizes) * 4 / 2**20
     print(f"numpy {np.__version__}; copy bandwidth {bandwidth / 1e9:.1f} GB/s (np.copyto)")

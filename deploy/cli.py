@@ -29,7 +29,7 @@ from deploy.connection import (
     write_connection,
 )
 from deploy.superlink import DEFAULT_PORT, SuperLinkSettings, check_superlink, exec_superlink
-from deploy.supernode import NodeSettings, build_node_config, run_supernode
+from deploy.supernode import DEFAULT_NODE_POLL_S, NodeSettings, build_node_config, run_supernode
 from server.simulation import flwr_env
 from task.config import ConfigError
 
@@ -171,7 +171,7 @@ def _add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--poll-interval",
         type=float,
-        default=0.1,
+        default=DEFAULT_NODE_POLL_S,
         help="seconds between the node's pulls when idle (Flower: 3)",
     )
     parser.add_argument(

@@ -47,6 +47,9 @@ from deploy.checks import (
 )
 from server.simulation import flwr_env
 
+# Seconds between the SuperNode's pulls when it has no message (Flower: 3 s). Each
+# phase of a round waits half of it on average; each pull is one HTTPS request.
+DEFAULT_NODE_POLL_S = 0.2
 ONLINE_MARKER = "fedcoord-supernode-online.json"
 MARKER_REFRESH_S = 5.0
 REJOIN_RETRY_S = 3.0
@@ -67,7 +70,7 @@ class NodeSettings:
     port: int
     flwr_home: Path
     isolation: str = "warm"
-    poll_interval_s: float = 0.1
+    poll_interval_s: float = DEFAULT_NODE_POLL_S
     heartbeat_interval_s: float = 30.0
     gpu: str | None = None
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
@@ -182,8 +185,8 @@ def flower_command(settings: NodeSettings) -> list[str]:
     return command + list(settings.extra_flower_args)
 
 
-def worker_command(settings: NodeSettings, node_pid: int) -> list[str]:
-    """The command line of the warm ClientApp worker serving the SuperNode ``node_pid``."""
+def worker_command(settings: NodeSettings, parent_pid: int) -> list[str]:
+    """The warm ClientApp worker's command line; it exits when ``parent_pid`` does."""
     return [
         sys.executable,
         "-m",
@@ -191,7 +194,7 @@ def worker_command(settings: NodeSettings, node_pid: int) -> list[str]:
         "--runtime-api-address",
         settings.runtime_api_address,
         "--parent-pid",
-        str(node_pid),
+        str(parent_pid),
     ]
 
 
@@ -270,9 +273,13 @@ class NodeSupervisor:
             for signum in (signal.SIGTERM, signal.SIGINT)
         }
         rejoin_deadline = self.marker.rejoin_deadline()
+        env = node_env(self.settings)
         try:
+            # The worker outlives SuperNode restarts: it waits for the Runtime API.
+            if self.settings.isolation == "warm":
+                self._start_worker(env)
             while True:
-                code = self._run_once()
+                code = self._run_node_once(env)
                 if self._stopping.is_set():
                     self.marker.clear()
                     return 0
@@ -289,7 +296,7 @@ class NodeSupervisor:
                 if self._stopping.wait(REJOIN_RETRY_S):
                     return 0
         finally:
-            self._stop_children()
+            self._stop(self.node, self.worker)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
@@ -302,11 +309,10 @@ class NodeSupervisor:
             "again)"
         )
 
-    def _run_once(self) -> int:
-        """One life of the SuperNode (and its worker); return the SuperNode's exit code."""
+    def _run_node_once(self, env: dict[str, str]) -> int:
+        """One life of Flower's SuperNode; return its exit code."""
         self.activation_refused = False
         self.node_id = None
-        env = node_env(self.settings)
         self.node = subprocess.Popen(
             flower_command(self.settings),
             env=env,
@@ -317,8 +323,6 @@ class NodeSupervisor:
         )
         reader = threading.Thread(target=self._relay, args=(self.node,), daemon=True)
         reader.start()
-        if self.settings.isolation == "warm":
-            self._start_worker(env)
         last_refresh = 0.0
         while self.node.poll() is None and not self._stopping.is_set():
             if self.worker is not None and self.worker.poll() is not None:
@@ -327,16 +331,15 @@ class NodeSupervisor:
                 self.marker.refresh()
                 last_refresh = time.monotonic()
             time.sleep(0.2)
-        self._stop_children()
+        self._stop(self.node)
         reader.join(timeout=5)
         return int(self.node.returncode or 0)
 
     def _start_worker(self, env: dict[str, str]) -> None:
-        assert self.node is not None
-        self.worker = subprocess.Popen(worker_command(self.settings, self.node.pid), env=env)
+        self.worker = subprocess.Popen(worker_command(self.settings, os.getpid()), env=env)
 
     def _on_worker_exit(self, env: dict[str, str]) -> None:
-        """Restart a worker that died; give up when it keeps dying at once."""
+        """Restart a worker that died; give up when it keeps dying."""
         assert self.worker is not None
         now = time.monotonic()
         self._worker_crashes = [t for t in self._worker_crashes if now - t < 60] + [now]
@@ -363,14 +366,15 @@ class NodeSupervisor:
         self.say(f"{signal.Signals(signum).name}: stopping the SuperNode")
         self._stopping.set()
 
-    def _stop_children(self, grace_s: float = 10.0) -> None:
-        """SIGTERM the SuperNode (it leaves the federation) and the worker; SIGKILL stragglers."""
-        children = [child for child in (self.node, self.worker) if child is not None]
-        for child in children:
+    @staticmethod
+    def _stop(*children: subprocess.Popen[str] | subprocess.Popen[bytes] | None) -> None:
+        """SIGTERM (the SuperNode then leaves the federation), SIGKILL after 10 s."""
+        running = [child for child in children if child is not None]
+        for child in running:
             if child.poll() is None:
                 child.terminate()
-        deadline = time.monotonic() + grace_s
-        for child in children:
+        deadline = time.monotonic() + 10.0
+        for child in running:
             try:
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -69,7 +69,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-DEFAULT_POLL_INTERVAL_S = 0.02
+DEFAULT_POLL_INTERVAL_S = 0.05
 # Imported before the first task so that it only pays for the app's own modules.
 DEFAULT_PRELOAD = ("numpy", "torch", "torchvision", "sklearn", "datasets", "flwr_datasets")
 CLIENTAPP_TASK_TYPES = [TaskType.CLIENT_APP.value]
@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's HOST:PORT")
     parser.add_argument(
-        "--parent-pid", type=int, help="exit when this process (the SuperNode) ends"
+        "--parent-pid", type=int, help="exit when this process (the node supervisor) ends"
     )
     parser.add_argument(
         "--poll-interval",
@@ -348,10 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)  # SIGINT here when the SuperNode ends
-    seconds = preload([name for name in args.preload.split(",") if name])
-    log(INFO, "fedcoord ClientApp worker: preloaded in %.1fs", seconds)
     worker = ClientAppWorker(args.runtime_api_address, args.parent_pid, args.poll_interval)
     try:
+        seconds = preload([name for name in args.preload.split(",") if name])
+        log(INFO, "fedcoord ClientApp worker: preloaded in %.1fs", seconds)
         worker.serve()
     except StopWorkerError as stop:
         log(

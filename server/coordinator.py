@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -109,6 +109,7 @@ class Coordinator:
         self.evaluate_fn = evaluate_fn
         self._last_progress: tuple[str, int, int] = ("", 0, 0)
         self._aggregation_s = 0.0
+        self._record_cache: tuple[NamedArrays, ArrayRecord] | None = None
         self.operator_weights = dict(config.parsed_node_weights)
         self.control = ControlChannel(store, self._set_operator_weight)
 
@@ -244,7 +245,7 @@ class Coordinator:
         """Push one message per node, then pull and hand over replies until done."""
         content = RecordDict(
             {
-                keys.ARRAYS: numpy_to_arrays(arrays),
+                keys.ARRAYS: self._serialised(arrays),
                 keys.CONFIG: ConfigRecord(self._round_config(server_round)),
             }
         )
@@ -375,6 +376,16 @@ class Coordinator:
         if self.config.proximal_mu > 0:
             config[keys.PROXIMAL_MU] = self.config.proximal_mu
         return config
+
+    def _serialised(self, arrays: NamedArrays) -> ArrayRecord:
+        """The ArrayRecord of ``arrays``, serialised once and reused.
+
+        The same global model goes out twice: to evaluation after the round that
+        made it, and to training in the next round.
+        """
+        if self._record_cache is None or self._record_cache[0] is not arrays:
+            self._record_cache = (arrays, numpy_to_arrays(arrays))
+        return self._record_cache[1]
 
     def _weight_of(self, partition: float | None) -> float | None:
         return None if partition is None else self.operator_weights.get(int(partition), 1.0)
