@@ -136,28 +136,23 @@ def _check_fedopt_eta(config: RunConfig) -> None:
         )
 
 
-def _fedadam(config: RunConfig) -> Strategy:
-    _check_fedopt_eta(config)
-    return FedAdam(
-        min_train_nodes=config.min_train_nodes,
-        eta=config.server_lr,
-        eta_l=config.lr,
-        beta_1=config.fedopt_beta1,
-        beta_2=config.fedopt_beta2,
-        tau=config.fedopt_tau,
-    )
+def _adaptive_fedopt(
+    strategy_class: type[FedAdam] | type[FedYogi],
+) -> Callable[[RunConfig], Strategy]:
+    """A builder of FedAdam or FedYogi (https://arxiv.org/abs/2003.00295) from the config."""
 
+    def build(config: RunConfig) -> Strategy:
+        _check_fedopt_eta(config)
+        return strategy_class(
+            min_train_nodes=config.min_train_nodes,
+            eta=config.server_lr,
+            eta_l=config.lr,
+            beta_1=config.fedopt_beta1,
+            beta_2=config.fedopt_beta2,
+            tau=config.fedopt_tau,
+        )
 
-def _fedyogi(config: RunConfig) -> Strategy:
-    _check_fedopt_eta(config)
-    return FedYogi(
-        min_train_nodes=config.min_train_nodes,
-        eta=config.server_lr,
-        eta_l=config.lr,
-        beta_1=config.fedopt_beta1,
-        beta_2=config.fedopt_beta2,
-        tau=config.fedopt_tau,
-    )
+    return build
 
 
 def _fedadagrad(config: RunConfig) -> Strategy:
@@ -206,8 +201,8 @@ def _dp_adaptive_clipping(config: RunConfig) -> Strategy:
 
 FLOWER_BUILDERS: dict[str, Callable[[RunConfig], Strategy]] = {
     "fedprox": _fedprox,
-    "fedadam": _fedadam,
-    "fedyogi": _fedyogi,
+    "fedadam": _adaptive_fedopt(FedAdam),
+    "fedyogi": _adaptive_fedopt(FedYogi),
     "fedavgm": _fedavgm,
     "fedadagrad": _fedadagrad,
     "fedmedian": lambda config: FedMedian(min_train_nodes=config.min_train_nodes),
