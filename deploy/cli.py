@@ -118,6 +118,7 @@ def _node_settings(args: argparse.Namespace) -> tuple[NodeSettings, Path | None]
         poll_interval_s=args.poll_interval,
         heartbeat_interval_s=args.heartbeat_interval,
         gpu=args.gpu,
+        cpu_threads=args.cpu_threads,
         connect_timeout_s=args.timeout,
     )
     if settings.auth_key is None and not args.no_auth:
@@ -161,6 +162,9 @@ def _add_node_arguments(parser: argparse.ArgumentParser) -> None:
         "--port", type=int, default=9094, help="this node's Runtime API port (one per node)"
     )
     parser.add_argument("--gpu", help="sets CUDA_VISIBLE_DEVICES for the ClientApp, e.g. 0")
+    parser.add_argument(
+        "--cpu-threads", type=int, help="CPU threads for training (OMP_NUM_THREADS); default: all"
+    )
     parser.add_argument(
         "--isolation",
         choices=("warm", "subprocess"),

@@ -140,13 +140,17 @@ class LocalDeployment:
         Run each node in its own network namespace (falls back to loopback when
         namespaces cannot be created; ``namespace_error`` then says why).
     node_args : Sequence[str]
-        Extra arguments for every ``python -m deploy supernode``.
+        Extra arguments for every ``python -m deploy supernode``; by default one
+        training thread per node, since the nodes share this machine's cores.
+    superlink_env : dict[str, str]
+        Extra environment of the SuperLink (and the ServerApp processes it starts).
     """
 
     root: Path
     node_data: Sequence[list[str]]
     namespaces: bool = False
-    node_args: Sequence[str] = ()
+    node_args: Sequence[str] = ("--cpu-threads", "1")
+    superlink_env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     network: NetworkNamespaces | None = None
     namespace_error: str | None = None
@@ -212,14 +216,16 @@ class LocalDeployment:
             self.start_node(index)
         self.wait_for_nodes(len(self.nodes))
 
-    def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, command: list[str], log_name: str, extra_env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log_dir = self.root / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(log_dir / log_name, "ab") as log:
             return subprocess.Popen(
                 command,
                 cwd=PROJECT_DIR,
-                env=flwr_env(self.root / "flwr-cli"),
+                env={**flwr_env(self.root / "flwr-cli"), **(extra_env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -246,6 +252,7 @@ class LocalDeployment:
                 self.superlink_host,
             ),
             "superlink.log",
+            self.superlink_env,
         )
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:

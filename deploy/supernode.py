@@ -73,6 +73,7 @@ class NodeSettings:
     poll_interval_s: float = DEFAULT_NODE_POLL_S
     heartbeat_interval_s: float = 30.0
     gpu: str | None = None
+    cpu_threads: int | None = None
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     extra_flower_args: tuple[str, ...] = ()
 
@@ -207,6 +208,9 @@ def node_env(settings: NodeSettings) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [project, env.get("PYTHONPATH", "")]))
     if settings.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = settings.gpu
+    if settings.cpu_threads is not None:
+        # torch reads it at start: the worker's training uses this many threads.
+        env["OMP_NUM_THREADS"] = str(settings.cpu_threads)
     return env
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from flwr.common.config import parse_config_args
@@ -513,3 +514,78 @@ def test_connection_is_written_for_flwr_and_keeps_others(tmp_path, pki, monkeypa
     assert ours.name == "fedcoord" and ours.address == "10.213.7.1:8000"
     assert ours.root_certificates == str(pki.ca_cert.resolve()) and not ours.insecure
     assert old.address == "h:1" and old.insecure
+
+
+# ------------------------------------------------------------------- worker
+class FakeRuntime:
+    """Stands in for the SuperNode's Runtime API client in heartbeat tests."""
+
+    def __init__(self, outcomes: list[object]) -> None:
+        self.outcomes = outcomes
+        self.calls = 0
+
+    def SendTaskHeartbeat(self, request: object) -> object:  # noqa: N802 - Flower's name
+        self.calls += 1
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+
+def http_error(status: int) -> httpx.HTTPStatusError:
+    request = httpx.Request("POST", "http://127.0.0.1/x")
+    return httpx.HTTPStatusError("x", request=request, response=httpx.Response(status))
+
+
+def test_task_heartbeats_never_signal_the_long_lived_worker():
+    from types import SimpleNamespace
+
+    from deploy.worker import task_heartbeat_fn
+
+    # Prepare: ok, a 503 (retry), then a task the SuperNode no longer knows
+    client = FakeRuntime(
+        [SimpleNamespace(success=True), http_error(503), SimpleNamespace(success=False)]
+    )
+    heartbeat = task_heartbeat_fn(client)  # type: ignore[arg-type]
+
+    # Execute / Assert: the unknown task is given up quietly, without SIGINT
+    assert heartbeat() is True
+    assert heartbeat() is False
+    assert heartbeat() is True
+    assert heartbeat() is True and client.calls == 3
+
+
+def test_worker_retries_5xx_and_gives_up_on_4xx():
+    from deploy.worker import _runtime_retry_invoker
+
+    invoker = _runtime_retry_invoker(max_time_s=5.0)
+    outcomes: list[object] = [http_error(503), "ok"]
+
+    def call() -> object:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert invoker.invoke(call) == "ok"
+    outcomes[:] = [http_error(404), "never"]
+    with pytest.raises(httpx.HTTPStatusError):
+        invoker.invoke(call)
+
+
+def test_worker_runs_a_new_app_build_cold_then_restarts(monkeypatch):
+    from deploy.worker import ClientAppWorker
+
+    # Prepare
+    worker = ClientAppWorker("127.0.0.1:1", loaded_fab_hash="a" * 64)
+    calls: list[str] = []
+    monkeypatch.setattr(worker, "run_cold", lambda token: calls.append(f"cold {token}"))
+    monkeypatch.setattr(worker, "restart", lambda: calls.append("restart"))
+    monkeypatch.setattr(worker, "run_warm", lambda token: calls.append(f"warm {token}"))
+
+    # Execute
+    worker.run_task("t1", "a" * 64)
+    worker.run_task("t2", "b" * 64)
+
+    # Assert
+    assert calls == ["warm t1", "cold t2", "restart"]
