@@ -36,7 +36,9 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = APP_DIR / "test-artifacts"
 RUN_NAME = "dashboard-live"
-SETTINGS = {"local-epochs": 1, "min-train-nodes": 2, "num-server-rounds": 40}
+# Far more rounds than the test needs: the test stops the run itself, and a slow
+# machine must not let the run finish before the browser has paused it.
+SETTINGS = {"local-epochs": 1, "min-train-nodes": 2, "num-server-rounds": 400}
 UI_TIMEOUT_MS = 30_000
 
 

@@ -17,6 +17,8 @@ from tests.conftest import wait_until
 pytestmark = pytest.mark.slow
 
 FAST = {"local-epochs": 1, "min-train-nodes": 2}
+# Rounds of about a second, so that a loaded machine still pauses the run mid-way.
+STEADY = {"local-epochs": 5, "min-train-nodes": 2}
 
 
 def kill_pids(pids: list[int]) -> None:
@@ -32,7 +34,7 @@ def round_numbers(run_dir) -> list[int]:
 
 def test_pause_resume_stop_then_resume_to_the_end(simulate):
     # Prepare: submit a 30-round run and wait for round 2
-    run = simulate(4, "lifecycle", wait=False, **FAST, **{"num-server-rounds": 30})
+    run = simulate(4, "lifecycle", wait=False, **STEADY, **{"num-server-rounds": 30})
     assert run.returncode == 0, run.output
     wait_until(lambda: run.status()["current_round"] >= 2, 180, "round 2")
 
@@ -66,7 +68,7 @@ def test_pause_resume_stop_then_resume_to_the_end(simulate):
     assert refused.returncode == 2 and "cannot resume a run that is stopped" in refused.stderr
 
     # Execute: restart with resume=true
-    resumed = simulate(4, "lifecycle", resume=True, **FAST, **{"num-server-rounds": 30})
+    resumed = simulate(4, "lifecycle", resume=True, **STEADY, **{"num-server-rounds": 30})
 
     # Assert: all 30 rounds, each once, chain intact
     assert resumed.returncode == 0, resumed.output[-3000:]
