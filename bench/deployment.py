@@ -74,11 +74,12 @@ def run_fedcoord(cluster: LocalDeployment, rounds: int, name: str) -> dict[str, 
             "SELECT ended_at, metrics_json, central_accuracy FROM rounds ORDER BY round"
         ).fetchall()
     ends = [float(row[0]) for row in rows]  # round 0 (initial evaluation) first
-    training = [json.loads(row[1]).get("train-seconds") for row in rows[2:]]
-    training = [t for t in training if t is not None]
+    metrics = [json.loads(row[1]) for row in rows[2:]]
     return {
         "round_s": statistics.median(periods(ends)),
-        "training_s": statistics.median(training) if training else float("nan"),
+        "training_s": statistics.median(m["train-seconds"] for m in metrics),
+        "train_phase_s": statistics.median(m["seconds-train-phase"] for m in metrics),
+        "federated_eval_s": statistics.median(m["seconds-federated-eval"] for m in metrics),
         "accuracy": float(rows[-1][2]),
     }
 
@@ -114,12 +115,18 @@ def serverapp_patch(folder: Path) -> dict[str, str]:
 
 
 def measure(
-    node_args: list[str], rounds: int, label: str, fast_server_pull: bool
+    node_args: list[str], rounds: int, label: str, args: argparse.Namespace
 ) -> list[tuple[str, dict[str, float]]]:
     node_data = [["--partition-id", str(i), "--num-partitions", str(NODES)] for i in range(NODES)]
-    with tempfile.TemporaryDirectory() as tmp:
-        env = serverapp_patch(Path(tmp) / "patch") if fast_server_pull else {}
-        cluster = LocalDeployment(Path(tmp), node_data, node_args=node_args, superlink_env=env)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        env = serverapp_patch(Path(tmp) / "patch") if args.fast_server_pull else {}
+        cluster = LocalDeployment(
+            Path(tmp),
+            node_data,
+            node_args=node_args,
+            superlink_env=env,
+            superlink_args=["--in-memory"] if args.in_memory else [],
+        )
         with cluster:
             ours = run_fedcoord(cluster, rounds, f"ours-{label}")
             flower = run_flower_fedavg(cluster, rounds, f"flower-{label}")
@@ -139,18 +146,23 @@ def main() -> None:
         help="experiment: the ServerApps pull reply objects with a 20 ms backoff",
     )
     parser.add_argument("--node-poll", type=float, help="SuperNode idle poll seconds")
+    parser.add_argument("--dir", help="where the deployment's files (state.db, ...) go")
+    parser.add_argument(
+        "--in-memory", action="store_true", help="SuperLink without a database (Flower's default)"
+    )
     args = parser.parse_args()
     warm = ["--cpu-threads", "1"]
     if args.node_poll is not None:
         warm += ["--poll-interval", str(args.node_poll)]
-    results = measure(warm, args.rounds, "warm", args.fast_server_pull)
+    results = measure(warm, args.rounds, "warm", args)
     if args.stock:
         stock = ["--cpu-threads", "1", "--isolation", "subprocess", "--poll-interval", "3"]
-        results += measure(stock, args.rounds, "stock Flower", args.fast_server_pull)
+        results += measure(stock, args.rounds, "stock Flower", args)
     print(
         f"deployment: SuperLink (TLS, node auth) + {NODES} SuperNodes on loopback, "
         f"{args.rounds} rounds, digits / simple-cnn / 1 local epoch; median of rounds 2..N"
         + ("; ServerApps with the fast object pull" if args.fast_server_pull else "")
+        + ("; SuperLink without database" if args.in_memory else "")
         + "\n"
     )
     print("| server loop, nodes | s / round | client training s | final accuracy |")
@@ -162,7 +174,11 @@ def main() -> None:
     for index in range(0, len(results), 2):
         flower, ours = results[index][1], results[index + 1][1]
         ratio = ours["round_s"] / flower["round_s"]
-        print(f"\nratio ({results[index + 1][0]} / Flower): {ratio:.2f}")
+        print(
+            f"\n{results[index + 1][0]}: ratio to Flower {ratio:.2f}; median train phase "
+            f"{ours['train_phase_s']:.2f} s (client training {ours['training_s']:.2f} s), "
+            f"federated evaluation {ours['federated_eval_s']:.2f} s"
+        )
 
 
 if __name__ == "__main__":

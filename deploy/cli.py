@@ -72,6 +72,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         node_auth=not args.no_node_auth,
         runtime_install=args.allow_runtime_install,
         log_file=Path(args.log_file) if args.log_file else None,
+        in_memory=args.in_memory,
     )
     for line in check_superlink(settings):
         say(f"ok: {line}")
@@ -225,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     link.add_argument("--host", default="0.0.0.0", help="listen address (default: all)")
     link.add_argument("--port", type=int, default=DEFAULT_PORT, help="the one SuperLink port")
     link.add_argument("--state-dir", default="superlink-state", help="holds state.db")
+    link.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="no database: faster transfers, but keys and runs are lost on restart",
+    )
     link.add_argument(
         "--address",
         action="append",

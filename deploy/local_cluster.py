@@ -144,6 +144,8 @@ class LocalDeployment:
         training thread per node, since the nodes share this machine's cores.
     superlink_env : dict[str, str]
         Extra environment of the SuperLink (and the ServerApp processes it starts).
+    superlink_args : Sequence[str]
+        Extra arguments for ``python -m deploy superlink``.
     """
 
     root: Path
@@ -151,6 +153,7 @@ class LocalDeployment:
     namespaces: bool = False
     node_args: Sequence[str] = ("--cpu-threads", "1")
     superlink_env: dict[str, str] = field(default_factory=dict)
+    superlink_args: Sequence[str] = ()
     port: int = field(default_factory=free_port)
     network: NetworkNamespaces | None = None
     namespace_error: str | None = None
@@ -250,6 +253,7 @@ class LocalDeployment:
                 str(self.root / "flwr-superlink"),
                 "--address",
                 self.superlink_host,
+                *self.superlink_args,
             ),
             "superlink.log",
             self.superlink_env,

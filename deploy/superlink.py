@@ -9,7 +9,10 @@ with ``flower-superlink`` (same PID, so it is stopped like the SuperLink itself)
         --ssl-ca-certfile ca.crt --enable-supernode-auth --database STATE/state.db \
         --host 0.0.0.0 --port 8000 --disable-runtime-dependency-installation
 
-The database keeps registered node keys and runs across restarts.
+The database keeps registered node keys and runs across restarts. Flower then
+keeps message objects in it too, one SQLite transaction per object, which makes
+each model transfer slower; ``--in-memory`` trades persistence (keys must be
+registered again after a restart) for that speed (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class SuperLinkSettings:
     node_auth: bool = True
     runtime_install: bool = False
     log_file: Path | None = None
+    in_memory: bool = False
 
 
 def check_superlink(settings: SuperLinkSettings) -> list[str]:
@@ -73,9 +77,9 @@ def superlink_command(settings: SuperLinkSettings) -> list[str]:
         settings.host,
         "--port",
         str(settings.port),
-        "--database",
-        str(settings.state_dir.resolve() / DATABASE_FILE),
     ]
+    if not settings.in_memory:
+        command += ["--database", str(settings.state_dir.resolve() / DATABASE_FILE)]
     if settings.certs_dir is None:
         command.append("--insecure")
     else:

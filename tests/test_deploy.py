@@ -589,3 +589,43 @@ def test_worker_runs_a_new_app_build_cold_then_restarts(monkeypatch):
 
     # Assert
     assert calls == ["warm t1", "cold t2", "restart"]
+
+
+# ---------------------------------------------------------------- superlink
+def test_superlink_command_has_tls_auth_and_a_database(pki, tmp_path):
+    from deploy.superlink import SuperLinkSettings, check_superlink, superlink_command
+
+    # Prepare
+    settings = SuperLinkSettings(
+        certs_dir=pki.ca_cert.parent,
+        state_dir=tmp_path / "state",
+        flwr_home=tmp_path / "home",
+        addresses=("10.213.7.1",),
+    )
+
+    # Execute
+    command = superlink_command(settings)
+    in_memory = superlink_command(SuperLinkSettings(**{**vars(settings), "in_memory": True}))
+
+    # Assert
+    assert command[command.index("--database") + 1] == str(tmp_path / "state" / "state.db")
+    assert "--enable-supernode-auth" in command
+    assert "--disable-runtime-dependency-installation" in command
+    assert command[command.index("--ssl-certfile") + 1] == str(pki.server_cert.resolve())
+    assert "--database" not in in_memory
+    assert any("valid for" in line for line in check_superlink(settings))
+
+
+def test_superlink_refuses_missing_certificates_and_auth_without_tls(tmp_path):
+    from deploy.superlink import SuperLinkSettings, check_superlink
+
+    with pytest.raises(DeployError, match="python -m deploy certs"):
+        check_superlink(SuperLinkSettings(tmp_path, tmp_path / "s", tmp_path / "h"))
+    with pytest.raises(DeployError, match="needs TLS"):
+        check_superlink(SuperLinkSettings(None, tmp_path / "s", tmp_path / "h"))
+    pki = create_certificates(tmp_path / "c", ["10.213.7.1"])
+    settings = SuperLinkSettings(
+        pki.ca_cert.parent, tmp_path / "s", tmp_path / "h", addresses=("10.213.7.9",)
+    )
+    with pytest.raises(CertificateError, match="10.213.7.9"):
+        check_superlink(settings)
