@@ -144,7 +144,8 @@ def test_dashboard_follows_and_controls_a_live_run(simulate, tmp_path):
                 round_shown_above(page, shown)
                 expect(page.locator("#nodes-body tr")).to_have_count(3, timeout=UI_TIMEOUT_MS)
                 chart_width = "document.getElementById('chart-accuracy').naturalWidth"
-                page.wait_for_function(f"{chart_width} > 0", timeout=UI_TIMEOUT_MS)
+                # polled from Python: the page's CSP forbids the eval a string predicate needs
+                wait_until(lambda: page.evaluate(chart_width) > 0, 30, "the accuracy chart")
 
                 # pause: the run store says paused, and so does the page
                 page.click("#btn-pause")
