@@ -35,9 +35,10 @@ from coordinator_round_time import build_baseline_app
 from deploy.local_cluster import LocalDeployment
 
 NODES = 3
-# Bench-only experiment (--fast-server-pull): Flower's HttpGrid.pull_messages fetches a
-# reply's objects with a 1 s, then 2 s, ... backoff; a reply is listed as soon as its
-# message is pushed, before its objects, so a 50 ms poll usually pays that backoff.
+# --fast-server-pull: Flower's HttpGrid.pull_messages fetches a reply's objects with a
+# 1 s, then 2 s, ... backoff; fedcoord's ServerApp retries after 20 ms
+# (server/object_pull.py). This gives Flower's ServerApp the same short backoff, to
+# separate that effect from the coordinator's.
 SERVERAPP_PULL_PATCH = """import functools, sys
 if sys.argv and sys.argv[0].endswith("flwr-serverapp"):
     from flwr.superlink.grid import http_grid
@@ -67,9 +68,10 @@ def run_fedcoord(cluster: LocalDeployment, rounds: int, name: str) -> dict[str, 
         "run-name": name,
     }
     result = cluster.flwr_run(config_text(settings))
-    if result.returncode != 0:
+    database = runs_dir / name / "run.db"
+    if result.returncode != 0 or not database.exists():
         raise RuntimeError(result.stdout[-3000:] + result.stderr[-3000:])
-    with sqlite3.connect(runs_dir / name / "run.db") as db:
+    with sqlite3.connect(database) as db:
         rows = db.execute(
             "SELECT ended_at, metrics_json, central_accuracy FROM rounds ORDER BY round"
         ).fetchall()
@@ -143,7 +145,7 @@ def main() -> None:
     parser.add_argument(
         "--fast-server-pull",
         action="store_true",
-        help="experiment: the ServerApps pull reply objects with a 20 ms backoff",
+        help="give Flower's ServerApp fedcoord's 20 ms object-pull backoff too",
     )
     parser.add_argument("--node-poll", type=float, help="SuperNode idle poll seconds")
     parser.add_argument("--dir", help="where the deployment's files (state.db, ...) go")
@@ -161,7 +163,7 @@ def main() -> None:
     print(
         f"deployment: SuperLink (TLS, node auth) + {NODES} SuperNodes on loopback, "
         f"{args.rounds} rounds, digits / simple-cnn / 1 local epoch; median of rounds 2..N"
-        + ("; ServerApps with the fast object pull" if args.fast_server_pull else "")
+        + ("; Flower's ServerApp with the 20 ms object pull too" if args.fast_server_pull else "")
         + ("; SuperLink without database" if args.in_memory else "")
         + "\n"
     )

@@ -44,6 +44,7 @@ class SuperLinkSettings:
     runtime_install: bool = False
     log_file: Path | None = None
     in_memory: bool = False
+    objects_in_memory: bool = True
 
 
 def check_superlink(settings: SuperLinkSettings) -> list[str]:
@@ -70,9 +71,25 @@ def check_superlink(settings: SuperLinkSettings) -> list[str]:
 
 
 def superlink_command(settings: SuperLinkSettings) -> list[str]:
-    """The ``flower-superlink`` command line for these settings."""
+    """The ``flower-superlink`` command line for these settings.
+
+    With a database and ``objects_in_memory``, Flower's SuperLink is started
+    through ``deploy.flower_superlink`` so that message payloads stay in memory.
+    """
+    if settings.objects_in_memory and not settings.in_memory:
+        launcher = [
+            sys.executable,
+            "-m",
+            "deploy.flower_superlink",
+            "--objects-in-memory",
+            "--status-cleanup-interval",
+            "1",
+            "--",
+        ]
+    else:
+        launcher = [str(Path(sys.executable).with_name("flower-superlink"))]
     command = [
-        str(Path(sys.executable).with_name("flower-superlink")),
+        *launcher,
         "--host",
         settings.host,
         "--port",

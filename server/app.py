@@ -12,7 +12,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import RunNotRunningException
 
-from server import lifecycle
+from server import lifecycle, object_pull
 from server.checkpoints import load_checkpoint
 from server.control import StopRequestedError
 from server.coordinator import Coordinator, EvaluateFn, NamedArrays
@@ -116,6 +116,7 @@ def restore_start_point(store: RunStore, config: RunConfig, strategy: object) ->
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) one federated training run under the coordinator."""
     config = parse_run_config(context.run_config)
+    object_pull.install()
     strategy = build_strategy(config)
     run_name = config.run_name or make_run_name()
     store = open_resumed_run(config) if config.resume else open_new_run(config, run_name)

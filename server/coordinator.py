@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 
 from server.checkpoints import checkpoint_path, files_to_prune, save_checkpoint
 from server.control import ControlChannel
+from server.object_pull import pull_deadline
 from server.store import RoundRecord, RunStore
 from strategies.strategy import (
     FedCoordStrategy,
@@ -255,7 +256,9 @@ class Coordinator:
         result = PhaseResult(sampled=len(node_ids))
         deadline = time.monotonic() + self.config.round_timeout
         while pending and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(pending)):
+            with pull_deadline(deadline):
+                replies = list(self.grid.pull_messages(list(pending)))
+            for reply in replies:
                 node_id = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node_id is None:
                     continue
