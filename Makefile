@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python bench/aggregation.py
 	$(BIN)/python bench/demo_breakdown.py
 	$(BIN)/python bench/coordinator_round_time.py
+	$(BIN)/python bench/deployment.py
 
 dashboard: setup
 	$(BIN)/fedcoord dashboard

@@ -1,26 +1,38 @@
-"""Flower's ``flower-superlink``, with message payloads kept in memory beside a persistent database.
+r"""Flower's ``flower-superlink``, with two per-request costs of its database taken out.
 
-With ``--database FILE``, Flower 1.42 keeps two things in that SQLite file: the
-link state (registered node keys, nodes, runs, messages' metadata) and the
-object store (every message's payload: a model's arrays, in chunks of up to
-5 MB). Each payload chunk is written in its own transaction and read back from
-disk for every node, which more than doubles a small model's round on three
-nodes (BENCHMARKS.md).
+With ``--database FILE``, Flower 1.42 keeps the link state (registered node
+keys, nodes, runs, messages' metadata) in that SQLite file, and two things it
+does there cost every round:
+
+- the object store (every message's payload: a model's arrays, in parts of up
+  to 5 MB) is in the same file, one transaction per part;
+- every request, the nodes' idle polls included, checks that its run is still
+  going, and each check first cleans up expired task tokens: two ``UPDATE``
+  statements, a write transaction per request.
+
+Together they more than double a small model's round on three nodes; the second
+is most of it (BENCHMARKS.md).
 
 ``--objects-in-memory`` keeps the link state in the database and the object
 store in the SuperLink's memory (Flower's own ``InMemoryObjectStore``, the one
-it uses without ``--database``). Payloads are transient anyway: Flower deletes
-a message's objects once the reply has been read, and a SuperLink restart ends
-the runs it was serving (their ServerApps are its children), so nothing a
-restart could have used is lost; node keys and run history still survive it.
+it uses without ``--database``). Payloads are transient: Flower deletes a
+message's objects once its reply has been read. What a SuperLink restart loses
+is the payloads of the messages in flight at that moment; the coordinator counts
+those replies as failed (the round closes at ``round-timeout`` with what it has)
+and the next round's messages carry the model again. Node keys, nodes and runs
+survive the restart as before.
 
 Everything after ``--`` is passed to Flower's ``flower-superlink`` unchanged::
 
-    python -m deploy.flower_superlink --objects-in-memory -- --database state.db ...
+    python -m deploy.flower_superlink --objects-in-memory --status-cleanup-interval 1 -- \
+        --database state.db ...
 
-The change replaces one module attribute of the pinned Flower version
-(``flwr==1.42.0``); :func:`keep_objects_in_memory` refuses to run on a Flower
-whose module no longer has it.
+``--status-cleanup-interval S`` runs that cleanup at most every S seconds in
+run-status checks (:class:`StatusCleanupThrottle`); task activation, heartbeats
+and message storage still clean up every time.
+
+Both replace attributes of the pinned Flower version (``flwr==1.42.0``) and
+refuse to run on a Flower that no longer has them.
 """
 
 from __future__ import annotations

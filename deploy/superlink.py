@@ -3,16 +3,21 @@ r"""Start the SuperLink: TLS, SuperNode authentication and a persistent database
 ``python -m deploy superlink`` checks the certificate pair (signed by the CA,
 key matching, valid for loopback, which Flower's SuperExec uses to start the
 ServerApp, and for every ``--address`` nodes will use), then replaces itself
-with ``flower-superlink`` (same PID, so it is stopped like the SuperLink itself)::
+with Flower's SuperLink (same PID, so it is stopped like the SuperLink itself)::
 
-    flower-superlink --ssl-certfile server.pem --ssl-keyfile server.key \
-        --ssl-ca-certfile ca.crt --enable-supernode-auth --database STATE/state.db \
+    python -m deploy.flower_superlink --objects-in-memory --status-cleanup-interval 1 -- \
+        --ssl-certfile server.pem --ssl-keyfile server.key --ssl-ca-certfile ca.crt \
+        --enable-supernode-auth --database STATE/state.db \
         --host 0.0.0.0 --port 8000 --disable-runtime-dependency-installation
 
-The database keeps registered node keys and runs across restarts. Flower then
-keeps message objects in it too, one SQLite transaction per object, which makes
-each model transfer slower; ``--in-memory`` trades persistence (keys must be
-registered again after a restart) for that speed (BENCHMARKS.md).
+The database keeps registered node keys and runs across restarts. Flower would
+keep every message payload in it too, one SQLite transaction per part, and
+clean up expired task tokens (a write) on every request; ``deploy.flower_superlink``
+keeps payloads in memory and does that cleanup at most once a second in run-status
+checks, which halves a small model's round (BENCHMARKS.md).
+``--objects-in-database`` starts the plain ``flower-superlink`` with the same
+arguments; ``--in-memory`` drops the database (keys must be registered again
+after a restart).
 """
 
 from __future__ import annotations
