@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from client.byzantine import byzantine_arrays
 from client.faults import after_training, before_training, parse_faults
 from client.shard import NodeData, load_node_data, model_for
-from strategies.strategy import arrays_to_numpy, numpy_to_arrays
+from strategies.records import arrays_to_numpy, record_like
 from task import keys
 from task.config import RunConfig, parse_run_config
 from task.training import load_numpy_into, model_to_numpy, resolve_device, test, train
@@ -28,7 +28,8 @@ def train_fn(msg: Message, context: Context) -> Message:
     config, data = _node_data(context)
     device = resolve_device(config.device)
     model = model_for(config, data, device)
-    received = arrays_to_numpy(msg.content[keys.ARRAYS])
+    sent = msg.content[keys.ARRAYS]
+    received = arrays_to_numpy(sent)
     load_numpy_into(model, received)
     round_config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
     fault = parse_faults(config.faults).get(data.partition_id)
@@ -61,7 +62,7 @@ def train_fn(msg: Message, context: Context) -> Message:
         arrays = byzantine_arrays(received, arrays, config.byzantine_mode, rng)
         info[keys.BYZANTINE] = config.byzantine_mode
     content = RecordDict(
-        {keys.ARRAYS: numpy_to_arrays(arrays), keys.METRICS: metrics, keys.INFO: info}
+        {keys.ARRAYS: record_like(arrays, sent), keys.METRICS: metrics, keys.INFO: info}
     )
     return Message(content=content, reply_to=msg)
 

@@ -25,11 +25,11 @@ from server.checkpoints import checkpoint_path, files_to_prune, save_checkpoint
 from server.control import ControlChannel
 from server.object_pull import pull_deadline
 from server.store import RoundRecord, RunStore
+from strategies.records import pack_arrays
 from strategies.strategy import (
     FedCoordStrategy,
     NamedArrays,
     aggregate_evaluate_metrics,
-    numpy_to_arrays,
 )
 from task import keys
 from task.config import RunConfig
@@ -384,10 +384,11 @@ class Coordinator:
         """The ArrayRecord of ``arrays``, serialised once and reused.
 
         The same global model goes out twice: to evaluation after the round that
-        made it, and to training in the next round.
+        made it, and to training in the next round. It goes out packed (two
+        arrays instead of one per tensor: see ``strategies.records``).
         """
         if self._record_cache is None or self._record_cache[0] is not arrays:
-            self._record_cache = (arrays, numpy_to_arrays(arrays))
+            self._record_cache = (arrays, pack_arrays(arrays))
         return self._record_cache[1]
 
     def _weight_of(self, partition: float | None) -> float | None:

@@ -40,7 +40,7 @@ from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdap
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
+from strategies.records import NamedArrays, arrays_to_numpy, is_packed, numpy_to_arrays
 from strategies.replies import ReplyOutcome, RoundSummary, TrainRound
 from strategies.sampling import NodeSampler
 from strategies.strategy import apply_update
@@ -100,7 +100,11 @@ class FlowerStrategyAdapter:
         outcome, arrays = self._round.check(reply)
         if arrays is not None:
             record = reply.content.array_records[keys.ARRAYS]
-            ordered = ArrayRecord({name: record[name] for name in self._round.global_arrays})
+            names = self._round.global_arrays
+            if is_packed(record):  # Flower's strategies read named records
+                ordered = numpy_to_arrays({name: arrays[name] for name in names})
+            else:
+                ordered = ArrayRecord({name: record[name] for name in names})
             self._accepted.append((reply, ordered))
         return outcome
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Message
 
-from strategies.records import NamedArrays, arrays_to_numpy
+from strategies.records import MalformedRecordError, NamedArrays, arrays_to_numpy
 from strategies.validation import (
     ArraySpec,
     RoundReplyTracker,
@@ -68,10 +68,13 @@ def check_train_reply(
     array_record = content.array_records.get(keys.ARRAYS)
     metrics = dict(metrics_record) if metrics_record is not None else None
     num_examples = metrics.get(keys.NUM_EXAMPLES) if metrics else None
-    arrays = arrays_to_numpy(array_record) if array_record is not None else None
-    reason = validate_reply(arrays, num_examples, metrics, specs)
     info_record = content.config_records.get(keys.INFO)
     info = {k: str(v) for k, v in info_record.items()} if info_record else {}
+    try:
+        arrays = arrays_to_numpy(array_record) if array_record is not None else None
+    except MalformedRecordError as error:
+        return ReplyOutcome(node_id, False, f"malformed arrays: {error}", info=info), None
+    reason = validate_reply(arrays, num_examples, metrics, specs)
     if reason is not None:
         return ReplyOutcome(node_id, False, reason, info=info), None
     float_metrics = {k: float(v) for k, v in (metrics or {}).items()}  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import numpy as np
 import pytest
 import safetensors.numpy
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from strategies.flower_builtin import FlowerStrategyAdapter
-from strategies.records import arrays_to_numpy, numpy_to_arrays
+from strategies.records import arrays_to_numpy, numpy_to_arrays, pack_arrays
 from strategies.registry import (
     FLOWER_STRATEGIES,
     OWN_STRATEGIES,
@@ -77,6 +77,7 @@ def make_reply(
     node_id: int,
     num_examples: object = 10,
     extra_metrics: Mapping[str, float] | None = None,
+    packed: bool = False,
 ) -> Message:
     """A train reply from ``node_id``, built as a ClientApp builds it."""
     instruction = Message(RecordDict(), node_id, "train")
@@ -87,7 +88,10 @@ def make_reply(
         **(extra_metrics or {}),
     }
     content = RecordDict(
-        {keys.ARRAYS: numpy_to_arrays(arrays), keys.METRICS: MetricRecord(metrics)}
+        {
+            keys.ARRAYS: pack_arrays(arrays) if packed else numpy_to_arrays(arrays),
+            keys.METRICS: MetricRecord(metrics),
+        }
     )
     return Message(content=content, reply_to=instruction)
 
@@ -259,6 +263,50 @@ def test_every_flower_strategy_aggregates_mock_replies(name):
         assert np.isfinite(value).all()
     assert not np.array_equal(new_global["conv.weight"], base["conv.weight"])
     assert summary.metrics[keys.TRAIN_LOSS] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_packed_replies_aggregate_exactly_like_named_ones(name):
+    # Prepare: the coordinator sends packed records and our ClientApp answers packed
+    base = global_arrays()
+    clients = {node: client_arrays(base, node) for node in range(2, 9)}
+    results = []
+
+    # Execute
+    for packed in (False, True):
+        np.random.seed(0)  # the DP strategies draw their noise from numpy's global RNG
+        replies = [make_reply(a, n, 10 * n, packed=packed) for n, a in clients.items()]
+        strategy = build(name, **needed_config(name))
+        results.append(run_round(strategy, 1, base, replies))
+
+    # Assert
+    (named, named_summary, _), (packed_global, packed_summary, outcomes) = results
+    assert all(o.accepted for o in outcomes)
+    assert packed_summary.accepted == named_summary.accepted == 7
+    assert named is not None and packed_global is not None
+    assert snapshot(packed_global) == snapshot(named)
+
+
+def test_malformed_packed_reply_is_rejected_with_its_reason():
+    # Prepare: a packed reply whose data is one byte short
+    base = global_arrays()
+    good = pack_arrays(client_arrays(base, 2))
+    data = arrays_to_numpy(ArrayRecord({"x": good["fedcoord.packed"]}))["x"]
+    short = ArrayRecord(
+        {"fedcoord.packed": Array(np.array(data[:-1])), "fedcoord.layout": good["fedcoord.layout"]}
+    )
+    instruction = Message(RecordDict(), 2, "train")
+    metrics = MetricRecord({keys.NUM_EXAMPLES: 10, keys.PARTITION_ID: 0})
+    reply = Message(RecordDict({keys.ARRAYS: short, keys.METRICS: metrics}), reply_to=instruction)
+    strategy = build("fedavg")
+
+    # Execute
+    new_global, summary, outcomes = run_round(strategy, 1, base, [reply])
+
+    # Assert
+    assert not outcomes[0].accepted
+    assert outcomes[0].reason.startswith("malformed arrays: packed data ends inside array")
+    assert new_global is None and summary.rejected == 1
 
 
 def test_adapter_matches_the_weighted_average_and_our_fedavg():
