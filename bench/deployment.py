@@ -18,12 +18,10 @@ evaluation), round 1 excluded (it loads data and warms up).
 ``--stock`` repeats both on SuperNodes as Flower starts them by default (a new
 ``flwr-clientapp`` process per message, 3 s idle poll), for the node-side effect.
 
-The SuperLink is started as ``python -m deploy superlink`` does by default
-(database on, payloads in memory, throttled status cleanup);
-``--objects-in-database`` uses the plain ``flower-superlink`` with its database,
-``--in-memory`` one without a database.
+The SuperLink is started as ``python -m deploy superlink`` does (with its
+database); ``--in-memory`` starts it without one.
 
-Usage: python bench/deployment.py [--rounds 8] [--stock] [--objects-in-database | --in-memory]
+Usage: python bench/deployment.py [--rounds 8] [--stock] [--in-memory] [--fast-server-pull]
 """
 
 from __future__ import annotations
@@ -121,13 +119,6 @@ def serverapp_patch(folder: Path) -> dict[str, str]:
     return {"PYTHONPATH": str(folder)}
 
 
-def superlink_args(args: argparse.Namespace) -> list[str]:
-    """``python -m deploy superlink`` options for the SuperLink variant asked for."""
-    if args.in_memory:
-        return ["--in-memory"]
-    return ["--objects-in-database"] if args.objects_in_database else []
-
-
 def measure(
     node_args: list[str], rounds: int, label: str, args: argparse.Namespace
 ) -> list[tuple[str, dict[str, float]]]:
@@ -139,7 +130,7 @@ def measure(
             node_data,
             node_args=node_args,
             superlink_env=env,
-            superlink_args=superlink_args(args),
+            superlink_args=["--in-memory"] if args.in_memory else [],
         )
         with cluster:
             ours = run_fedcoord(cluster, rounds, f"ours-{label}")
@@ -164,11 +155,6 @@ def main() -> None:
     parser.add_argument(
         "--in-memory", action="store_true", help="SuperLink without a database (Flower's default)"
     )
-    parser.add_argument(
-        "--objects-in-database",
-        action="store_true",
-        help="plain flower-superlink: payloads in the database, cleanup on every request",
-    )
     args = parser.parse_args()
     warm = ["--cpu-threads", "1"]
     if args.node_poll is not None:
@@ -182,7 +168,6 @@ def main() -> None:
         f"{args.rounds} rounds, digits / simple-cnn / 1 local epoch; median of rounds 2..N"
         + ("; Flower's ServerApp with the 20 ms object pull too" if args.fast_server_pull else "")
         + ("; SuperLink without database" if args.in_memory else "")
-        + ("; plain flower-superlink with its database" if args.objects_in_database else "")
         + "\n"
     )
     print("| server loop, nodes | s / round | client training s | final accuracy |")

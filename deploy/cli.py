@@ -73,7 +73,6 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         runtime_install=args.allow_runtime_install,
         log_file=Path(args.log_file) if args.log_file else None,
         in_memory=args.in_memory,
-        objects_in_memory=not args.objects_in_database,
     )
     for line in check_superlink(settings):
         say(f"ok: {line}")
@@ -231,11 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--in-memory",
         action="store_true",
         help="no database: faster transfers, but keys and runs are lost on restart",
-    )
-    link.add_argument(
-        "--objects-in-database",
-        action="store_true",
-        help="store message payloads in the database too (Flower's default; slower)",
     )
     link.add_argument(
         "--address",

@@ -3,21 +3,17 @@ r"""Start the SuperLink: TLS, SuperNode authentication and a persistent database
 ``python -m deploy superlink`` checks the certificate pair (signed by the CA,
 key matching, valid for loopback, which Flower's SuperExec uses to start the
 ServerApp, and for every ``--address`` nodes will use), then replaces itself
-with Flower's SuperLink (same PID, so it is stopped like the SuperLink itself)::
+with ``flower-superlink`` (same PID, so it is stopped like the SuperLink itself)::
 
-    python -m deploy.flower_superlink --objects-in-memory --status-cleanup-interval 1 -- \
-        --ssl-certfile server.pem --ssl-keyfile server.key --ssl-ca-certfile ca.crt \
-        --enable-supernode-auth --database STATE/state.db \
+    flower-superlink --ssl-certfile server.pem --ssl-keyfile server.key \
+        --ssl-ca-certfile ca.crt --enable-supernode-auth --database STATE/state.db \
         --host 0.0.0.0 --port 8000 --disable-runtime-dependency-installation
 
-The database keeps registered node keys and runs across restarts. Flower would
-keep every message payload in it too, one SQLite transaction per part, and
-clean up expired task tokens (a write) on every request; ``deploy.flower_superlink``
-keeps payloads in memory and does that cleanup at most once a second in run-status
-checks, which halves a small model's round (BENCHMARKS.md).
-``--objects-in-database`` starts the plain ``flower-superlink`` with the same
-arguments; ``--in-memory`` drops the database (keys must be registered again
-after a restart).
+The database keeps registered node keys and runs across restarts. Flower then
+keeps message objects in it too, one SQLite transaction per object; fedcoord's
+packed model records keep that to a few objects per message (BENCHMARKS.md).
+``--in-memory`` drops the database (keys must be registered again after a
+restart).
 """
 
 from __future__ import annotations
@@ -49,7 +45,6 @@ class SuperLinkSettings:
     runtime_install: bool = False
     log_file: Path | None = None
     in_memory: bool = False
-    objects_in_memory: bool = True
 
 
 def check_superlink(settings: SuperLinkSettings) -> list[str]:
@@ -76,25 +71,9 @@ def check_superlink(settings: SuperLinkSettings) -> list[str]:
 
 
 def superlink_command(settings: SuperLinkSettings) -> list[str]:
-    """The ``flower-superlink`` command line for these settings.
-
-    With a database and ``objects_in_memory``, Flower's SuperLink is started
-    through ``deploy.flower_superlink`` so that message payloads stay in memory.
-    """
-    if settings.objects_in_memory and not settings.in_memory:
-        launcher = [
-            sys.executable,
-            "-m",
-            "deploy.flower_superlink",
-            "--objects-in-memory",
-            "--status-cleanup-interval",
-            "1",
-            "--",
-        ]
-    else:
-        launcher = [str(Path(sys.executable).with_name("flower-superlink"))]
+    """The ``flower-superlink`` command line for these settings."""
     command = [
-        *launcher,
+        str(Path(sys.executable).with_name("flower-superlink")),
         "--host",
         settings.host,
         "--port",

@@ -606,21 +606,9 @@ def test_superlink_command_has_tls_auth_and_a_database(pki, tmp_path):
     # Execute
     command = superlink_command(settings)
     in_memory = superlink_command(SuperLinkSettings(**{**vars(settings), "in_memory": True}))
-    stock = superlink_command(SuperLinkSettings(**{**vars(settings), "objects_in_memory": False}))
 
     # Assert
     assert command[command.index("--database") + 1] == str(tmp_path / "state" / "state.db")
-    launcher = command[: command.index("--") + 1]
-    assert launcher[1:] == [
-        "-m",
-        "deploy.flower_superlink",
-        "--objects-in-memory",
-        "--status-cleanup-interval",
-        "1",
-        "--",
-    ]
-    assert Path(stock[0]).name == "flower-superlink" and "--database" in stock
-    assert Path(in_memory[0]).name == "flower-superlink"
     assert "--enable-supernode-auth" in command
     assert "--disable-runtime-dependency-installation" in command
     assert command[command.index("--ssl-certfile") + 1] == str(pki.server_cert.resolve())
