@@ -121,8 +121,8 @@ def _parse_layout(record: ArrayRecord) -> list[tuple[str, np.dtype, tuple[int, .
         )
     try:
         parsed = json.loads(npy_view(record[PACKED_LAYOUT]).tobytes())
-        entries = parsed["arrays"] if parsed.get("version") == PACKED_VERSION else None
-    except (ValueError, TypeError, AttributeError) as error:
+        entries = parsed.get("arrays") if parsed.get("version") == PACKED_VERSION else None
+    except (ValueError, TypeError, AttributeError, RecursionError) as error:
         raise MalformedRecordError(f"unreadable packed layout: {error}") from None
     if not isinstance(entries, list):
         raise MalformedRecordError(f"packed layout is not version {PACKED_VERSION}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Message
 
-from strategies.records import MalformedRecordError, NamedArrays, arrays_to_numpy
+from strategies.records import NamedArrays, arrays_to_numpy
 from strategies.validation import (
     ArraySpec,
     RoundReplyTracker,
@@ -72,7 +72,7 @@ def check_train_reply(
     info = {k: str(v) for k, v in info_record.items()} if info_record else {}
     try:
         arrays = arrays_to_numpy(array_record) if array_record is not None else None
-    except MalformedRecordError as error:
+    except ValueError as error:  # MalformedRecordError, or an Array whose bytes are not .npy
         return ReplyOutcome(node_id, False, f"malformed arrays: {error}", info=info), None
     reason = validate_reply(arrays, num_examples, metrics, specs)
     if reason is not None:

@@ -103,6 +103,9 @@ def test_object_arrays_are_refused_when_packing():
         ({"version": 1, "arrays": [["w", "<f4"]]}, "bad packed layout entry"),
         ({"version": 1, "arrays": [["w", "<f4", [100]]]}, "ends inside array 'w'"),
         ({"version": 1, "arrays": [["w", "<f4", [1]]]}, "byte\\(s\\) beyond its layout"),
+        ({"version": 1}, "not version 1"),
+        ([1, 2], "unreadable packed layout"),
+        ({"version": 1, "arrays": [7]}, "bad packed layout entry 7"),
     ],
 )
 def test_malformed_layouts_are_refused_with_a_reason(layout, match):
@@ -120,8 +123,17 @@ def test_unreadable_layout_and_extra_or_missing_parts_are_refused():
     extra = ArrayRecord({**dict(good.items()), "w": Array(np.ones(2, dtype=np.float32))})
     missing = ArrayRecord({PACKED_DATA: good[PACKED_DATA]})
 
+    deep = ArrayRecord(
+        {
+            PACKED_DATA: good[PACKED_DATA],
+            PACKED_LAYOUT: Array(np.frombuffer(b"[" * 100_000 + b"]" * 100_000, np.uint8)),
+        }
+    )
+
     with pytest.raises(MalformedRecordError, match="unreadable packed layout"):
         arrays_to_numpy(garbage)
+    with pytest.raises(MalformedRecordError, match="unreadable packed layout"):
+        arrays_to_numpy(deep)
     with pytest.raises(MalformedRecordError, match="holds exactly"):
         arrays_to_numpy(extra)
     with pytest.raises(MalformedRecordError, match="holds exactly"):

@@ -309,6 +309,23 @@ def test_malformed_packed_reply_is_rejected_with_its_reason():
     assert new_global is None and summary.rejected == 1
 
 
+def test_reply_array_that_is_not_npy_bytes_is_rejected_not_raised():
+    # Prepare: one array's bytes are not a .npy payload
+    base = global_arrays()
+    record = numpy_to_arrays(client_arrays(base, 2))
+    record["fc.bias"] = Array(dtype="float32", shape=(5,), stype="numpy.ndarray", data=b"junk")
+    instruction = Message(RecordDict(), 2, "train")
+    metrics = MetricRecord({keys.NUM_EXAMPLES: 10, keys.PARTITION_ID: 0})
+    reply = Message(RecordDict({keys.ARRAYS: record, keys.METRICS: metrics}), reply_to=instruction)
+
+    # Execute
+    _, summary, outcomes = run_round(build("fedavg"), 1, base, [reply])
+
+    # Assert
+    assert not outcomes[0].accepted and outcomes[0].reason.startswith("malformed arrays: ")
+    assert summary.rejected == 1
+
+
 def test_adapter_matches_the_weighted_average_and_our_fedavg():
     # Prepare: fedprox aggregates like FedAvg (the proximal term is the clients')
     base = global_arrays()
