@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sqlite3
 import statistics
 import tempfile
@@ -36,17 +37,20 @@ from pathlib import Path
 from coordinator_round_time import build_baseline_app
 
 from deploy.local_cluster import LocalDeployment
+from server import object_pull
 
 NODES = 3
 # --fast-server-pull: Flower's HttpGrid.pull_messages fetches a reply's objects with a
 # 1 s, then 2 s, ... backoff; fedcoord's ServerApp retries after 20 ms
 # (server/object_pull.py). This gives Flower's ServerApp the same short backoff, to
 # separate that effect from the coordinator's.
-SERVERAPP_PULL_PATCH = """import functools, sys
+SERVERAPP_PULL_PATCH = f"""import functools, sys
 if sys.argv and sys.argv[0].endswith("flwr-serverapp"):
     from flwr.superlink.grid import http_grid
     http_grid.pull_objects = functools.partial(
-        http_grid.pull_objects, initial_backoff=0.02, backoff_cap=0.5
+        http_grid.pull_objects,
+        initial_backoff={object_pull.INITIAL_BACKOFF_S!r},
+        backoff_cap={object_pull.BACKOFF_CAP_S!r},
     )
 """
 WORKLOAD = {"dataset": "digits", "model": "simple-cnn", "local-epochs": 1, "batch-size": 32}
@@ -173,8 +177,8 @@ def main() -> None:
     print("| server loop, nodes | s / round | client training s | final accuracy |")
     print("|---|---:|---:|---:|")
     for name, result in results:
-        training = "-" if result["training_s"] != result["training_s"] else result["training_s"]
-        training_text = training if isinstance(training, str) else f"{training:.2f}"
+        training = result["training_s"]
+        training_text = "-" if math.isnan(training) else f"{training:.2f}"
         print(f"| {name} | {result['round_s']:.2f} | {training_text} | {result['accuracy']:.4f} |")
     for index in range(0, len(results), 2):
         flower, ours = results[index][1], results[index + 1][1]

@@ -81,8 +81,14 @@ def is_packed(record: ArrayRecord) -> bool:
     return PACKED_DATA in record or PACKED_LAYOUT in record
 
 
-def _aligned(offset: int) -> int:
-    return -(-offset // PACKED_ALIGNMENT) * PACKED_ALIGNMENT
+def _packed_offsets(sizes: list[int]) -> tuple[list[int], int]:
+    """Each array's 64-byte aligned start in the packed data, and the data's length."""
+    offsets, end = [], 0
+    for size in sizes:
+        start = -(-end // PACKED_ALIGNMENT) * PACKED_ALIGNMENT
+        offsets.append(start)
+        end = start + size
+    return offsets, end
 
 
 def pack_arrays(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -94,19 +100,14 @@ def pack_arrays(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
         If an array's dtype is not boolean, integer or floating point.
     """
     values = [np.asarray(value, order="C") for value in arrays.values()]
-    layout, offset = [], 0
     for name, value in zip(arrays, values, strict=True):
         if value.dtype.kind not in _PACKABLE_KINDS:
             raise ValueError(f"array {name!r} has dtype {value.dtype}, which cannot be packed")
-        offset = _aligned(offset)
-        layout.append([name, value.dtype.str, list(value.shape)])
-        offset += value.nbytes
-    data = np.zeros(offset, dtype=np.uint8)
-    offset = 0
-    for value in values:
-        offset = _aligned(offset)
+    layout = [[name, v.dtype.str, list(v.shape)] for name, v in zip(arrays, values, strict=True)]
+    offsets, length = _packed_offsets([value.nbytes for value in values])
+    data = np.zeros(length, dtype=np.uint8)
+    for offset, value in zip(offsets, values, strict=True):
         data[offset : offset + value.nbytes] = value.reshape(-1).view(np.uint8)
-        offset += value.nbytes
     header = json.dumps({"version": PACKED_VERSION, "arrays": layout}).encode()
     return ArrayRecord(
         {PACKED_DATA: Array(data), PACKED_LAYOUT: Array(np.frombuffer(header, dtype=np.uint8))}
@@ -159,18 +160,16 @@ def unpack_arrays(record: ArrayRecord) -> NamedArrays:
     data = npy_view(record[PACKED_DATA])
     if data.dtype != np.uint8 or data.ndim != 1:
         raise MalformedRecordError(f"packed data must be 1-d uint8, got {data.dtype} {data.shape}")
+    sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in layout]
+    offsets, length = _packed_offsets(sizes)
     arrays: NamedArrays = {}
-    offset = 0
-    for name, dtype, shape in layout:
-        offset = _aligned(offset)
-        size = math.prod(shape) * dtype.itemsize
+    for (name, dtype, shape), offset, size in zip(layout, offsets, sizes, strict=True):
         if offset + size > data.size:
             raise MalformedRecordError(f"packed data ends inside array {name!r}")
         arrays[name] = data[offset : offset + size].view(dtype).reshape(shape)
-        offset += size
-    if offset != data.size:
+    if length != data.size:
         raise MalformedRecordError(
-            f"packed data has {data.size - offset} byte(s) beyond its layout"
+            f"packed data has {data.size - length} byte(s) beyond its layout"
         )
     return arrays
 
