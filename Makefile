@@ -10,28 +10,36 @@ SUPERNODES ?= 10
 RUN_CONFIG ?=
 NUM_CPUS ?= 1
 FLWR_HOME_DIR := $(CURDIR)/.flwr_home
+# Tests that need no simulation, no browser and no network namespace.
+FAST_TESTS := -m "not slow"
 
-.PHONY: setup demo test lint bench dashboard clean
+.PHONY: setup system-deps demo test test-fast lint bench dashboard clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "fedcoord needs Python >= 3.11 (Flower 1.42)")'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+	@tools/setup_venv.sh "$(PYTHON)" "$(VENV)"
+	@touch $(STAMP)
+
+# Debian packages the tests use (chromium, iproute2, dataset-fashion-mnist):
+# installed when missing and running as root; otherwise their tests are skipped.
+system-deps:
+	@tools/system_deps.sh
 
 demo: setup
-	$(BIN)/python -m server.simulation --supernodes $(SUPERNODES) --num-cpus $(NUM_CPUS) \
+	@$(BIN)/python -m server.simulation --supernodes $(SUPERNODES) --num-cpus $(NUM_CPUS) \
 		--flwr-home $(FLWR_HOME_DIR) --run-config "$(RUN_CONFIG)"
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy strategies --ignore-missing-imports
 
-test: lint
+test: lint system-deps
 	$(BIN)/python -m pytest -ra tests
+
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q $(FAST_TESTS) tests
 
 bench: setup
 	$(BIN)/python bench/client_training.py

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +18,55 @@ from server.simulation import LocalSuperLink, flwr_run_command, local_superlink
 
 APP_DIR = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 900
+
+# Debian packages some tests use, and how to tell that each is installed.
+# `make system-deps` (run by `make test`) installs the missing ones when root.
+SYSTEM_PACKAGES: dict[str, Callable[[], bool]] = {
+    "chromium": lambda: Path("/usr/bin/chromium").is_file(),
+    "iproute2": lambda: shutil.which("ip") is not None,
+    "dataset-fashion-mnist": lambda: Path(
+        "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+    ).is_file(),
+}
+_skipped_for_packages: dict[str, int] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "system_package(name): needs a Debian package (make system-deps installs it)",
+    )
+
+
+def missing_package_message(package: str) -> str:
+    """One line naming the missing Debian package and the command that installs it."""
+    return (
+        f"needs the Debian package {package}: run `sudo make system-deps` "
+        f"(or apt-get install {package})"
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip (fail under CI=true) a test whose Debian package is missing."""
+    for marker in item.iter_markers("system_package"):
+        package = str(marker.args[0])
+        if SYSTEM_PACKAGES[package]():
+            continue
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI=true: {missing_package_message(package)}", pytrace=False)
+        _skipped_for_packages[package] = _skipped_for_packages.get(package, 0) + 1
+        pytest.skip(missing_package_message(package))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _skipped_for_packages:
+        total = sum(_skipped_for_packages.values())
+        packages = " ".join(sorted(_skipped_for_packages))
+        terminalreporter.write_line(
+            f"{total} test(s) skipped: missing Debian packages {packages}; "
+            "install them with `sudo make system-deps`",
+            yellow=True,
+        )
 
 
 def fedcoord(runs_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -1,8 +1,8 @@
 """The dashboard in a real browser during a live simulation: follow it, pause, resume, stop.
 
 Headless Chromium is Debian's ``chromium`` package, driven by Playwright's Python
-package with ``executable_path`` (``playwright install`` is never run); ``.ci/run``
-installs both.
+package with ``executable_path`` (``playwright install`` is never run); ``make test``
+installs Chromium when root (``make system-deps``) and the dev extra has Playwright.
 """
 
 import importlib.util
@@ -21,7 +21,7 @@ from server.simulation import free_port
 from server.store import RunStoreError
 from tests.conftest import APP_DIR, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.system_package("chromium")]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

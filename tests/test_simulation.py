@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from task.datasets import FASHION_MNIST_SYSTEM_DIRS
-
 pytestmark = pytest.mark.slow
 
 FINAL_LINE = re.compile(r"final accuracy: (0\.\d{4})")
@@ -77,10 +75,7 @@ def test_unknown_dataset_is_refused_before_any_round(simulate):
     assert not run.run_dir.exists()
 
 
-@pytest.mark.skipif(
-    not any((d / "train-images-idx3-ubyte.gz").exists() for d in FASHION_MNIST_SYSTEM_DIRS),
-    reason="no Fashion-MNIST: apt-get install dataset-fashion-mnist (.ci/run installs it)",
-)
+@pytest.mark.system_package("dataset-fashion-mnist")
 def test_fashion_mnist_ten_nodes_three_rounds(simulate, tmp_path):
     # Execute
     run = simulate(
