@@ -207,7 +207,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     """Serve the web dashboard of the runs directory until Ctrl-C."""
     from server.dashboard import dashboard_settings, serve, startup_lines
 
-    settings = dashboard_settings(Path(args.runs_dir), args.host)
+    try:
+        settings = dashboard_settings(Path(args.runs_dir), args.host, args.public_origin)
+    except ValueError as error:
+        print(f"fedcoord: {error}", file=sys.stderr)
+        return 2
     print("\n".join(startup_lines(settings, args.host, args.port)), flush=True)
     serve(settings, args.host, args.port)
     return 0
@@ -286,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind; not loopback = token required"
     )
     dashboard.add_argument("--port", type=int, default=8765, help="TCP port (default: 8765)")
+    dashboard.add_argument(
+        "--public-origin",
+        default=None,
+        help="https://host of a TLS reverse proxy in front: its Origin is accepted, token needed",
+    )
     dashboard.set_defaults(func=cmd_dashboard)
     return parser
 
