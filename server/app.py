@@ -2,30 +2,94 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
 from logging import ERROR, INFO
 
 from flwr.app import Context
-from flwr.common.logger import log
+from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import RunNotRunningException
 
 from server import lifecycle, object_pull
 from server.checkpoints import load_checkpoint
 from server.control import StopRequestedError
-from server.coordinator import Coordinator, EvaluateFn, NamedArrays
+from server.coordinator import Coordinator, EvaluateFn, NamedArrays, NodeShortageError
+from server.preflight import check_resumable_exists, check_run_name_free
 from server.runs import effective_state
-from server.store import DB_NAME, RunStore
+from server.store import RunStore
 from strategies.registry import build_strategy
-from task.config import ConfigError, RunConfig, config_to_dict, parse_run_config
-from task.datasets import DatasetSplits, load_dataset
+from task.config import (
+    ConfigError,
+    RunConfig,
+    config_to_dict,
+    make_run_name,
+    parse_run_config,
+)
+from task.datasets import DatasetSplits, DatasetUnavailableError, load_dataset
 from task.models import build_model
 from task.training import load_numpy_into, model_to_numpy, resolve_device
 from task.training import test as evaluate_model
 
 app = ServerApp()
+
+DEBUG_ENV = "FEDCOORD_DEBUG"
+
+
+class NoRoundUpdatedError(RuntimeError):
+    """Every round of the run kept the model: no node's update was accepted."""
+
+
+def check_some_round_updated(store: RunStore, first_round: int) -> None:
+    """Fail a run none of whose rounds changed the model.
+
+    Raises
+    ------
+    NoRoundUpdatedError
+        Naming the last round's reason and where to read each node's error.
+    """
+    ran = [row for row in store.rounds() if int(row["round"]) >= first_round]  # type: ignore[call-overload]
+    if ran and not any(row["updated"] for row in ran):
+        raise NoRoundUpdatedError(
+            f"no round updated the model (round {ran[-1]['round']}: {ran[-1]['note']}); "
+            f"see each node's error with: fedcoord nodes {store.run_dir.name}"
+        )
+
+
+# Errors whose message already names the fix: logged as one line, without a traceback.
+ONE_LINE_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    DatasetUnavailableError,
+    NodeShortageError,
+    NoRoundUpdatedError,
+)
+
+
+class OneLineErrorFilter(logging.Filter):
+    """Turn Flower's "ServerApp raised an exception" traceback into one ERROR line.
+
+    Flower logs any exception that leaves the ServerApp with its traceback, and
+    marks the run failed. For the errors a user fixes by changing the config or
+    starting nodes, that traceback hides the one line that matters.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Strip the traceback of a record that carries one of ``ONE_LINE_ERRORS``."""
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ONE_LINE_ERRORS):
+            record.msg, record.args = "fedcoord: %s", (str(error),)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def install_one_line_errors() -> None:
+    """Install :class:`OneLineErrorFilter` once, unless ``FEDCOORD_DEBUG=1`` asks for tracebacks."""
+    if os.environ.get(DEBUG_ENV, "") in ("1", "true"):
+        return
+    if not any(isinstance(f, OneLineErrorFilter) for f in FLOWER_LOGGER.filters):
+        FLOWER_LOGGER.addFilter(OneLineErrorFilter())
 
 
 @dataclass
@@ -34,11 +98,6 @@ class StartPoint:
 
     arrays: NamedArrays
     first_round: int
-
-
-def make_run_name() -> str:
-    """A fresh, sortable run name: ``run-YYYYmmdd-HHMMSS-<pid>``."""
-    return time.strftime("run-%Y%m%d-%H%M%S") + f"-{os.getpid()}"
 
 
 def make_central_evaluate(config: RunConfig, data: DatasetSplits) -> EvaluateFn:
@@ -59,19 +118,15 @@ def make_central_evaluate(config: RunConfig, data: DatasetSplits) -> EvaluateFn:
 def open_new_run(config: RunConfig, run_name: str) -> RunStore:
     """Create the run directory of a fresh run; refuse to overwrite an existing one."""
     run_dir = config.resolved_runs_dir / run_name
-    if (run_dir / DB_NAME).exists():
-        raise ConfigError(
-            f"run {run_name!r} already exists in {config.resolved_runs_dir}; continue it with "
-            f"--run-config \"run-name='{run_name}' resume=true\" or choose another run-name"
-        )
-    return RunStore.create(run_dir, run_name, config_to_dict(config), config.num_server_rounds)
+    check_run_name_free(config, run_name)
+    stored = {**config_to_dict(config), "dataset-defaults": ",".join(config.dataset_defaults)}
+    return RunStore.create(run_dir, run_name, stored, config.num_server_rounds)
 
 
 def open_resumed_run(config: RunConfig) -> RunStore:
     """Open the run named by ``run-name`` for ``resume=true``, checking it can go on."""
     run_dir = config.resolved_runs_dir / config.run_name
-    if not (run_dir / DB_NAME).exists():
-        raise ConfigError(f"resume=true: no run {config.run_name!r} in {config.resolved_runs_dir}")
+    check_resumable_exists(config)
     store = RunStore(run_dir)
     run = store.run_row()
     state = effective_state(str(run["state"]), run["heartbeat_at"], time.time())  # type: ignore[arg-type]
@@ -115,6 +170,7 @@ def restore_start_point(store: RunStore, config: RunConfig, strategy: object) ->
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run (or resume) one federated training run under the coordinator."""
+    install_one_line_errors()
     config = parse_run_config(context.run_config)
     object_pull.install()
     strategy = build_strategy(config)
@@ -128,7 +184,15 @@ def main(grid: Grid, context: Context) -> None:
         heartbeat_at=time.time(),
         message="",
     )
-    log(INFO, "fedcoord run %s: %s", run_name, store.run_dir)
+    log(
+        INFO,
+        "fedcoord run %s: %s; %s on %s, %s",
+        run_name,
+        store.run_dir,
+        config.strategy,
+        config.dataset,
+        config.training_summary,
+    )
     heartbeat = store.start_heartbeat()
     try:
         outcome = run_training(grid, config, store, strategy)
@@ -159,6 +223,7 @@ def run_training(grid: Grid, config: RunConfig, store: RunStore, strategy: objec
             make_central_evaluate(config, data),  # type: ignore[arg-type]
         )
         coordinator.run(start.arrays, start.first_round)
+        check_some_round_updated(store, start.first_round)
     except (StopRequestedError, RunNotRunningException, KeyboardInterrupt, SystemExit) as error:
         reason = "flwr stop" if isinstance(error, RunNotRunningException) else str(error)
         store.update_run(state=lifecycle.STOPPED, phase="stopped", message=reason)
@@ -167,7 +232,8 @@ def run_training(grid: Grid, config: RunConfig, store: RunStore, strategy: objec
     except BaseException as error:
         store.update_run(state=lifecycle.FAILED, message=f"{type(error).__name__}: {error}")
         store.add_event("failed", f"{type(error).__name__}: {error}")
-        log(ERROR, "run failed: %s", error)
+        if not isinstance(error, ONE_LINE_ERRORS):
+            log(ERROR, "run failed: %s", error)
         raise
     store.update_run(state=lifecycle.COMPLETED, phase="done")
     rounds = store.rounds()

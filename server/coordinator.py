@@ -227,7 +227,8 @@ class Coordinator:
                 raise NodeShortageError(
                     f"only {len(node_ids)} node(s) registered after "
                     f"{self.config.node_wait_timeout:.0f}s; min-train-nodes is "
-                    f"{self.config.min_train_nodes}"
+                    f"{self.config.min_train_nodes}: start more SuperNodes, lower "
+                    "min-train-nodes or raise node-wait-timeout"
                 )
             self._report_progress("waiting-for-nodes", len(node_ids), self.config.min_train_nodes)
             self.control.check_stop()

@@ -6,6 +6,10 @@ choosing, under a FLWR_HOME of our choosing, with runtime dependency
 installation disabled, and stopped by its PID when the run ends, fails or is
 interrupted.
 
+The run-config is checked before anything starts (a bad value: one line, exit 2),
+and the exit code says how the run ended: 0 completed, 1 failed, 3 stopped, 130
+interrupted with Ctrl-C.
+
 Usage::
 
     python -m server.simulation --supernodes 10 --run-config "num-server-rounds=3"
@@ -18,6 +22,7 @@ import contextlib
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,8 +33,18 @@ from pathlib import Path
 
 import httpx
 
+from server.preflight import check_resumable_exists, check_run_name_free, parse_app_run_config
+from server.runs import run_status
+from server.store import DB_NAME, RunStoreError
+from task.config import ConfigError, make_run_name
+
 CONNECTION_NAME = "fedcoord-sim"
 STARTUP_TIMEOUT_S = 60.0
+# Seconds to wait, after ``flwr run`` returns, for the run store to show a final state.
+FINAL_STATE_WAIT_S = 10.0
+FINAL_STATES = ("completed", "failed", "stopped")
+DEBUG_ENV = "FEDCOORD_DEBUG"
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 @dataclass(frozen=True)
@@ -125,16 +140,17 @@ def stop_tree(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
     tree = descendants(process.pid)
     stop_process(process, grace_s)
     for signum in (signal.SIGTERM, signal.SIGKILL):
-        alive = [pid for pid in tree if _alive(pid)]
+        alive = [pid for pid in tree if process_alive(pid)]
         for pid in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
         deadline = time.monotonic() + grace_s
-        while any(_alive(pid) for pid in alive) and time.monotonic() < deadline:
+        while any(process_alive(pid) for pid in alive) and time.monotonic() < deadline:
             time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux /proc)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -234,26 +250,125 @@ def run_simulation(
             stop_process(process)
 
 
+@dataclass(frozen=True)
+class PlannedRun:
+    """A run checked before Flower starts: its run-config text and run directory."""
+
+    run_config: str
+    run_dir: Path
+    previous_flwr_run_id: str | None
+
+
+def plan_run(app_dir: Path, run_config: str) -> PlannedRun:
+    """Validate the run-config and the run directory; name the run if it has no name.
+
+    Raises
+    ------
+    ConfigError
+        With the one-line message of the first problem.
+    """
+    config = parse_app_run_config(app_dir, run_config)
+    run_name = config.run_name
+    if config.resume:
+        check_resumable_exists(config)
+    else:
+        run_name = run_name or make_run_name()
+        check_run_name_free(config, run_name)
+        if not config.run_name:
+            run_config = f"{run_config} run-name='{run_name}'".strip()
+    run_dir = config.resolved_runs_dir / run_name
+    return PlannedRun(run_config, run_dir, _flwr_run_id(run_dir))
+
+
+def _flwr_run_id(run_dir: Path) -> str | None:
+    """The Flower run id recorded in ``run_dir``'s run store, None if there is none."""
+    if not (run_dir / DB_NAME).exists():
+        return None
+    try:
+        return str(run_status(run_dir)["flwr_run_id"])
+    except (RunStoreError, sqlite3.Error, KeyError):
+        return None
+
+
+def run_outcome(planned: PlannedRun, wait_s: float = FINAL_STATE_WAIT_S) -> tuple[int, str]:
+    """Exit code and closing line for the run, read from its run store.
+
+    0 for ``completed`` (no closing line: the run logged its final accuracy),
+    3 for ``stopped``, 1 for anything else, with the reason.
+    """
+    name = planned.run_dir.name
+    deadline = time.monotonic() + wait_s
+    while True:
+        flwr_run_id = _flwr_run_id(planned.run_dir)
+        if flwr_run_id is None or flwr_run_id == planned.previous_flwr_run_id:
+            return EXIT_FAILED, f"run {name} did not start; the ServerApp's log above says why"
+        status = run_status(planned.run_dir)
+        state = str(status["state"])
+        if state in FINAL_STATES or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    message = str(status["message"] or "")
+    if state == "completed":
+        return EXIT_OK, ""
+    if state == "stopped":
+        return EXIT_STOPPED, f"run {name} stopped after round {status['current_round']}: {message}"
+    return EXIT_FAILED, f"run {name} {state}: {message or 'see the log above'}"
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Check the config, run the simulation, and map the run's final state to an exit code."""
+    app_dir = Path(args.app).resolve()
+    try:
+        planned = plan_run(app_dir, args.run_config)
+    except ConfigError as error:
+        _say(str(error))
+        return EXIT_CONFIG
+    try:
+        run_simulation(
+            app_dir, Path(args.flwr_home), args.supernodes, planned.run_config, args.num_cpus
+        )
+    except KeyboardInterrupt:
+        _say(
+            f"interrupted: run {planned.run_dir.name} ended with its SuperLink; continue it with "
+            f"RUN_CONFIG=\"run-name='{planned.run_dir.name}' resume=true\""
+        )
+        return EXIT_INTERRUPTED
+    except RuntimeError as error:  # the SuperLink did not start
+        _say(str(error))
+        return EXIT_FAILED
+    code, line = run_outcome(planned)
+    if line:
+        _say(line)
+    return code
+
+
+def _say(line: str) -> None:
+    print(f"fedcoord: {line}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: run a simulation and clean up whatever happens."""
+    """Command-line entry: run a simulation and clean up whatever happens.
+
+    Exit codes: 0 completed, 1 failed (or did not start), 2 bad run-config,
+    3 stopped, 130 Ctrl-C.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--app", default=".", help="the Flower app folder (pyproject.toml)")
     parser.add_argument("--supernodes", type=int, default=10, help="simulated nodes")
     parser.add_argument("--run-config", default="", help='e.g. "num-server-rounds=3"')
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per simulated node")
     parser.add_argument("--flwr-home", default=".flwr_home", help="FLWR_HOME for this run")
+    parser.add_argument(
+        "--debug", action="store_true", help="log tracebacks of config and node errors too"
+    )
     args = parser.parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        return run_simulation(
-            Path(args.app).resolve(),
-            Path(args.flwr_home),
-            args.supernodes,
-            args.run_config,
-            args.num_cpus,
-        )
+        return launch(args)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,6 +24,19 @@ BYZANTINE_MODES: tuple[str, ...] = ("flip", "noise")
 
 
 FAULT_KINDS: tuple[str, ...] = ("raise", "sleep", "nan")
+
+# The value of a training key that means "the dataset's default" (the pyproject default).
+DATASET_DEFAULT = "auto"
+# Local training defaults per dataset, for the keys a run leaves at "auto" (or unset).
+# digits and fashion-mnist were measured (README, "Per-dataset training defaults");
+# mnist and cifar10 have no offline copy here and take the 28x28 / common settings.
+TRAINING_DEFAULTS: dict[str, dict[str, int | float]] = {
+    "digits": {"local-epochs": 5, "batch-size": 16, "lr": 0.05, "momentum": 0.9},
+    "fashion-mnist": {"local-epochs": 1, "batch-size": 16, "lr": 0.01, "momentum": 0.9},
+    "mnist": {"local-epochs": 1, "batch-size": 16, "lr": 0.01, "momentum": 0.9},
+    "cifar10": {"local-epochs": 1, "batch-size": 32, "lr": 0.01, "momentum": 0.9},
+}
+TRAINING_KEYS: tuple[str, ...] = ("local-epochs", "batch-size", "lr", "momentum")
 
 
 class ConfigError(ValueError):
@@ -86,6 +100,8 @@ class RunConfig:
     local_test_fraction: float = 0.2
     # Seconds to wait at start for at least min-train-nodes nodes to register.
     node_wait_timeout: float = 120.0
+    # Training keys (of TRAINING_KEYS) that took the dataset's default, in that order.
+    dataset_defaults: tuple[str, ...] = field(default=TRAINING_KEYS, compare=False)
     # Extra keys that a strategy reads (e.g. Flower built-ins' parameters).
     extra: Mapping[str, object] = field(default_factory=dict, compare=False)
 
@@ -104,6 +120,16 @@ class RunConfig:
         return fedcoord_home() / "data"
 
     @property
+    def training_summary(self) -> str:
+        """``local-epochs=1 batch-size=16 lr=0.01 momentum=0.9 (fashion-mnist defaults: ...)``."""
+        values = " ".join(
+            f"{key}={getattr(self, key.replace('-', '_')):g}" for key in TRAINING_KEYS
+        )
+        if not self.dataset_defaults:
+            return values
+        return f"{values} ({self.dataset} defaults: {', '.join(self.dataset_defaults)})"
+
+    @property
     def parsed_node_weights(self) -> dict[int, float]:
         """Operator weights by partition id from ``node-weights``."""
         return parse_node_weights(self.node_weights)
@@ -112,6 +138,11 @@ class RunConfig:
     def parsed_byzantine_partitions(self) -> frozenset[int]:
         """Partition ids of the Byzantine clients from ``byzantine-partitions``."""
         return parse_partition_ids("byzantine-partitions", self.byzantine_partitions)
+
+
+def make_run_name() -> str:
+    """A fresh, sortable run name: ``run-YYYYmmdd-HHMMSS-<pid>``."""
+    return time.strftime("run-%Y%m%d-%H%M%S") + f"-{os.getpid()}"
 
 
 def fedcoord_home() -> Path:
@@ -315,22 +346,48 @@ def parse_run_config(run_config: Mapping[str, object]) -> RunConfig:
         If a value has the wrong type or is not one of the valid options.
     """
     defaults = RunConfig()
-    known = {_key(f.name): f.name for f in fields(RunConfig) if f.name != "extra"}
+    known = {_key(f.name): f.name for f in fields(RunConfig) if f.name not in _NOT_KEYS}
     values: dict[str, object] = {}
     extra: dict[str, object] = {}
     for key, value in run_config.items():
+        if key in TRAINING_KEYS and value == DATASET_DEFAULT:
+            continue
         if key in known:
             attribute = known[key]
             values[attribute] = _coerce(key, value, getattr(defaults, attribute))
         else:
             extra[key] = value
-    config = RunConfig(**values, extra=extra)  # type: ignore[arg-type]
+    dataset_defaults = _apply_dataset_defaults(values, str(values.get("dataset", defaults.dataset)))
+    config = RunConfig(**values, dataset_defaults=dataset_defaults, extra=extra)  # type: ignore[arg-type]
     validate_config(config)
     return config
 
 
+_NOT_KEYS = ("extra", "dataset_defaults")
+
+
+def _apply_dataset_defaults(values: dict[str, object], dataset: str) -> tuple[str, ...]:
+    """Fill the training keys missing from ``values`` with ``dataset``'s defaults.
+
+    Returns the keys filled in. An unknown dataset takes none: validation refuses it.
+    """
+    table = TRAINING_DEFAULTS.get(dataset)
+    if table is None:
+        return ()
+    filled = tuple(key for key in TRAINING_KEYS if _key_attribute(key) not in values)
+    for key in filled:
+        values[_key_attribute(key)] = table[key]
+    return filled
+
+
+def _key_attribute(key: str) -> str:
+    return key.replace("-", "_")
+
+
 def config_to_dict(config: RunConfig) -> dict[str, object]:
     """Return the config as run-config keys, for the run store and checkpoints."""
-    data = {_key(f.name): getattr(config, f.name) for f in fields(config) if f.name != "extra"}
+    data = {
+        _key(f.name): getattr(config, f.name) for f in fields(config) if f.name not in _NOT_KEYS
+    }
     data.update(config.extra)
     return data

@@ -99,3 +99,48 @@ def test_pyproject_defaults_match_the_dataclass():
     # Assert: every key is known, and the defaults agree
     assert config.extra == {}
     assert config == RunConfig()
+
+
+def test_training_keys_left_auto_take_the_datasets_defaults():
+    # Execute: pyproject's "auto" and an absent key mean the same
+    fashion = parse_run_config({"dataset": "fashion-mnist", "lr": "auto"})
+    digits = parse_run_config({"dataset": "digits", "local-epochs": "auto"})
+
+    # Assert
+    assert (fashion.local_epochs, fashion.batch_size, fashion.lr, fashion.momentum) == (
+        1,
+        16,
+        0.01,
+        0.9,
+    )
+    assert (digits.local_epochs, digits.lr) == (5, 0.05)
+    assert fashion.dataset_defaults == ("local-epochs", "batch-size", "lr", "momentum")
+    assert fashion.training_summary == (
+        "local-epochs=1 batch-size=16 lr=0.01 momentum=0.9 "
+        "(fashion-mnist defaults: local-epochs, batch-size, lr, momentum)"
+    )
+
+
+def test_an_explicit_training_value_wins_over_the_datasets_default():
+    # Execute: momentum 0 (plain SGD) is a real value, not "unset"
+    config = parse_run_config({"dataset": "fashion-mnist", "lr": 0.1, "momentum": 0})
+
+    # Assert
+    assert config.lr == 0.1 and config.momentum == 0.0
+    assert config.local_epochs == 1
+    assert config.dataset_defaults == ("local-epochs", "batch-size")
+    assert "(fashion-mnist defaults: local-epochs, batch-size)" in config.training_summary
+
+
+def test_every_dataset_has_training_defaults_that_validate():
+    from task.config import TRAINING_DEFAULTS
+    from task.names import DATASET_NAMES
+
+    for dataset in DATASET_NAMES:
+        config = parse_run_config({"dataset": dataset})
+        assert config.lr == TRAINING_DEFAULTS[dataset]["lr"]
+
+
+def test_a_bad_training_value_is_still_refused():
+    with pytest.raises(ConfigError, match="lr must be a number"):
+        parse_run_config({"lr": "fast"})

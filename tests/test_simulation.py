@@ -73,20 +73,32 @@ def test_unknown_dataset_is_refused_before_any_round(simulate):
     assert "unknown dataset 'imagenet'; valid: digits, mnist, fashion-mnist, cifar10" in run.output
     assert "round 1/" not in run.output
     assert not run.run_dir.exists()
+    assert "Traceback" not in run.output, run.output[-3000:]
+
+
+def test_too_few_nodes_fail_the_run_with_one_line(simulate):
+    # Execute: 3 nodes wanted, 2 simulated
+    run = simulate(2, "too-few", **{"min-train-nodes": 3, "node-wait-timeout": 3.0})
+
+    # Assert: one ERROR line naming the fix, no traceback; the run is recorded failed
+    assert "only 2 node(s) registered after 3s; min-train-nodes is 3: start more" in run.output
+    assert "Traceback" not in run.output, run.output[-3000:]
+    assert run.status()["state"] == "failed"
 
 
 @pytest.mark.system_package("dataset-fashion-mnist")
 def test_fashion_mnist_ten_nodes_three_rounds(simulate, tmp_path):
     # Execute
+    # Execute: only the dataset changes; the training keys take its defaults
     run = simulate(
         10,
         "fashion-e2e",
         dataset="fashion-mnist",
-        **{"data-dir": str(tmp_path / "data"), "num-server-rounds": 3, "local-epochs": 1},
-        lr=0.01,
+        **{"data-dir": str(tmp_path / "data"), "num-server-rounds": 3},
     )
 
-    # Assert
+    # Assert: the first log line says which defaults it took, and the run learns
     assert run.returncode == 0, run.output[-3000:]
+    assert "(fashion-mnist defaults: local-epochs, batch-size, lr, momentum)" in run.output
     accuracies = central_accuracies(run.run_dir)
     assert accuracies[-1] >= 0.80, accuracies

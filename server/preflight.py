@@ -1,0 +1,69 @@
+"""Checks that run before Flower starts: the run-config and the run directory.
+
+Shared by the ServerApp (``server/app.py``) and the simulation launcher
+(``server/simulation.py``), so that ``make demo`` refuses a bad config with the
+same one-line message as ``flwr run``, before any process is started.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+from server.store import DB_NAME
+from strategies.registry import build_strategy
+from task.config import ConfigError, RunConfig, parse_run_config
+
+
+def check_run_name_free(config: RunConfig, run_name: str) -> None:
+    """Refuse a fresh run under the name of an existing one.
+
+    Raises
+    ------
+    ConfigError
+        Naming the command that resumes the existing run.
+    """
+    if (config.resolved_runs_dir / run_name / DB_NAME).exists():
+        raise ConfigError(
+            f"run {run_name!r} already exists in {config.resolved_runs_dir}; continue it with "
+            f"--run-config \"run-name='{run_name}' resume=true\" or choose another run-name"
+        )
+
+
+def check_resumable_exists(config: RunConfig) -> None:
+    """Refuse ``resume=true`` for a run that does not exist.
+
+    Raises
+    ------
+    ConfigError
+        Naming the runs folder searched.
+    """
+    if not (config.resolved_runs_dir / config.run_name / DB_NAME).exists():
+        raise ConfigError(f"resume=true: no run {config.run_name!r} in {config.resolved_runs_dir}")
+
+
+def parse_app_run_config(app_dir: Path, run_config_text: str) -> RunConfig:
+    """Parse ``--run-config`` text over the app's pyproject defaults, as ``flwr run`` does.
+
+    Raises
+    ------
+    ConfigError
+        On a malformed string, an unknown key, a value the run cannot use or a
+        strategy that refuses its parameters.
+    """
+    try:
+        overrides = parse_config_args([run_config_text]) if run_config_text.strip() else {}
+    except click.ClickException as error:
+        raise ConfigError(f"--run-config {run_config_text!r}: {error.message}") from error
+    defaults = get_fused_config_from_dir(app_dir, {})
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"unknown run-config key {', '.join(map(repr, unknown))}; "
+            f"valid keys: {', '.join(sorted(defaults))}"
+        )
+    config = parse_run_config(get_fused_config_from_dir(app_dir, overrides))
+    build_strategy(config)  # the strategy's own checks (e.g. fedprox needs proximal-mu > 0)
+    return config
