@@ -15,13 +15,15 @@ POST   ``/api/runs/NAME/weight``        ``{"partition": P, "weight": W}``
 ====== ================================ ==============================================
 
 Actions go through :mod:`server.operations`, the CLI's own validation: a refused
-one answers 409 with the reason and changes nothing.
+one answers 409 with the reason and changes nothing. A body that is not the JSON
+asked for answers 400 with the reason (:mod:`server.dashboard.strict_json`). A run
+whose ``run.db`` cannot be read is listed as ``unreadable``; its page, data, charts
+and actions answer 409 with the reason and its stream ends with a ``problem`` event.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -53,16 +55,33 @@ from server.dashboard.security import (
     OneTimeCode,
     token_presented,
 )
-from server.dashboard.views import RunNameError, find_run, list_runs, round_rows, run_detail
+from server.dashboard.strict_json import (
+    BodyError,
+    dumps,
+    json_safe,
+    parse_json_body,
+    validate_weight_body,
+)
+from server.dashboard.views import (
+    UNREADABLE,
+    RunNameError,
+    RunUnreadableError,
+    find_run,
+    list_runs,
+    read_run,
+    reason,
+    round_rows,
+    run_detail,
+)
 from server.operations import request_command, request_weight
-from server.runs import RunNotFoundError
+from server.runs import RunNotFoundError, run_status
 from server.store import RunStoreError
 
 STATIC_DIR = Path(__file__).with_name("static")
 NO_STORE = {"cache-control": "no-store"}
-NOT_FOUND_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
-<title>fedcoord: no such run</title><link rel="stylesheet" href="/static/dashboard.css">
-</head><body><main class="narrow"><section class="card"><h1>No such run</h1>
+MESSAGE_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>fedcoord: {title}</title><link rel="stylesheet" href="/static/dashboard.css">
+</head><body><main class="narrow"><section class="card"><h1>{heading}</h1>
 <p>{message}</p><p><a href="/">All runs</a></p></section></main></body></html>"""
 
 
@@ -80,6 +99,9 @@ class DashboardSettings:
         The one-time code of ``/login?code=``, which sets the token cookie.
     allowed_hosts : tuple of str or None
         ``Host`` names answered (loopback binding); None = any.
+    public_origin : str or None
+        ``https://host`` of a TLS reverse proxy in front: its ``Origin`` is accepted
+        on actions and the login cookie is ``Secure`` when it is https.
     stream_interval_s : float
         Seconds between reads of the run store while streaming.
     stream_keepalive_s : float
@@ -92,6 +114,7 @@ class DashboardSettings:
     token: str | None = None
     login_code: str | None = None
     allowed_hosts: tuple[str, ...] | None = None
+    public_origin: str | None = None
     stream_interval_s: float = 1.0
     stream_keepalive_s: float = 5.0
     stream_max_s: float = 600.0
@@ -111,7 +134,12 @@ def create_app(settings: DashboardSettings) -> Starlette:
         Route("/api/runs/{name}/{command}", api_command, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    guard = Middleware(GuardMiddleware, token=settings.token, allowed_hosts=settings.allowed_hosts)
+    guard = Middleware(
+        GuardMiddleware,
+        token=settings.token,
+        allowed_hosts=settings.allowed_hosts,
+        public_origin=settings.public_origin,
+    )
     app = Starlette(routes=routes, middleware=[guard], exception_handlers=EXCEPTION_HANDLERS)
     app.state.settings = settings
     app.state.login_code = OneTimeCode(settings.login_code)
@@ -133,13 +161,20 @@ def index_page(request: Request) -> Response:
 
 
 def run_page(request: Request) -> Response:
-    """The run page (its data comes from the API); 404 for a name that is no run."""
+    """The run page (its data comes from the API); 404 for no run, 409 for an unreadable one."""
     try:
-        _run_dir(request)
+        read_run(run_status, _run_dir(request))
     except (RunNameError, RunNotFoundError) as error:
-        message = str(error).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-        return HTMLResponse(NOT_FOUND_PAGE.format(message=message), status_code=404)
+        return _message_page("no such run", "No such run", str(error), 404)
+    except RunUnreadableError as error:
+        return _message_page(f"{UNREADABLE} run", "Unreadable run", str(error), 409)
     return FileResponse(STATIC_DIR / "run.html", headers=NO_STORE)
+
+
+def _message_page(title: str, heading: str, message: str, status_code: int) -> Response:
+    escaped = message.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    page = MESSAGE_PAGE.format(title=title, heading=heading, message=escaped)
+    return HTMLResponse(page, status_code=status_code, headers=NO_STORE)
 
 
 def login(request: Request) -> Response:
@@ -151,7 +186,10 @@ def login(request: Request) -> Response:
         message = "this login link is wrong or was already used; restart the dashboard"
         return Response(message, status_code=403, media_type="text/plain")
     response = RedirectResponse("/", status_code=303)
-    response.set_cookie(TOKEN_COOKIE, settings.token, httponly=True, samesite="lax", path="/")
+    secure = (settings.public_origin or "").startswith("https://")
+    response.set_cookie(
+        TOKEN_COOKIE, settings.token, httponly=True, samesite="lax", path="/", secure=secure
+    )
     return response
 
 
@@ -163,7 +201,7 @@ def api_runs(request: Request) -> Response:
 
 def api_run(request: Request) -> Response:
     """One run's status, config, rounds, nodes, rejections, events and pending commands."""
-    return _json(run_detail(_run_dir(request)))
+    return _json(read_run(run_detail, _run_dir(request)))
 
 
 def api_chart(request: Request) -> Response:
@@ -171,8 +209,7 @@ def api_chart(request: Request) -> Response:
     chart = request.path_params["chart"]
     if chart not in CHARTS:
         raise HTTPException(404, f"unknown chart {chart!r}; charts: {', '.join(CHARTS)}")
-    rows, num_rounds = round_rows(_run_dir(request))
-    svg = render_chart(chart, rows, num_rounds)
+    svg = read_run(lambda run_dir: render_chart(chart, *round_rows(run_dir)), _run_dir(request))
     return Response(svg, media_type="image/svg+xml", headers=NO_STORE)
 
 
@@ -180,7 +217,9 @@ async def api_stream(request: Request) -> Response:
     """Server-sent ``run`` events (the :func:`api_run` object) while the run changes.
 
     A snapshot goes out when anything but the heartbeat's age changed, and at
-    least every ``stream_keepalive_s``; the stream ends after a final state.
+    least every ``stream_keepalive_s``; the stream ends after a final state, or
+    with a ``problem`` event (``{"state": "unreadable", "error": reason}``) when
+    the run cannot be read.
     """
     run_dir = await run_in_threadpool(_run_dir, request)
     settings = _settings(request)
@@ -197,11 +236,10 @@ async def _snapshots(run_dir: Path, settings: DashboardSettings) -> AsyncIterato
     last_key, last_sent = "", 0.0
     while time.monotonic() < deadline:
         try:
-            detail = await run_in_threadpool(run_detail, run_dir)
-        except (RunStoreError, sqlite3.Error) as error:
-            yield _event("problem", {"error": str(error)})
-            await anyio.sleep(settings.stream_interval_s)
-            continue
+            detail = await run_in_threadpool(read_run, run_detail, run_dir)
+        except RunUnreadableError as error:
+            yield _event("problem", {"state": UNREADABLE, "error": str(error)})
+            return
         key = _change_key(detail)
         if key != last_key or time.monotonic() - last_sent >= settings.stream_keepalive_s:
             yield _event("run", detail)
@@ -218,7 +256,7 @@ def _change_key(detail: dict[str, object]) -> str:
 
 
 def _event(kind: str, data: object) -> str:
-    return f"event: {kind}\ndata: {json.dumps(json_safe(data))}\n\n"
+    return f"event: {kind}\ndata: {dumps(data)}\n\n"
 
 
 # ----------------------------------------------------------------- actions
@@ -228,37 +266,28 @@ async def api_command(request: Request) -> Response:
     if command not in lifecycle.COMMANDS:
         raise HTTPException(404, f"unknown action {command!r}")
     run_dir = await run_in_threadpool(_run_dir, request)
-    message = await run_in_threadpool(request_command, run_dir, command)
+    message = await run_in_threadpool(read_run, lambda d: request_command(d, command), run_dir)
     return _json({"ok": True, "message": message}, status_code=202)
 
 
 async def api_weight(request: Request) -> Response:
     """Queue an operator weight, ``{"partition": int, "weight": number}``."""
     run_dir = await run_in_threadpool(_run_dir, request)
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise HTTPException(400, "the body must be JSON") from None
-    partition = body.get("partition") if isinstance(body, dict) else None
-    weight = body.get("weight") if isinstance(body, dict) else None
-    if type(partition) is not int or type(weight) not in (int, float):
-        raise HTTPException(400, 'send {"partition": <int>, "weight": <number>}')
-    message = await run_in_threadpool(request_weight, run_dir, partition, float(weight))
+    partition, weight = validate_weight_body(parse_json_body(await request.body()))
+    message = await run_in_threadpool(_queue_weight, run_dir, partition, weight)
     return _json({"ok": True, "message": message}, status_code=202)
 
 
+def _queue_weight(run_dir: Path, partition: int, weight: float) -> str:
+    """:func:`request_weight` on a readable run; each of its refusals is a 409 with the reason."""
+    read_run(run_status, run_dir)
+    try:
+        return request_weight(run_dir, partition, weight)
+    except (ValueError, ArithmeticError) as error:
+        raise lifecycle.InvalidTransitionError(reason(error)) from None
+
+
 # ------------------------------------------------------------------ errors
-def json_safe(value: object) -> object:
-    """``value`` with NaN and infinities as None, so it is valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(item) for item in value]
-    return value
-
-
 def _json(data: object, status_code: int = 200) -> Response:
     return JSONResponse(json_safe(data), status_code=status_code, headers=NO_STORE)
 
@@ -267,16 +296,27 @@ def _error_handler(status_code: int) -> Callable[[Request, Exception], Awaitable
     async def handle(request: Request, error: Exception) -> Response:
         if isinstance(error, HTTPException):
             return _json({"error": error.detail}, status_code=error.status_code)
-        return _json({"error": str(error)}, status_code=status_code)
+        body = {"error": reason(error)}
+        if isinstance(error, RunUnreadableError):
+            body["state"] = UNREADABLE
+        return _json(body, status_code=status_code)
 
     return handle
 
 
+async def _internal_error(request: Request, error: Exception) -> Response:
+    """Last resort: one line, no traceback (the server still logs it)."""
+    return _json({"error": f"internal error ({type(error).__name__})"}, status_code=500)
+
+
 EXCEPTION_HANDLERS = {
     HTTPException: _error_handler(500),
+    BodyError: _error_handler(400),
     RunNameError: _error_handler(400),
     RunNotFoundError: _error_handler(404),
     lifecycle.InvalidTransitionError: _error_handler(409),
-    RunStoreError: _error_handler(503),
-    sqlite3.Error: _error_handler(503),
+    RunUnreadableError: _error_handler(409),
+    RunStoreError: _error_handler(409),
+    sqlite3.Error: _error_handler(409),
+    500: _internal_error,
 }

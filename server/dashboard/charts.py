@@ -217,4 +217,7 @@ def _label(value: float) -> str:
 
 
 def _int(value: object) -> int:
-    return int(value) if isinstance(value, int | float) else 0
+    """A stored count or round as a non-negative int; 0 for anything else (NaN, text)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0
+    return max(0, int(value)) if isinstance(value, int | float) else 0

@@ -11,7 +11,10 @@ The model, in one place:
 - Every request that changes anything (any method but GET / HEAD / OPTIONS) must
   carry ``X-Fedcoord-Request: 1``, which a cross-site form cannot send and a
   cross-site script cannot send without a CORS preflight that is never granted,
-  and its ``Origin`` / ``Sec-Fetch-Site``, when present, must be this site.
+  and its ``Origin`` / ``Sec-Fetch-Site``, when present, must be this site: the
+  address it was reached at, or the ``--public-origin`` of a TLS reverse proxy.
+- A body over :data:`MAX_BODY_BYTES` answers 413 before the app reads it.
+- Only HTTP is served: a WebSocket is closed before it is accepted (403).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import ipaddress
 import secrets
 import threading
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from starlette.datastructures import MutableHeaders
-from starlette.requests import HTTPConnection
+from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,6 +37,8 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 LOGIN_PATH = "/login"
 STATIC_PREFIX = "/static/"
+MAX_BODY_BYTES = 64 * 1024
+WEBSOCKET_REFUSED = 1008  # policy violation: closed before it is accepted, an HTTP 403
 SECURITY_HEADERS = {
     "content-security-policy": (
         "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -76,7 +82,7 @@ class OneTimeCode:
     def consume(self, presented: str) -> bool:
         """True, once, when ``presented`` is the code; it is spent from then on."""
         with self._lock:
-            if self._code is None or not secrets.compare_digest(presented, self._code):
+            if self._code is None or not _same(presented, self._code):
                 return False
             self._code = None
             return True
@@ -93,20 +99,33 @@ class GuardMiddleware:
         The token every non-open request must present; None = no token needed.
     allowed_hosts : sequence of str or None
         Host names (without port) the ``Host`` header may carry; None = any.
+    public_origin : str or None
+        A further ``Origin`` accepted on state-changing requests (a TLS proxy's).
     """
 
     def __init__(
-        self, app: ASGIApp, token: str | None, allowed_hosts: Sequence[str] | None
+        self,
+        app: ASGIApp,
+        token: str | None,
+        allowed_hosts: Sequence[str] | None,
+        public_origin: str | None = None,
     ) -> None:
         self.app = app
         self.token = token
         self.allowed_hosts = None if allowed_hosts is None else tuple(allowed_hosts)
+        self.public_origin = public_origin
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Refuse the request, or pass it on; either way add the security headers."""
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
             return
+        if scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": WEBSOCKET_REFUSED, "reason": ""})
+            return
+        if scope["type"] != "http":
+            raise ValueError(f"the dashboard serves HTTP only, not {scope['type']!r}")
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -116,6 +135,15 @@ class GuardMiddleware:
             await send(message)
 
         refusal = self.refusal(HTTPConnection(scope), str(scope["method"]))
+        if refusal is None:
+            try:
+                body = await read_body(receive, MAX_BODY_BYTES)
+            except ClientDisconnect:
+                return
+            if body is None:
+                refusal = _error(scope["path"], 413, _too_large())
+            else:
+                receive = replay_body(body, receive)
         if refusal is not None:
             await refusal(scope, receive, send_with_headers)
             return
@@ -131,9 +159,14 @@ class GuardMiddleware:
                 return _error(path, 401, "missing or wrong token (X-Fedcoord-Token)")
             return HTMLResponse(SIGN_IN_PAGE, status_code=401)
         if method not in SAFE_METHODS:
-            reason = cross_site_reason(connection)
+            reason = cross_site_reason(connection, self.public_origin)
             if reason is not None:
                 return _error(path, 403, f"cross-site request refused: {reason}")
+        length = connection.headers.get("content-length", "0")
+        if not (length.isascii() and length.isdigit()) or len(length) > 12:
+            return _error(path, 400, "invalid Content-Length header")
+        if int(length) > MAX_BODY_BYTES:
+            return _error(path, 413, _too_large())
         return None
 
     def host_allowed(self, connection: HTTPConnection) -> bool:
@@ -160,14 +193,20 @@ def token_presented(connection: HTTPConnection, token: str | None) -> bool:
         bearer[7:] if bearer.lower().startswith("bearer ") else "",
         connection.cookies.get(TOKEN_COOKIE, ""),
     )
-    return any(
-        candidate and secrets.compare_digest(candidate.encode(), token.encode())
-        for candidate in candidates
-    )
+    return any(candidate and _same(candidate, token) for candidate in candidates)
 
 
-def cross_site_reason(connection: HTTPConnection) -> str | None:
-    """Why a state-changing request looks cross-site, or None when it is same-origin."""
+def _same(presented: str, secret: str) -> bool:
+    """Constant-time comparison that any text can be presented to (non-ASCII included)."""
+    return secrets.compare_digest(presented.encode("utf-8", "replace"), secret.encode("utf-8"))
+
+
+def cross_site_reason(connection: HTTPConnection, public_origin: str | None = None) -> str | None:
+    """Why a state-changing request looks cross-site, or None when it is same-origin.
+
+    The same origin is the address the request was sent to or ``public_origin``,
+    the address of a reverse proxy in front of the dashboard.
+    """
     headers = connection.headers
     if headers.get(REQUEST_HEADER) != "1":
         return f"the {REQUEST_HEADER} header is missing (send it as '1' from scripts)"
@@ -176,9 +215,74 @@ def cross_site_reason(connection: HTTPConnection) -> str | None:
         return f"Sec-Fetch-Site is {site}"
     origin = headers.get("origin")
     own = f"{connection.url.scheme}://{headers.get('host', '')}"
-    if origin is not None and origin != own:
-        return f"Origin {origin} is not {own}"
+    if origin is not None and origin not in (own, public_origin):
+        return f"Origin {origin[:100]} is not {public_origin or own}"
     return None
+
+
+def validate_public_origin(origin: str) -> str:
+    """``origin`` as browsers send it in ``Origin``: ``scheme://host[:port]``, lower case.
+
+    Raises
+    ------
+    ValueError
+        If it is not an http(s) URL of a host alone (no user, path, query or fragment).
+    """
+    hint = f"--public-origin must look like https://dashboard.example.org, got {origin!r}"
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        raise ValueError(hint) from None
+    if (
+        parts.scheme.lower() not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError(hint)
+    scheme, host = parts.scheme.lower(), parts.hostname.lower()
+    host = f"[{host}]" if ":" in host else host
+    default_port = {"http": 80, "https": 443}[scheme]
+    return f"{scheme}://{host}" if port in (None, default_port) else f"{scheme}://{host}:{port}"
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it grows over ``limit`` bytes.
+
+    Raises
+    ------
+    ClientDisconnect
+        If the client went away before sending all of it.
+    """
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` once, then what ``receive`` gives (a disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive_again() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return receive_again
+
+
+def _too_large() -> str:
+    return f"request body too large: at most {MAX_BODY_BYTES} bytes"
 
 
 def host_name(host_header: str) -> str:

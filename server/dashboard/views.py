@@ -2,20 +2,42 @@
 
 Every way in goes through :func:`find_run`, which admits only the name of a run
 directory listed directly under the runs directory: no separators, no ``..``,
-no link out of it.
+no link out of it. Every read of a run goes through :func:`read_run`: a run whose
+``run.db`` is truncated, random, empty, of another schema or half-filled, or holds
+values of the wrong kind, is ``unreadable`` with a one-line reason, never an error
+of the dashboard itself.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+from server.lifecycle import InvalidTransitionError
 from server.runs import RunNotFoundError, list_run_dirs, resolve_run_dir, run_status
 from server.store import DB_NAME, RunStore, RunStoreError, connect
 
+T = TypeVar("T")
 EVENT_LIMIT = 100
+UNREADABLE = "unreadable"
+# What reading a damaged or foreign run.db can raise, from SQLite or from the
+# values it holds (text where a number belongs, a missing column, a huge number).
+READ_ERRORS = (
+    RunStoreError,
+    sqlite3.Error,
+    OSError,
+    ValueError,
+    TypeError,
+    LookupError,
+    ArithmeticError,
+    RecursionError,
+)
+REASON_MAX_CHARS = 300
 REJECTION_LIMIT = 50
 # Config keys shown under the run's name, in this order.
 CONFIG_SUMMARY_KEYS = ("strategy", "dataset", "model", "partitioner", "local-epochs", "seed")
@@ -52,6 +74,35 @@ NODE_COLUMNS = (
 
 class RunNameError(ValueError):
     """A run name that is not a plain folder name (separators, ``..``, control chars)."""
+
+
+class RunUnreadableError(RuntimeError):
+    """A run whose ``run.db`` cannot be read; the message is one line with the reason."""
+
+
+def read_run(read: Callable[[Path], T], run_dir: Path) -> T:
+    """``read(run_dir)``, any failure to read the run's store raised as one error.
+
+    Raises
+    ------
+    RunUnreadableError
+        If ``read`` raised one of :data:`READ_ERRORS`; the message names the run
+        and the reason, on one line. A refusal (``InvalidTransitionError``) and
+        ``RunNotFoundError`` pass through as they are.
+    """
+    try:
+        return read(run_dir)
+    except (InvalidTransitionError, RunNotFoundError):
+        raise  # a refusal or a missing run, not a damaged one
+    except READ_ERRORS as error:
+        raise RunUnreadableError(f"run {run_dir.name!r} is unreadable: {reason(error)}") from None
+
+
+def reason(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type when it has none), shortened."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= REASON_MAX_CHARS else text[: REASON_MAX_CHARS - 1] + "…"
 
 
 def validate_run_name(name: str) -> str:
@@ -99,24 +150,27 @@ def find_run(runs_dir: Path, name: str) -> Path:
 def list_runs(runs_dir: Path) -> dict[str, object]:
     """Every run's summary for the runs page, newest first."""
     now = time.time()
-    runs = [_summary(run_dir, now) for run_dir in contained_run_dirs(runs_dir)]
-    runs.sort(key=lambda run: float(run.get("created_at") or 0.0), reverse=True)  # type: ignore[arg-type]
+    runs = []
+    for run_dir in contained_run_dirs(runs_dir):
+        try:
+            runs.append(read_run(lambda d: _summary(d, now), run_dir))
+        except RunUnreadableError as error:
+            runs.append({"run_name": run_dir.name, "state": UNREADABLE, "message": str(error)})
+    runs.sort(key=lambda run: run.get("created_at") or 0.0, reverse=True)  # type: ignore[arg-type, return-value]
     return {"runs_dir": str(runs_dir), "now": now, "runs": runs}
 
 
 def _summary(run_dir: Path, now: float) -> dict[str, object]:
-    try:
-        status = run_status(run_dir)
-    except (RunStoreError, OSError, sqlite3.Error) as error:
-        return {"run_name": run_dir.name, "state": "unreadable", "message": str(error)}
+    status = run_status(run_dir)
+    created_at = float(status["created_at"])  # type: ignore[arg-type]
     metrics = status["metrics"] if isinstance(status["metrics"], dict) else {}
     keys = ("run_name", "state", "current_round", "num_rounds", "progress", "best_accuracy")
     summary = {key: status[key] for key in keys}
     summary.update(
         accuracy=metrics.get("central_accuracy"),
         nodes=status["nodes"],
-        created_at=status["created_at"],
-        age_s=round(now - float(status["created_at"]), 1),  # type: ignore[arg-type]
+        created_at=0.0 if math.isnan(created_at) else created_at,  # NaN sorts nowhere
+        age_s=round(now - created_at, 1),
         heartbeat_age_s=status["heartbeat_age_s"],
         eta_s=status["eta_s"],
         message=status["message"],
@@ -176,10 +230,12 @@ def round_rows(run_dir: Path) -> tuple[list[dict[str, object]], int]:
 
 
 def _config_summary(config_json: str) -> dict[str, object]:
+    """The summary keys of the stored config that hold plain values; {} if it is no object."""
     try:
         config = json.loads(config_json)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return {}
     if not isinstance(config, dict):
         return {}
-    return {key: config[key] for key in CONFIG_SUMMARY_KEYS if key in config}
+    plain = (str, int, float, bool)
+    return {key: config[key] for key in CONFIG_SUMMARY_KEYS if isinstance(config.get(key), plain)}
