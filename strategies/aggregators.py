@@ -225,6 +225,11 @@ class _StreamingSum:
             self._scratch[dtype] = np.empty(size, dtype=dtype)
         return self._scratch[dtype]
 
+    def scale(self, factor: float) -> None:
+        """Multiply every accumulator by ``factor`` in place."""
+        for total in self._sums:
+            np.multiply(total, factor, out=total, casting="unsafe")
+
     def averages(self, divisor: float) -> NDArrays:
         """Return each accumulator divided by ``divisor``, flat, in accumulator dtype."""
         return [np.divide(total, divisor) for total in self._sums]
@@ -285,10 +290,13 @@ class WeightedMeanAggregator(_StreamingAggregatorBase):
     https://arxiv.org/abs/1602.05629); with ``w_i`` = the operator's node weight
     it is ``weighted``; with ``use_weights=False`` every weight is 1 (``mean``).
 
-    Weights are folded in relative to the first positive weight, so weights of
-    any scale (millions of examples, operator weights of 1e-3) keep the float32
-    products far from overflow and underflow. Updates of weight 0 are counted
-    but not folded in.
+    Weights are normalised in float64 before any float32 arithmetic: each is
+    folded in relative to the largest weight so far (a relative weight in
+    (0, 1]), and when a larger one arrives the running sum is scaled down by
+    the ratio. The float32 products can then never overflow, and weights of
+    any scale (1e-300, 1e300, millions of examples) give the right mean; a
+    weight below 1e-38 of the largest contributes nothing, as its share would
+    round to nothing anyway. Updates of weight 0 are counted but not folded in.
 
     Parameters
     ----------
@@ -320,9 +328,16 @@ class WeightedMeanAggregator(_StreamingAggregatorBase):
         return layout.restore(self._sum.averages(self._total_relative_weight))
 
     def _relative_weight(self, weight: float) -> float:
-        if self._reference_weight == 0.0:
+        """``weight`` over the largest weight so far, after rescaling to a new largest."""
+        if weight <= 0.0:
+            return 0.0
+        if weight > self._reference_weight:
+            if self._sum is not None and self._total_relative_weight > 0.0:
+                ratio = self._reference_weight / weight  # float64, in [0, 1)
+                self._sum.scale(ratio)
+                self._total_relative_weight *= ratio
             self._reference_weight = weight
-        return weight / self._reference_weight if weight > 0.0 else 0.0
+        return weight / self._reference_weight
 
 
 class ClippedMeanAggregator(_StreamingAggregatorBase):

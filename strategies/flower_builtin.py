@@ -16,7 +16,9 @@ Flower ``Strategy``:
   it records is set here instead (FedOpt's ``current_arrays`` as numpy, FedAvgM's
   and the DP wrappers' as an ArrayRecord);
 - the aggregate is checked against the global model (names, shapes, finite
-  values) and cast back to its dtypes (FedAdam's step returns float64).
+  values) and cast back to its dtypes (FedAdam's step returns float64); when
+  the round keeps the global model, the strategy's state (server moments,
+  momentum, clipping norm) is restored to what it was before the round.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from strategies.records import NamedArrays, arrays_to_numpy, is_packed, numpy_to_arrays
 from strategies.replies import ReplyOutcome, RoundSummary, TrainRound
 from strategies.sampling import NodeSampler
-from strategies.strategy import apply_update
+from strategies.strategy import apply_update, find_non_finite_model
 from strategies.validation import find_non_finite_array
 from task import keys
 
@@ -98,14 +100,18 @@ class FlowerStrategyAdapter:
     def add_reply(self, reply: Message) -> ReplyOutcome:
         """Validate one training reply and keep it if accepted."""
         outcome, arrays = self._round.check(reply)
-        if arrays is not None:
-            record = reply.content.array_records[keys.ARRAYS]
-            names = self._round.global_arrays
+        if arrays is None:
+            return outcome
+        record = reply.content.array_records[keys.ARRAYS]
+        names = self._round.global_arrays
+        try:
             if is_packed(record):  # Flower's strategies read named records
                 ordered = numpy_to_arrays({name: arrays[name] for name in names})
             else:
                 ordered = ArrayRecord({name: record[name] for name in names})
-            self._accepted.append((reply, ordered))
+        except (ValueError, TypeError, MemoryError) as error:
+            return self._round.reject(outcome, f"update could not be kept: {error}")
+        self._accepted.append((reply, ordered))
         return outcome
 
     def end_round(self) -> tuple[NamedArrays | None, RoundSummary]:
@@ -115,19 +121,30 @@ class FlowerStrategyAdapter:
             return None, self._round.summary(False, shortfall)
         replies = self._flower_replies()
         set_num_sampled_clients(self.strategy, len(replies))
+        # Server moments, momentum and clipping norm as they were, in case the round is kept
+        saved_state = flower_state_dict(self.strategy)
         try:
             record, _ = self.strategy.aggregate_train(self._round.server_round, replies)
-        except (AppExitException, ValueError) as error:
-            return self._keep(f"{type(error).__name__}: {error}")
+        except (AppExitException, ValueError, ArithmeticError) as error:
+            return self._keep(f"{type(error).__name__}: {error}", saved_state)
         if record is None:
-            return self._keep("it returned no arrays")
+            return self._keep("it returned no arrays", saved_state)
         aggregate, problem = conform_to_global(record, self._round.global_arrays)
         if aggregate is None:
-            return self._keep(problem)
-        return self._step(aggregate), self._round.summary(True)
+            return self._keep(problem, saved_state)
+        new_global = self._step(aggregate)
+        problem = find_non_finite_model(new_global) or ""
+        if problem:
+            return self._keep(problem, saved_state)
+        return new_global, self._round.summary(True)
 
-    def _keep(self, problem: str) -> tuple[None, RoundSummary]:
-        reason = f"{self.name} could not aggregate: {problem}; global model kept"
+    def _keep(
+        self, problem: str, saved_state: Mapping[str, np.ndarray]
+    ) -> tuple[None, RoundSummary]:
+        """Keep the global model and restore the strategy's state from before the round."""
+        load_flower_state_dict(self.strategy, saved_state)
+        reason = f"{self.name} could not aggregate: {problem.removesuffix(': global model kept')}"
+        reason += "; global model kept"
         log(WARNING, "round %s: %s", self._round.server_round, reason)
         return None, self._round.summary(False, reason)
 

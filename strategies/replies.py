@@ -3,20 +3,29 @@
 Shared by every strategy the coordinator drives (``FedCoordStrategy`` and
 ``FlowerStrategyAdapter``), so that a reply is accepted or rejected by the same
 rules, with the same reasons, whichever strategy aggregates it.
+
+A reply comes from an untrusted node: :func:`check_train_reply` and
+:func:`check_evaluate_reply` never raise. Each known fault has a precise reason;
+anything else that goes wrong while reading one reply rejects that reply with
+the exception named ("reply could not be read: ..."), never the round.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Message
 
-from strategies.records import NamedArrays, arrays_to_numpy
+from strategies.records import NamedArrays, arrays_to_numpy, is_packed
 from strategies.validation import (
     ArraySpec,
     RoundReplyTracker,
+    find_array_names_problem,
+    find_evaluate_problem,
+    find_partition_id_problem,
     specs_from_arrays,
     validate_reply,
 )
@@ -33,6 +42,7 @@ class ReplyOutcome:
     num_examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     info: dict[str, str] = field(default_factory=dict)
+    partition_id: int | None = None
 
 
 @dataclass
@@ -47,39 +57,108 @@ class RoundSummary:
     metrics: dict[str, float]
 
 
+# The info a node reports (its device) is shown to operators: keep it short.
+MAX_INFO_ITEMS = 8
+MAX_INFO_TEXT = 100
+
+
+def unreadable(error: BaseException) -> str:
+    """The reason for a reply whose reading raised ``error`` (one line, bounded)."""
+    text = " ".join(str(error).split())[:200]
+    return f"reply could not be read: {type(error).__name__}: {text}"
+
+
 def check_train_reply(
     reply: Message, specs: Mapping[str, ArraySpec], tracker: RoundReplyTracker
 ) -> tuple[ReplyOutcome, NamedArrays | None]:
-    """Validate one training reply against the global model's ``specs``.
+    """Validate one training reply against the global model's ``specs``; never raise.
 
     Returns the outcome and, for an accepted reply, its arrays as read-only
     views (None when rejected). Error replies, a node's second reply in the
-    round, and everything ``validate_reply`` checks are rejected with a reason.
+    round, malformed arrays (:func:`strategies.records.arrays_to_numpy`) and
+    everything ``validate_reply`` checks are rejected with a reason; so is a
+    reply whose reading raises anything else.
     """
     node_id = reply.metadata.src_node_id
-    if reply.has_error():
-        error = reply.error
-        return ReplyOutcome(node_id, False, f"error reply: {error.code} {error.reason}"), None
-    duplicate = tracker.check_duplicate(node_id)
-    if duplicate is not None:
-        return ReplyOutcome(node_id, False, duplicate), None
+    try:
+        if reply.has_error():
+            error = reply.error
+            return ReplyOutcome(node_id, False, f"error reply: {error.code} {error.reason}"), None
+        duplicate = tracker.check_duplicate(node_id)
+        if duplicate is not None:
+            return ReplyOutcome(node_id, False, duplicate), None
+        return _read_train_reply(reply, specs)
+    except Exception as error:  # noqa: BLE001 - the trust boundary: one reply, never the run
+        return ReplyOutcome(node_id, False, unreadable(error)), None
+
+
+def _read_info(reply: Message) -> dict[str, str]:
+    record = reply.content.config_records.get(keys.INFO)
+    items = list(record.items())[:MAX_INFO_ITEMS] if record else []
+    return {str(k)[:MAX_INFO_TEXT]: str(v)[:MAX_INFO_TEXT] for k, v in items}
+
+
+def _read_partition_id(metrics: Mapping[str, object] | None) -> int | None:
+    """The reply's partition id if it is valid (even when the rest of the reply is not)."""
+    value = (metrics or {}).get(keys.PARTITION_ID)
+    return int(value) if value is not None and find_partition_id_problem(value) is None else None  # type: ignore[call-overload]
+
+
+def _read_train_reply(
+    reply: Message, specs: Mapping[str, ArraySpec]
+) -> tuple[ReplyOutcome, NamedArrays | None]:
+    node_id = reply.metadata.src_node_id
     content = reply.content
     metrics_record = content.metric_records.get(keys.METRICS)
     array_record = content.array_records.get(keys.ARRAYS)
     metrics = dict(metrics_record) if metrics_record is not None else None
     num_examples = metrics.get(keys.NUM_EXAMPLES) if metrics else None
-    info_record = content.config_records.get(keys.INFO)
-    info = {k: str(v) for k, v in info_record.items()} if info_record else {}
+    info = _read_info(reply)
+    partition = _read_partition_id(metrics)
+    rejected = ReplyOutcome(node_id, False, info=info, partition_id=partition)
+    if array_record is not None and not is_packed(array_record):
+        # Named arrays: their names are checked before any of them is read
+        rejected.reason = find_array_names_problem(array_record, specs) or ""  # type: ignore[arg-type]
+        if rejected.reason:
+            return rejected, None
     try:
         arrays = arrays_to_numpy(array_record) if array_record is not None else None
-    except ValueError as error:  # MalformedRecordError, or an Array whose bytes are not .npy
-        return ReplyOutcome(node_id, False, f"malformed arrays: {error}", info=info), None
+    except ValueError as error:  # MalformedRecordError: a bad Array or packed layout
+        rejected.reason = f"malformed arrays: {error}"
+        return rejected, None
     reason = validate_reply(arrays, num_examples, metrics, specs)
     if reason is not None:
-        return ReplyOutcome(node_id, False, reason, info=info), None
+        rejected.reason = reason
+        return rejected, None
     float_metrics = {k: float(v) for k, v in (metrics or {}).items()}  # type: ignore[arg-type]
     examples = int(num_examples)  # type: ignore[arg-type]
-    return ReplyOutcome(node_id, True, "", examples, float_metrics, info), arrays
+    return ReplyOutcome(node_id, True, "", examples, float_metrics, info, partition), arrays
+
+
+def check_evaluate_reply(reply: Message) -> ReplyOutcome:
+    """Validate one evaluate reply; never raise.
+
+    Accepted: ``num-examples`` an integer >= 0, ``eval-loss`` finite and >= 0,
+    ``eval-accuracy`` in [0, 1], ``partition-id`` (if sent) in [-1, 2^31), every
+    other metric a finite number (:func:`strategies.validation.find_evaluate_problem`).
+    The reasons start with ``evaluate reply``.
+    """
+    node_id = reply.metadata.src_node_id
+    try:
+        record = reply.content.metric_records.get(keys.METRICS)
+        metrics = dict(record) if record is not None else None
+        partition = _read_partition_id(metrics)
+        problem = find_evaluate_problem(metrics)
+        if problem is not None:
+            reason = (
+                problem if problem.startswith("evaluate reply") else f"evaluate reply: {problem}"
+            )
+            return ReplyOutcome(node_id, False, reason, partition_id=partition)
+        values = {k: float(v) for k, v in (metrics or {}).items()}  # type: ignore[arg-type]
+        examples = int(values[keys.NUM_EXAMPLES])
+        return ReplyOutcome(node_id, True, "", examples, values, partition_id=partition)
+    except Exception as error:  # noqa: BLE001 - the trust boundary: one reply, never the run
+        return ReplyOutcome(node_id, False, f"evaluate {unreadable(error)}")
 
 
 class TrainRound:
@@ -107,6 +186,11 @@ class TrainRound:
         self.outcomes.append(outcome)
         return outcome, arrays
 
+    def reject(self, outcome: ReplyOutcome, reason: str) -> ReplyOutcome:
+        """Turn an accepted reply that could not be folded in into a rejected one."""
+        outcome.accepted, outcome.reason, outcome.num_examples = False, reason, 0
+        return outcome
+
     @property
     def accepted(self) -> list[ReplyOutcome]:
         """Outcomes of the accepted replies, in arrival order."""
@@ -130,27 +214,40 @@ class TrainRound:
         return RoundSummary(self.server_round, len(accepted), rejected, updated, reason, metrics)
 
 
+def compute_weighted_mean(values: list[float], weights: list[float]) -> float:
+    """Mean of ``values`` weighted by ``weights`` (finite, >= 0, not all 0).
+
+    The weights are normalised first, so huge values or counts never overflow:
+    the result is a convex combination, clamped to [min, max] of the values
+    against rounding.
+    """
+    total = math.fsum(weights)
+    mean = math.fsum(
+        value * (weight / total) for value, weight in zip(values, weights, strict=True)
+    )
+    return min(max(mean, min(values)), max(values))
+
+
+def _weighted_metrics(metrics: list[Mapping[str, float]], counts: list[int]) -> dict[str, float]:
+    """Example-weighted mean of every metric all replies share, plus the total count."""
+    usable = [(m, n) for m, n in zip(metrics, counts, strict=True) if n > 0]
+    if not usable:
+        return {}
+    names = set.intersection(*(set(m) for m, _ in usable)) - {keys.NUM_EXAMPLES, keys.PARTITION_ID}
+    weights = [float(n) for _, n in usable]
+    result = {
+        name: compute_weighted_mean([float(m[name]) for m, _ in usable], weights) for name in names
+    }
+    result[keys.NUM_EXAMPLES] = float(sum(n for _, n in usable))
+    return result
+
+
 def aggregate_train_metrics(outcomes: list[ReplyOutcome]) -> dict[str, float]:
     """Example-weighted mean of accepted replies' numeric metrics, plus totals."""
-    total = sum(o.num_examples for o in outcomes)
-    if not outcomes or total <= 0:
-        return {}
-    names = set.intersection(*(set(o.metrics) for o in outcomes))
-    names -= {keys.NUM_EXAMPLES, keys.PARTITION_ID}
-    result = {
-        name: sum(o.metrics[name] * o.num_examples for o in outcomes) / total for name in names
-    }
-    result[keys.NUM_EXAMPLES] = float(total)
-    return result
+    return _weighted_metrics([o.metrics for o in outcomes], [o.num_examples for o in outcomes])
 
 
 def aggregate_evaluate_metrics(metrics: list[Mapping[str, float]]) -> dict[str, float]:
-    """Example-weighted mean of evaluation metrics."""
-    usable = [m for m in metrics if m.get(keys.NUM_EXAMPLES, 0) > 0]
-    total = sum(m[keys.NUM_EXAMPLES] for m in usable)
-    if not usable:
-        return {}
-    names = set.intersection(*(set(m) for m in usable)) - {keys.NUM_EXAMPLES, keys.PARTITION_ID}
-    result = {name: sum(m[name] * m[keys.NUM_EXAMPLES] for m in usable) / total for name in names}
-    result[keys.NUM_EXAMPLES] = float(total)
-    return result
+    """Example-weighted mean of evaluation metrics (pass accepted replies only)."""
+    counts = [int(m.get(keys.NUM_EXAMPLES, 0)) for m in metrics]
+    return _weighted_metrics(metrics, counts)

@@ -33,6 +33,7 @@ from strategies.replies import (
     aggregate_train_metrics,
 )
 from strategies.sampling import NodeSampler
+from strategies.validation import find_non_finite_array
 from task import keys
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "aggregate_train_metrics",
     "apply_update",
     "arrays_to_numpy",
+    "find_non_finite_model",
     "numpy_to_arrays",
     "uniform_weight",
     "weight_by_examples",
@@ -161,12 +163,16 @@ class FedCoordStrategy(Strategy):
         outcome, client_arrays = self._round.check(reply)
         if client_arrays is None:
             return outcome
-        update = [
-            np.subtract(client_arrays[name], current, out=self._scratch[name])
-            for name, current in self._round.global_arrays.items()
-        ]
-        weight = self.weight_fn(outcome.node_id, outcome.num_examples, outcome.metrics)
-        self._aggregator.add(update, weight)
+        try:
+            update = [
+                np.subtract(client_arrays[name], current, out=self._scratch[name])
+                for name, current in self._round.global_arrays.items()
+            ]
+            weight = self.weight_fn(outcome.node_id, outcome.num_examples, outcome.metrics)
+            self._aggregator.add(update, weight)
+        except (ValueError, ArithmeticError, MemoryError) as error:
+            # Aggregators check an update (weight, layout) before folding any of it
+            return self._round.reject(outcome, f"update could not be aggregated: {error}")
         return outcome
 
     def end_round(self) -> tuple[NamedArrays | None, RoundSummary]:
@@ -180,6 +186,9 @@ class FedCoordStrategy(Strategy):
             reason = f"{self.aggregator_name} could not aggregate: {error}; global model kept"
             return None, self._round.summary(False, reason)
         new_global = apply_update(self._round.global_arrays, delta, self.server_lr)
+        problem = find_non_finite_model(new_global)
+        if problem is not None:
+            return None, self._round.summary(False, problem)
         return new_global, self._round.summary(True)
 
     # ------------------------------------------------------------------- state
@@ -311,3 +320,15 @@ def apply_update(
         else:
             new_global[name] = (current + server_lr * step).astype(current.dtype, copy=False)
     return new_global
+
+
+def find_non_finite_model(arrays: Mapping[str, np.ndarray]) -> str | None:
+    """Return why a new global model must not be accepted, or None if it is finite.
+
+    A model that is not finite is never checkpointed or sent: the round keeps
+    the previous one with this reason.
+    """
+    problem = find_non_finite_array(arrays)
+    if problem is None:
+        return None
+    return f"new global model is not finite ({problem.removeprefix('array ')}): global model kept"

@@ -14,9 +14,29 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from task import keys
+
 # Reasons list at most this many array names, so that a reply with every array
 # misnamed still yields a one-line reason.
 _MAX_NAMES_IN_REASON = 5
+# The largest count kept exact as a float64 and in SQLite's int64 columns.
+MAX_NUM_EXAMPLES = 2**53
+# Partition ids are in [-1, 2^31); -1 labels a node with its own data and no partition.
+NO_PARTITION = -1
+MAX_PARTITION_ID = 2**31 - 1
+# A reply carries at most this many metrics, each named in at most this many characters.
+MAX_METRICS = 64
+MAX_METRIC_NAME = 100
+# The range each known metric must lie in (bounds included).
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    keys.TRAIN_LOSS: (0.0, math.inf),
+    keys.EVAL_LOSS: (0.0, math.inf),
+    keys.TRAIN_ACCURACY: (0.0, 1.0),
+    keys.EVAL_ACCURACY: (0.0, 1.0),
+    keys.TRAIN_SECONDS: (0.0, math.inf),
+}
+# Metrics every evaluate reply must carry.
+EVALUATE_METRICS = (keys.NUM_EXAMPLES, keys.EVAL_LOSS, keys.EVAL_ACCURACY)
 
 
 @dataclass(frozen=True)
@@ -55,21 +75,20 @@ def validate_reply(
 
     Checks, in order: the array names match ``expected`` exactly; each array is a
     numpy array of the expected shape and dtype; every float value is finite;
-    ``num_examples`` is a positive integer; every metric is a finite number.
+    ``num_examples`` is a positive integer that a count can hold; every metric
+    is a finite number of its kind (``partition-id`` an integer in [-1, 2^31)).
 
     Parameters
     ----------
     arrays : Mapping[str, np.ndarray] or None
         The reply's arrays by name; None when the reply carried none.
     num_examples : object
-        The reply's ``num-examples``. Accepted: an ``int`` or numpy integer >= 1,
-        or a float equal to such an integer (``3.0``; Flower metrics may turn
-        counts into floats). Rejected: ``bool``, non-integral or non-finite
-        floats, strings, None.
+        The reply's ``num-examples``. Accepted: an ``int`` or numpy integer in
+        [1, 2^53], or a float equal to such an integer (``3.0``; Flower metrics
+        may turn counts into floats). Rejected: ``bool``, non-integral or
+        non-finite floats, larger counts, strings, lists, None.
     metrics : Mapping[str, object] or None
-        The reply's metrics; None means no metrics. Each value must be an int or
-        float (numpy scalars included), finite, and not a ``bool``; lists are
-        rejected.
+        The reply's metrics; None means no metrics. See :func:`find_metrics_problem`.
     expected : Mapping[str, ArraySpec]
         Name -> spec of every array the reply must carry, e.g. from
         ``specs_from_arrays(global_arrays)``.
@@ -146,18 +165,40 @@ def find_non_finite_array(arrays: Mapping[str, np.ndarray]) -> str | None:
     return None
 
 
-def find_num_examples_problem(num_examples: object) -> str | None:
-    """Return a reason unless ``num_examples`` is a positive integer (see ``validate_reply``)."""
-    if isinstance(num_examples, bool | np.bool_):
-        return f"num-examples must be a positive integer, got a bool ({num_examples!r})"
-    if isinstance(num_examples, float | np.floating):
-        if not math.isfinite(num_examples) or not float(num_examples).is_integer():
-            return f"num-examples must be a positive integer, got {num_examples!r}"
-    elif not isinstance(num_examples, int | np.integer):
-        return f"num-examples must be a positive integer, got {type(num_examples).__name__}"
-    if num_examples < 1:
-        return f"num-examples must be a positive integer, got {num_examples!r}"
+def find_integer_problem(name: str, value: object, minimum: int, maximum: int) -> str | None:
+    """Return a reason unless ``value`` is an integer in ``[minimum, maximum]``.
+
+    Accepted: an ``int`` or numpy integer, or a finite float equal to one
+    (``3.0``: Flower metrics may turn counts into floats). Rejected: ``bool``,
+    non-integral or non-finite floats, lists, strings, None, and integers out of
+    range (``num-examples 1e+19 exceeds 9007199254740992``).
+    """
+    if isinstance(value, np.generic):
+        value = value.item()  # plain Python scalars: exact comparisons, short reprs
+    if isinstance(value, bool):
+        return f"{name} must be an integer, got a bool ({value!r})"
+    if isinstance(value, float):
+        if not math.isfinite(value) or not float(value).is_integer():
+            return f"{name} must be an integer, got {value!r}"
+    elif not isinstance(value, int):
+        return f"{name} must be an integer, got {type(value).__name__}"
+    if value < minimum:
+        return f"{name} must be >= {minimum}, got {value!r}"
+    if value > maximum:
+        return f"{name} {value!r} exceeds {maximum}"
     return None
+
+
+def find_num_examples_problem(num_examples: object, minimum: int = 1) -> str | None:
+    """Return a reason unless ``num_examples`` is an integer in ``[minimum, 2^53]``."""
+    return find_integer_problem(keys.NUM_EXAMPLES, num_examples, minimum, MAX_NUM_EXAMPLES)
+
+
+def find_partition_id_problem(partition_id: object) -> str | None:
+    """Return a reason unless ``partition_id`` is None (absent) or an integer in [-1, 2^31)."""
+    if partition_id is None:
+        return None
+    return find_integer_problem(keys.PARTITION_ID, partition_id, NO_PARTITION, MAX_PARTITION_ID)
 
 
 def _is_finite_number(value: object) -> bool:
@@ -169,11 +210,49 @@ def _is_finite_number(value: object) -> bool:
 
 
 def find_metrics_problem(metrics: Mapping[str, object] | None) -> str | None:
-    """Return a reason naming the first metric that is not a finite number."""
-    for key, value in (metrics or {}).items():
+    """Return a reason naming the first metric that is not a number of its kind.
+
+    Every metric is a finite int or float scalar (not a bool, list or string);
+    the known ones lie in their range (``METRIC_RANGES``: losses >= 0,
+    accuracies in [0, 1]), ``partition-id`` in [-1, 2^31) (:func:`find_partition_id_problem`).
+    A reply carries at most ``MAX_METRICS`` metrics with names of at most
+    ``MAX_METRIC_NAME`` characters. ``num-examples`` is checked on its own.
+    """
+    metrics = metrics or {}
+    if len(metrics) > MAX_METRICS:
+        return f"reply carries {len(metrics)} metrics, more than {MAX_METRICS}"
+    for key, value in metrics.items():
+        if not isinstance(key, str) or len(key) > MAX_METRIC_NAME:
+            return f"metric name {key!r:.{MAX_METRIC_NAME}} is not a short string"
+        if key == keys.NUM_EXAMPLES:
+            continue
         if not _is_finite_number(value):
-            return f"metric {key!r} is not a finite number: {value!r}"
+            return f"metric {key!r} is not a finite number: {value!r:.100}"
+        if key == keys.PARTITION_ID:
+            problem = find_partition_id_problem(value)
+            if problem is not None:
+                return problem
+        low, high = METRIC_RANGES.get(key, (-math.inf, math.inf))
+        if not low <= value <= high:  # type: ignore[operator]
+            return f"metric {key!r} {value!r} is outside [{low:g}, {high:g}]"
     return None
+
+
+def find_evaluate_problem(metrics: Mapping[str, object] | None) -> str | None:
+    """Return None if an evaluate reply's metrics are usable, else a short reason.
+
+    The reply must carry ``num-examples`` (an integer >= 0), ``eval-loss`` (finite,
+    >= 0) and ``eval-accuracy`` (in [0, 1]); every metric is checked as by
+    :func:`find_metrics_problem`.
+    """
+    if metrics is None:
+        return "evaluate reply carries no metrics"
+    missing = [key for key in EVALUATE_METRICS if key not in metrics]
+    if missing:
+        return f"evaluate reply lacks {', '.join(missing)}"
+    return find_num_examples_problem(metrics[keys.NUM_EXAMPLES], minimum=0) or (
+        find_metrics_problem(metrics)
+    )
 
 
 class RoundReplyTracker:

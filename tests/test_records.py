@@ -104,7 +104,7 @@ def test_object_arrays_are_refused_when_packing():
         ({"version": 1, "arrays": [["w", "<f4", [100]]]}, "ends inside array 'w'"),
         ({"version": 1, "arrays": [["w", "<f4", [1]]]}, "byte\\(s\\) beyond its layout"),
         ({"version": 1}, "not version 1"),
-        ([1, 2], "unreadable packed layout"),
+        ([1, 2], "not version 1"),
         ({"version": 1, "arrays": [7]}, "bad packed layout entry 7"),
     ],
 )

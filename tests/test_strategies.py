@@ -379,7 +379,7 @@ def test_malformed_reply_is_rejected_and_the_global_model_stays_bit_identical(na
     assert "'fc.bias' holds NaN" in reasons[0]
     assert "missing arrays: 'fc.bias'" in reasons[1]
     assert "dtype float64, expected float32" in reasons[2]
-    assert "num-examples must be a positive integer" in reasons[3]
+    assert "num-examples must be >= 1, got 0" in reasons[3]
     assert "duplicate reply from node 2" in reasons[4]
     assert new_global is None and not summary.updated
     assert "fewer than min-train-nodes=2: global model kept" in summary.reason

@@ -205,16 +205,34 @@ def test_reply_without_arrays_is_rejected() -> None:
 
 
 @pytest.mark.parametrize(
-    "num_examples",
-    [0, -1, 2.5, float("nan"), float("inf"), -3.0, "3", True, False, np.bool_(True), None, [3]],
+    ("num_examples", "expected"),
+    [
+        (0, "num-examples must be >= 1, got 0"),
+        (-1, "num-examples must be >= 1, got -1"),
+        (-3.0, "num-examples must be >= 1, got -3.0"),
+        (2.5, "num-examples must be an integer, got 2.5"),
+        (float("nan"), "num-examples must be an integer, got nan"),
+        (float("inf"), "num-examples must be an integer, got inf"),
+        ("3", "num-examples must be an integer, got str"),
+        (True, "num-examples must be an integer, got a bool (True)"),
+        (False, "num-examples must be an integer, got a bool (False)"),
+        (np.bool_(True), "num-examples must be an integer, got a bool"),
+        (None, "num-examples must be an integer, got NoneType"),
+        ([3], "num-examples must be an integer, got list"),
+        (1e19, "num-examples 1e+19 exceeds 9007199254740992"),
+        (2**63 + 1, "num-examples 9223372036854775809 exceeds 9007199254740992"),
+        (np.uint64(2**64 - 1), "num-examples 18446744073709551615 exceeds"),
+    ],
 )
-def test_bad_num_examples_is_rejected(num_examples: object) -> None:
+def test_bad_num_examples_is_rejected_with_a_precise_reason(
+    num_examples: object, expected: str
+) -> None:
     # Execute
     reason = validate_reply(good_reply(), num_examples, GOOD_METRICS, EXPECTED)
 
     # Assert
     assert reason is not None
-    assert reason.startswith("num-examples must be a positive integer")
+    assert reason.startswith(expected)
 
 
 @pytest.mark.parametrize(
