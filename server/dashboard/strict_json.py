@@ -29,7 +29,7 @@ def json_depth(text: str) -> int:
     """The deepest nesting of arrays and objects in ``text`` (brackets in strings ignored)."""
     depth = deepest = 0
     for bracket in _BRACKET.finditer(_STRING.sub('""', text)):
-        depth += 1 if bracket.group() in "[{" else -1
+        depth = depth + 1 if bracket.group() in "[{" else max(0, depth - 1)
         deepest = max(deepest, depth)
     return deepest
 

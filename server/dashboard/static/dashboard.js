@@ -100,6 +100,12 @@ function runCells(run) {
   badge.className = "badge";
   setBadge(badge, run.state);
   state.append(badge);
+  if (run.state === "unreadable") {
+    // Its run.db cannot be read: the reason takes the place of the numbers.
+    const why = cell(run.message, "reason");
+    why.colSpan = 6;
+    return [name, state, why];
+  }
   const progress = document.createElement("td");
   progress.textContent = run.num_rounds ? `${run.current_round}/${run.num_rounds}` : "–";
   if (run.num_rounds) {
@@ -148,8 +154,17 @@ function connect() {
       setLive("finished", "finished · read-only");
     }
   });
+  // The run's store cannot be read: the server ends the stream; so does the page.
   source.addEventListener("problem", (event) => {
-    setLive("offline", `run store busy: ${JSON.parse(event.data).error}`);
+    source.close();
+    const problem = JSON.parse(event.data);
+    setLive("offline", "unreadable · reload to retry");
+    setBadge($("state-badge"), problem.state || "unreadable");
+    $("run-message").hidden = false;
+    $("run-message").textContent = problem.error;
+    for (const button of document.querySelectorAll("button[data-command], #btn-weight")) {
+      button.disabled = true;
+    }
   });
   source.onerror = () => {
     if (source.readyState !== EventSource.CLOSED) setLive("offline", "reconnecting…");
