@@ -131,6 +131,7 @@ def test_runs_list_shows_each_damaged_run_as_unreadable_and_goes_on(runs_dir):
         assert runs[name]["state"] == "unreadable", name
         message = runs[name]["message"]
         assert message.startswith(f"run '{name}' is unreadable: ") and "\n" not in message
+        assert message.count("unreadable") == 1, message
     assert [run["run_name"] for run in strict_json(response.text)["runs"]][0] == "good"
 
 

@@ -95,7 +95,9 @@ def read_run(read: Callable[[Path], T], run_dir: Path) -> T:
     except (InvalidTransitionError, RunNotFoundError):
         raise  # a refusal or a missing run, not a damaged one
     except READ_ERRORS as error:
-        raise RunUnreadableError(f"run {run_dir.name!r} is unreadable: {reason(error)}") from None
+        prefix, why = f"run {run_dir.name!r} is unreadable: ", reason(error)
+        message = why if why.startswith(prefix) else prefix + why  # the store's own says so
+        raise RunUnreadableError(message) from None
 
 
 def reason(error: BaseException) -> str:
