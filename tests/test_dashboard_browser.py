@@ -181,3 +181,48 @@ def test_dashboard_follows_and_controls_a_live_run(simulate, tmp_path):
         # Whatever failed, leave no run going on the session's SuperLink.
         if state_of(run.run_dir) in ("running", "paused"):
             run.cli("stop", RUN_NAME, check=False)
+
+
+def test_dashboard_shows_unreadable_runs(tmp_path):
+    require_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.test_dashboard import make_run
+
+    # Prepare: a live run and one whose run.db is random bytes
+    runs_dir = tmp_path / "runs"
+    make_run(runs_dir, "live").close()
+    (runs_dir / "broken").mkdir()
+    (runs_dir / "broken" / "run.db").write_bytes(b"\x13 not a database " * 300)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with (
+        dashboard(runs_dir, ARTIFACTS / "dashboard-unreadable.log") as url,
+        sync_playwright() as playwright,
+    ):
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+
+            # Execute / Assert: listed as unreadable with the reason, beside the good run
+            page.goto(f"{url}/")
+            row = page.locator("#runs-body tr", has_text="broken")
+            expect(row.locator(".badge")).to_have_text("unreadable", timeout=UI_TIMEOUT_MS)
+            expect(row).to_contain_text("run 'broken' is unreadable: ")
+            expect(page.locator("#runs-body tr", has_text="live")).to_contain_text("running")
+
+            # its page says so
+            page.goto(f"{url}/runs/broken")
+            expect(page.locator("h1")).to_have_text("Unreadable run")
+            expect(page.locator("main")).to_contain_text("run 'broken' is unreadable: ")
+
+            # a run followed live whose run.db is overwritten: the page stops and says why
+            page.goto(f"{url}/runs/live")
+            expect(page.locator("#state-badge")).to_have_text("running", timeout=UI_TIMEOUT_MS)
+            for path in runs_dir.glob("live/run.db*"):
+                path.write_bytes(b"overwritten " * 300)
+            expect(page.locator("#state-badge")).to_have_text("unreadable", timeout=UI_TIMEOUT_MS)
+            expect(page.locator("#run-message")).to_contain_text("run 'live' is unreadable: ")
+            expect(page.locator("#live")).to_contain_text("unreadable")
+            expect(page.locator("#btn-pause")).to_be_disabled()
+        finally:
+            browser.close()
