@@ -227,7 +227,9 @@ def test_non_ascii_tokens_answer_401(runs_dir, headers):
     assert status == 401 and b"missing or wrong token" in body
 
 
-def asgi_get(app: object, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
+def asgi_get(
+    app: object, path: str, headers: list[tuple[bytes, bytes]], host: bytes = b"192.0.2.10:8765"
+) -> tuple[int, bytes]:
     """One GET straight through the ASGI interface, headers as raw bytes."""
     import anyio
 
@@ -241,7 +243,7 @@ def asgi_get(app: object, path: str, headers: list[tuple[bytes, bytes]]) -> tupl
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [(b"host", b"192.0.2.10:8765"), *headers],
+        "headers": [(b"host", host), *headers],
         "client": ("192.0.2.1", 5000),
         "server": ("192.0.2.10", 8765),
     }
@@ -256,6 +258,26 @@ def asgi_get(app: object, path: str, headers: list[tuple[bytes, bytes]]) -> tupl
     anyio.run(app, scope, receive, send)  # type: ignore[arg-type]
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")  # type: ignore[misc]
     return int(sent[0]["status"]), body  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize(
+    ("length", "status", "reason"),
+    [
+        (b"abc", 400, b"invalid Content-Length header"),
+        ("\u00b2".encode("latin-1"), 400, b"invalid Content-Length header"),
+        (b"-5", 400, b"invalid Content-Length header"),
+        (b"1" + b"0" * 400, 413, b"request body too large"),
+        (b"65537", 413, b"request body too large"),
+    ],
+)
+def test_content_length_that_is_no_count_or_too_big_is_refused(runs_dir, length, status, reason):
+    # Execute: straight to the app, as a server that let the header through would send it
+    answer = asgi_get(
+        local_app(runs_dir), "/api/runs", [(b"content-length", length)], b"127.0.0.1:8765"
+    )
+
+    # Assert
+    assert answer[0] == status and reason in answer[1]
 
 
 # ------------------------------------------------------------- other scopes
@@ -497,6 +519,7 @@ def port(runs_dir: Path) -> Iterator[int]:
         (head("/api/runs/live/pause", "Content-Length: 1" + "0" * 400, "Connection: close"), 400),
         (head("/api/runs/live/pause", "Content-Length: -1", "Connection: close"), 400),
         (head("/api/runs/live/pause", "Content-Length: 70000", "Connection: close"), 413),
+        (head("/api/runs/live/pause", "Content-Length: 99999999999999", "Connection: close"), 413),
         (
             head("/api/runs/live/pause", "Transfer-Encoding: chunked", "Connection: close")
             + (b"8000\r\n" + b" " * 0x8000 + b"\r\n") * 3
@@ -511,7 +534,14 @@ def port(runs_dir: Path) -> Iterator[int]:
             202,
         ),
     ],
-    ids=["length-401-digits", "length-negative", "length-over-limit", "chunked-over", "chunked-ok"],
+    ids=[
+        "length-401-digits",
+        "length-negative",
+        "length-over-limit",
+        "length-14-digits",
+        "chunked-over",
+        "chunked-ok",
+    ],
 )
 def test_lengths_and_chunked_bodies_over_real_http(runs_dir, port, request_bytes, status):
     # Execute

@@ -163,9 +163,9 @@ class GuardMiddleware:
             if reason is not None:
                 return _error(path, 403, f"cross-site request refused: {reason}")
         length = connection.headers.get("content-length", "0")
-        if not (length.isascii() and length.isdigit()) or len(length) > 12:
+        if not (length.isascii() and length.isdigit()):
             return _error(path, 400, "invalid Content-Length header")
-        if int(length) > MAX_BODY_BYTES:
+        if len(length) > len(str(MAX_BODY_BYTES)) or int(length) > MAX_BODY_BYTES:
             return _error(path, 413, _too_large())
         return None
 
