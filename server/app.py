@@ -14,12 +14,13 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import RunNotRunningException
 
 from server import lifecycle, object_pull
-from server.checkpoints import load_checkpoint
+from server.checkpoints import CheckpointError
 from server.control import StopRequestedError
 from server.coordinator import Coordinator, EvaluateFn, NamedArrays, NodeShortageError
 from server.preflight import check_resumable_exists, check_run_name_free
 from server.runs import effective_state
-from server.store import RunStore
+from server.store import RunStore, RunStoreError
+from server.verify import load_verified_checkpoint
 from strategies.registry import build_strategy
 from task.config import (
     ConfigError,
@@ -30,6 +31,7 @@ from task.config import (
 )
 from task.datasets import DatasetSplits, DatasetUnavailableError, load_dataset
 from task.models import build_model
+from task.names import find_run_dir_problem
 from task.training import load_numpy_into, model_to_numpy, resolve_device
 from task.training import test as evaluate_model
 
@@ -126,9 +128,15 @@ def open_new_run(config: RunConfig, run_name: str) -> RunStore:
 def open_resumed_run(config: RunConfig) -> RunStore:
     """Open the run named by ``run-name`` for ``resume=true``, checking it can go on."""
     run_dir = config.resolved_runs_dir / config.run_name
+    link_problem = find_run_dir_problem(config.resolved_runs_dir, config.run_name)
+    if link_problem is not None:
+        raise ConfigError(f"resume=true: {link_problem}")
     check_resumable_exists(config)
-    store = RunStore(run_dir)
-    run = store.run_row()
+    try:
+        store = RunStore(run_dir)
+        run = store.run_row()
+    except RunStoreError as error:  # damaged, or recorded by an older fedcoord
+        raise ConfigError(f"resume=true: {error}") from None
     state = effective_state(str(run["state"]), run["heartbeat_at"], time.time())  # type: ignore[arg-type]
     if state in (lifecycle.RUNNING, lifecycle.PAUSED, lifecycle.STOPPING):
         raise ConfigError(
@@ -144,17 +152,20 @@ def open_resumed_run(config: RunConfig) -> RunStore:
 
 
 def restore_start_point(store: RunStore, config: RunConfig, strategy: object) -> StartPoint | None:
-    """Load the latest checkpoint (hash-checked) into ``strategy``; None if there is none."""
+    """Load the latest checkpoint into ``strategy``; None if there is none.
+
+    The checkpoint must be the one the run's hash chain records (file and model
+    hash), whatever the checkpoints table says; otherwise resume is refused.
+    """
     for leftover in (store.run_dir / "checkpoints").glob(".tmp-*"):
         leftover.unlink()  # a save cut short by a crash; the renamed files are whole
-    rows = store.checkpoints()
-    if not rows:
+    try:
+        checkpoint = load_verified_checkpoint(store)
+    except CheckpointError as error:
+        raise ConfigError(f"resume: {error}") from None
+    if checkpoint is None:
         store.truncate_after(-1)
         return None
-    latest = rows[-1]
-    checkpoint = load_checkpoint(
-        store.run_dir / "checkpoints" / str(latest["path"]), str(latest["sha256"])
-    )
     for key in ("model", "dataset"):
         saved = checkpoint.metadata.get(key)
         if saved != getattr(config, key):

@@ -53,6 +53,31 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def model_hash(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the arrays' names, dtypes, shapes and bytes, in order.
+
+    Each round row records (and chains) this hash of the round's global model;
+    ``fedcoord verify`` and resume recompute it from the checkpoint file.
+    """
+    digest = hashlib.sha256()
+    for name, value in arrays.items():
+        digest.update(f"{name}|{value.dtype.str}|{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def checkpoint_file_problem(server_round: int, name: object) -> str | None:
+    """Why a checkpoint row's file name is not the file of its round, or None.
+
+    ``run.db`` is read back as untrusted: a name such as ``../../x`` must not make
+    verify or resume read a file outside the run's ``checkpoints/`` folder.
+    """
+    expected = checkpoint_path(Path(), server_round).name
+    if name != expected:
+        return f"names the file {str(name)[:80]!r}, not {expected!r}"
+    return None
+
+
 def save_checkpoint(
     run_dir: Path,
     server_round: int,
@@ -72,6 +97,11 @@ def save_checkpoint(
         "model_keys": json.dumps(list(arrays)),
         "strategy_keys": json.dumps(list(strategy_state)),
         "metadata": json.dumps(dict(metadata), default=str),
+        # np.ascontiguousarray makes a 0-d array (BatchNorm's num_batches_tracked) 1-d
+        "shapes": json.dumps(
+            {MODEL_PREFIX + k: list(np.shape(v)) for k, v in arrays.items()}
+            | {STRATEGY_PREFIX + k: list(np.shape(v)) for k, v in strategy_state.items()}
+        ),
     }
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     os.close(handle)
@@ -108,16 +138,19 @@ def load_checkpoint(path: Path, expected_sha256: str) -> Checkpoint:
     try:
         tensors = load_file(str(path))
         header = _read_header(path)
+        model_keys = json.loads(header["model_keys"])
+        strategy_keys = json.loads(header["strategy_keys"])
+        for key, shape in json.loads(header.get("shapes", "{}")).items():
+            tensors[key] = tensors[key].reshape(shape)
+        return Checkpoint(
+            server_round=int(header["round"]),
+            arrays={k: tensors[MODEL_PREFIX + k] for k in model_keys},
+            strategy_state={k: tensors[STRATEGY_PREFIX + k] for k in strategy_keys},
+            metadata=dict(json.loads(header["metadata"])),
+        )
     except Exception as error:  # noqa: BLE001 - any parse failure means a bad file
-        raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from error
-    model_keys = json.loads(header["model_keys"])
-    strategy_keys = json.loads(header["strategy_keys"])
-    return Checkpoint(
-        server_round=int(header["round"]),
-        arrays={k: tensors[MODEL_PREFIX + k] for k in model_keys},
-        strategy_state={k: tensors[STRATEGY_PREFIX + k] for k in strategy_keys},
-        metadata=json.loads(header["metadata"]),
-    )
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read: {reason}") from None
 
 
 def _read_header(path: Path) -> dict[str, str]:

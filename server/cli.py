@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from server import lifecycle
 from server.operations import request_command, request_weight
-from server.results import plot_rounds, write_rows
+from server.results import plot_rounds, strict_json, write_rows
 from server.runs import (
     RunNotFoundError,
     default_runs_dir,
@@ -19,8 +19,18 @@ from server.runs import (
     resolve_run_dir,
     run_status,
 )
-from server.store import RunStore, RunStoreError
+from server.store import CorruptRunError, RunStore, RunStoreError
 from server.verify import verify_run
+from task.names import RunNameError
+
+UNREADABLE = "unreadable"
+# Errors whose message is one line naming the run and the problem: printed, exit 2.
+ONE_LINE_ERRORS = (
+    RunNotFoundError,
+    RunNameError,
+    RunStoreError,
+    lifecycle.InvalidTransitionError,
+)
 
 
 def _fmt(value: object, digits: int = 4) -> str:
@@ -51,7 +61,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
         try:
             status = run_status(run_dir)
         except RunStoreError as error:
-            print(f"{run_dir.name:<36} unreadable: {error}")
+            problem = error.problem if isinstance(error, CorruptRunError) else str(error)
+            print(f"{run_dir.name:<36} {UNREADABLE:<12} {'-':>9} {'-':>9} {'-':>7}  {problem}")
             continue
         metrics = status["metrics"]
         accuracy = metrics.get("central_accuracy") if isinstance(metrics, dict) else None
@@ -67,7 +78,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Show one run's state, round k/N, last metrics, nodes and ETA."""
     status = run_status(resolve_run_dir(Path(args.runs_dir), args.run))
     if args.json:
-        print(json.dumps(status))
+        print(strict_json(status))
         return 0
     metrics = status["metrics"] if isinstance(status["metrics"], dict) else {}
     print(f"run        {status['run_name']}  ({status['run_dir']})")
@@ -94,7 +105,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _open_store(args: argparse.Namespace) -> RunStore:
-    return RunStore(resolve_run_dir(Path(args.runs_dir), args.run))
+    return RunStore(resolve_run_dir(Path(args.runs_dir), args.run), readonly=True)
 
 
 def cmd_control(args: argparse.Namespace) -> int:
@@ -152,11 +163,15 @@ def cmd_weight(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check the round hash chain and the checkpoint files; exit 1 on any problem."""
     run_dir = resolve_run_dir(Path(args.runs_dir), args.run)
-    problems, summary = verify_run(run_dir)
+    try:
+        problems, summary = verify_run(run_dir)
+    except RunStoreError as error:
+        print(f"fedcoord: {error}", file=sys.stderr)
+        return 1
     if problems:
         print(f"{run_dir.name}: {len(problems)} problem(s) in {summary}")
         for problem in problems:
-            print(f"  - {problem}")
+            print(f"  {problem}")
         return 1
     print(f"{run_dir.name}: intact ({summary})")
     return 0
@@ -304,9 +319,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (RunNotFoundError, RunStoreError, lifecycle.InvalidTransitionError) as error:
+    except ONE_LINE_ERRORS as error:
         print(f"fedcoord: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `fedcoord export | head`
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
+        return 1
+    except OSError as error:  # a file to write or a folder to read
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"fedcoord: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

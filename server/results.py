@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import TextIO
 
@@ -28,8 +29,33 @@ EXPORT_COLUMNS = (
 )
 
 
+def finite_or_none(value: object) -> object:
+    """``value`` with every NaN or infinite float, at any depth, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def strict_json(value: object) -> str:
+    """``value`` as strict JSON: non-finite numbers become ``null`` (never ``NaN``)."""
+    return json.dumps(finite_or_none(value), allow_nan=False)
+
+
+def stored_metrics(metrics_json: object) -> object:
+    """The metrics object a round row stores, or None when the text is not a JSON object."""
+    try:
+        metrics = json.loads(str(metrics_json))
+    except (ValueError, RecursionError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
 def write_rows(rows: list[dict[str, object]], fmt: str, output: TextIO) -> None:
-    """Write round rows as ``csv`` (one header line) or ``jsonl`` (one object a line)."""
+    """Write round rows as ``csv`` (one header line) or ``jsonl`` (one strict object a line)."""
     if fmt == "csv":
         writer = csv.DictWriter(output, fieldnames=EXPORT_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -37,8 +63,8 @@ def write_rows(rows: list[dict[str, object]], fmt: str, output: TextIO) -> None:
         return
     for row in rows:
         record = {key: row[key] for key in EXPORT_COLUMNS}
-        record["metrics"] = json.loads(str(row["metrics_json"]))
-        output.write(json.dumps(record) + "\n")
+        record["metrics"] = stored_metrics(row["metrics_json"])
+        output.write(strict_json(record) + "\n")
 
 
 def plot_rounds(rows: list[dict[str, object]], run_name: str, output: Path) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 from server.store import DB_NAME, RunStore, RunStoreError
 from task.config import fedcoord_home
+from task.names import RunNameError, find_run_dir_problem
 
 FINAL_STATES = ("stopped", "completed", "failed")
 STALE_HEARTBEAT_S = 15.0
@@ -22,10 +24,20 @@ def default_runs_dir() -> Path:
 
 
 def list_run_dirs(runs_dir: Path) -> list[Path]:
-    """Run directories under ``runs_dir`` (those holding a run.db), by name."""
+    """Run directories of ``runs_dir``, by name: folders holding a run.db file.
+
+    A folder whose name is not a valid run name, that is a link out of the runs
+    folder, or whose run.db is a link or not a regular file is left out.
+    """
     if not runs_dir.is_dir():
         return []
-    return sorted(d for d in runs_dir.iterdir() if (d / DB_NAME).is_file())
+    return sorted(
+        folder
+        for folder in runs_dir.iterdir()
+        if find_run_dir_problem(runs_dir, folder.name) is None
+        and not (folder / DB_NAME).is_symlink()
+        and (folder / DB_NAME).is_file()
+    )
 
 
 def resolve_run_dir(runs_dir: Path, run_name: str | None) -> Path:
@@ -33,6 +45,8 @@ def resolve_run_dir(runs_dir: Path, run_name: str | None) -> Path:
 
     Raises
     ------
+    RunNameError
+        If ``run_name`` is not a valid run name, or names a link out of the runs folder.
     RunNotFoundError
         If the run does not exist; the message lists the runs that do.
     """
@@ -41,25 +55,32 @@ def resolve_run_dir(runs_dir: Path, run_name: str | None) -> Path:
         if not runs:
             raise RunNotFoundError(f"no runs in {runs_dir}")
         return newest(runs)
+    problem = find_run_dir_problem(runs_dir, run_name)
+    if problem is not None:
+        raise RunNameError(problem)
     candidate = runs_dir / run_name
-    if "/" in run_name or run_name in (".", "..") or candidate not in runs:
-        names = ", ".join(d.name for d in runs) or "none"
-        raise RunNotFoundError(f"no run {run_name!r} in {runs_dir}; runs: {names}")
+    if candidate not in runs:
+        names = ", ".join(d.name for d in runs[:20]) or "none"
+        more = f" and {len(runs) - 20} more" if len(runs) > 20 else ""
+        raise RunNotFoundError(f"no run {run_name!r} in {runs_dir}; runs: {names}{more}")
     return candidate
 
 
 def newest(runs: list[Path]) -> Path:
-    """The run created last, by the creation time stored in its run.db."""
+    """The run created last, by the creation time stored in its run.db (unreadable: oldest)."""
 
     def created(run_dir: Path) -> float:
         try:
-            store = RunStore(run_dir)
+            store = RunStore(run_dir, readonly=True)
         except RunStoreError:
-            return 0.0
+            return float("-inf")
         try:
-            return float(store.run_row()["created_at"])  # type: ignore[arg-type]
+            created_at = float(store.run_row()["created_at"])  # type: ignore[arg-type]
+        except RunStoreError:
+            return float("-inf")
         finally:
             store.close()
+        return created_at if math.isfinite(created_at) else float("-inf")
 
     return max(runs, key=created)
 
@@ -74,8 +95,14 @@ def effective_state(state: str, heartbeat_at: float | None, now: float) -> str:
 
 
 def run_status(run_dir: Path) -> dict[str, object]:
-    """The status of one run as a JSON-ready dict (SPEC ``status --json`` fields)."""
-    store = RunStore(run_dir)
+    """The status of one run as a JSON-ready dict (SPEC ``status --json`` fields).
+
+    Raises
+    ------
+    RunStoreError
+        If its run.db cannot be read (:class:`server.store.CorruptRunError`: one line).
+    """
+    store = RunStore(run_dir, readonly=True)
     try:
         run = store.run_row()
         rounds = store.rounds()

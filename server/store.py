@@ -3,25 +3,47 @@
 It is the only channel between the running ServerApp (the writer) and the
 control CLI (a reader that also queues commands). WAL mode lets the CLI read
 while the server writes; every write is one short transaction.
+
+``run.db`` is read back as untrusted input: opening it checks the schema
+version, every table and column, and the run row; every read checks the kind
+of each value. Anything else (truncated, random or empty files, another
+program's database, a half-written store, text where a number belongs) raises
+:class:`CorruptRunError` with one line naming the run and the problem. Readers
+open it read-only (``mode=ro``) and never change it.
+
+Tamper evidence (schema 2): each round row carries a hash chained over every
+other column of the row and the previous row's hash, starting from a genesis
+hash bound to the run (name, creation time, config). The newest row's round
+and hash are kept apart as the chain head (``meta``), written in the same
+transaction, so deleting the newest rows is noticed too. Schema 1 stores
+(older fedcoord) stay readable, not writable.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
-SCHEMA_VERSION = 1
+T = TypeVar("T")
+SCHEMA_VERSION = 2
+# Schema 1 (chain over model hash, round and metrics only) is read, never written.
+LEGACY_SCHEMA_VERSION = 1
 DB_NAME = "run.db"
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS run (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     run_name TEXT NOT NULL,
@@ -57,7 +79,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     metrics_json TEXT NOT NULL,
     model_hash TEXT NOT NULL,
     chain_hash TEXT NOT NULL,
-    note TEXT NOT NULL DEFAULT ''
+    note TEXT NOT NULL DEFAULT '',
+    checkpoint_sha256 TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
@@ -101,12 +124,48 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 );
 """
 
-GENESIS_HASH = "0" * 64
+GENESIS_HASH = "0" * 64  # the first link of a schema 1 chain
+CHAIN_FORMAT = "fedcoord-chain-2"
+CHAIN_HEAD_KEY = "chain_head"
 HEARTBEAT_INTERVAL_S = 1.0
+# Columns schema 2 added; a schema 1 store has all the others.
+ADDED_IN_SCHEMA_2 = {"rounds": ("checkpoint_sha256",)}
+SQL_KINDS = {"INTEGER": int, "REAL": (int, float), "TEXT": str}
+_COLUMN = re.compile(r"^\s+(\w+) (INTEGER|REAL|TEXT)\b(.*?),?$")
 
 
 class RunStoreError(RuntimeError):
     """The run store is missing, of another schema version, or inconsistent."""
+
+
+class CorruptRunError(RunStoreError):
+    """A ``run.db`` that cannot be read as a fedcoord run store; one line naming run and problem.
+
+    Attributes
+    ----------
+    problem : str
+        What is wrong, without the run's name.
+    """
+
+    def __init__(self, run_dir: Path, problem: str) -> None:
+        self.problem = problem
+        super().__init__(f"run {Path(run_dir).name!r} is unreadable: {problem}")
+
+
+def _columns_of(schema: str) -> dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]:
+    """Table -> column -> (Python kinds of its values, whether NULL is allowed)."""
+    tables: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {}
+    current: dict[str, tuple[type | tuple[type, ...], bool]] = {}
+    for line in schema.splitlines():
+        if line.startswith("CREATE TABLE"):
+            current = tables.setdefault(line.split()[5], {})
+        elif match := _COLUMN.match(line):
+            name, kind, rest = match.groups()
+            current[name] = (SQL_KINDS[kind], "NOT NULL" not in rest and "PRIMARY KEY" not in rest)
+    return tables
+
+
+TABLE_COLUMNS = _columns_of(SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -126,19 +185,52 @@ class RoundRecord:
     note: str = ""
 
 
-def chain_hash(previous: str, model_hash: str, server_round: int, metrics_json: str) -> str:
-    """Hash linking a round row to the one before it."""
+def legacy_chain_hash(previous: str, model_hash: str, server_round: int, metrics_json: str) -> str:
+    """Hash linking a schema 1 round row to the one before it (three of its columns)."""
     payload = f"{previous}|{model_hash}|{server_round}|{metrics_json}".encode()
     return hashlib.sha256(payload).hexdigest()
 
 
-def connect(db_path: Path) -> sqlite3.Connection:
-    """Open a connection in WAL mode with a busy timeout, rows as mappings."""
-    connection = sqlite3.connect(db_path, timeout=30.0, isolation_level=None)
+def chain_hash(previous: str, row: Mapping[str, object]) -> str:
+    """Hash linking a round row to the one before it: every column but ``chain_hash``.
+
+    The values are encoded with their kinds (1, 1.0 and "1" differ; floats exactly,
+    by their shortest round-trip form), so any edit of any stored value changes it.
+    """
+    fields = [[name, _canonical(row[name])] for name in sorted(row) if name != "chain_hash"]
+    payload = json.dumps([CHAIN_FORMAT, previous, fields], separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def genesis_hash(run: Mapping[str, object]) -> str:
+    """The link before the first round row, bound to the run's name, creation time and config."""
+    fields = [_canonical(run[key]) for key in ("run_name", "created_at", "config_json")]
+    payload = json.dumps([CHAIN_FORMAT, "genesis", fields], separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _canonical(value: object) -> object:
+    if isinstance(value, bytes):
+        return {"blob": value.hex()}
+    return [type(value).__name__, value]
+
+
+def connect(db_path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open a connection with a busy timeout, rows as mappings.
+
+    ``readonly`` opens with SQLite's ``mode=ro``: nothing done through it can
+    change the file. Neither mode changes the journal mode (:meth:`RunStore.create`
+    sets WAL once; it stays with the file).
+    """
+    if readonly:
+        uri = Path(db_path).absolute().as_uri() + "?mode=ro"
+        connection = sqlite3.connect(uri, timeout=30.0, isolation_level=None, uri=True)
+    else:
+        connection = sqlite3.connect(db_path, timeout=30.0, isolation_level=None)
     connection.row_factory = sqlite3.Row
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute("PRAGMA busy_timeout=30000")
+    if not readonly:
+        connection.execute("PRAGMA synchronous=NORMAL")
     return connection
 
 
@@ -149,28 +241,63 @@ class RunStore:
     ----------
     run_dir : Path
         The run directory; ``run.db`` lives inside it.
+    readonly : bool
+        Open with SQLite's ``mode=ro`` (every reader: CLI, dashboard, verify).
+
+    Raises
+    ------
+    RunStoreError
+        If there is no ``run.db``, or (writing) it was recorded by an older fedcoord.
+    CorruptRunError
+        If ``run.db`` is not a fedcoord run store one of these versions can read.
     """
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, *, readonly: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.db_path = self.run_dir / DB_NAME
-        if not self.db_path.exists():
+        self.readonly = readonly
+        if self.db_path.is_symlink():
+            raise RunStoreError(f"run {self.run_dir.name!r}: {self.db_path} is a link; refused")
+        if not self.db_path.is_file():
             raise RunStoreError(f"no run store at {self.db_path}")
-        self._db = connect(self.db_path)
-        version = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if version is None or int(version["value"]) != SCHEMA_VERSION:
+        if self.db_path.stat().st_size == 0:
+            raise CorruptRunError(self.run_dir, "run.db is empty")
+        try:
+            self._db = connect(self.db_path, readonly=readonly)
+        except sqlite3.Error as error:
+            raise CorruptRunError(self.run_dir, f"run.db cannot be opened ({error})") from None
+        try:
+            self.schema_version = self._read(self._check_layout)
+        except BaseException:
+            self._db.close()
+            raise
+        if not readonly and self.schema_version != SCHEMA_VERSION:
+            self._db.close()
             raise RunStoreError(
-                f"{self.db_path} has schema version {version and version['value']}, "
-                f"this fedcoord reads version {SCHEMA_VERSION}"
+                f"run {self.run_dir.name!r} was recorded by an older fedcoord (run.db schema "
+                f"{self.schema_version}); this version reads it but does not change it: "
+                "start a new run"
             )
 
     @classmethod
     def create(
         cls, run_dir: Path, run_name: str, config: Mapping[str, object], num_rounds: int
     ) -> RunStore:
-        """Create the run directory and a fresh store in state ``running``."""
+        """Create the run directory and a fresh store in state ``running``.
+
+        Raises
+        ------
+        RunStoreError
+            If ``run_dir`` is a link that leads out of its parent (the runs folder).
+        """
+        if run_dir.is_symlink() and run_dir.resolve().parent != run_dir.parent.resolve():
+            raise RunStoreError(
+                f"run {run_dir.name!r}: {run_dir} is a link to {run_dir.resolve()}, outside the "
+                "runs folder; refused"
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
         db = connect(run_dir / DB_NAME)
+        db.execute("PRAGMA journal_mode=WAL")
         now = time.time()
         db.executescript(SCHEMA)
         with _transaction(db):
@@ -182,8 +309,77 @@ class RunStore:
                 " updated_at) VALUES (1, ?, 'running', ?, ?, ?, ?)",
                 (run_name, num_rounds, json.dumps(dict(config), default=str), now, now),
             )
+            _write_head(db, None, genesis_hash(_one_row(db, "SELECT * FROM run WHERE id = 1")), 0)
         db.close()
         return cls(run_dir)
+
+    def _check_layout(self) -> int:
+        """The schema version, after checking every table, column and the run row."""
+        tables = {
+            str(row[0])
+            for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        if "meta" not in tables:
+            found = ", ".join(sorted(tables)[:5]) or "none"
+            raise CorruptRunError(
+                self.run_dir, f"run.db is not a fedcoord run store (tables: {found})"
+            )
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        text = row["value"] if row is not None else None
+        if not (isinstance(text, str) and text.isascii() and text.isdigit() and len(text) < 6):
+            raise CorruptRunError(
+                self.run_dir, f"run.db has no valid schema version ({_show(text)})"
+            )
+        version = int(text)
+        if version not in (LEGACY_SCHEMA_VERSION, SCHEMA_VERSION):
+            raise CorruptRunError(
+                self.run_dir,
+                f"run.db has schema version {version}; this fedcoord reads versions "
+                f"{LEGACY_SCHEMA_VERSION} and {SCHEMA_VERSION}",
+            )
+        for table, columns in TABLE_COLUMNS.items():
+            if table not in tables:
+                raise CorruptRunError(
+                    self.run_dir, f"run.db has no table {table!r} (half-written?)"
+                )
+            present = {str(r["name"]) for r in self._db.execute(f"PRAGMA table_info({table})")}
+            needed = set(columns) - set(ADDED_IN_SCHEMA_2.get(table, ()) if version == 1 else ())
+            missing = sorted(needed - present)
+            if missing:
+                raise CorruptRunError(self.run_dir, f"table {table} has no column {missing[0]!r}")
+        self._checked("run", self._db.execute("SELECT * FROM run WHERE id = 1").fetchall(), 1)
+        return version
+
+    def _checked(
+        self, table: str, rows: list[sqlite3.Row], exactly: int | None = None
+    ) -> list[dict[str, object]]:
+        """``rows`` as dicts after checking the kind of every value of ``table``."""
+        if exactly is not None and len(rows) != exactly:
+            raise CorruptRunError(
+                self.run_dir, f"run.db has {len(rows)} {table} rows, not {exactly}"
+            )
+        checked = [dict(row) for row in rows]
+        for row in checked:
+            problem = find_value_problem(table, row)
+            if problem is not None:
+                raise CorruptRunError(self.run_dir, problem)
+        return checked
+
+    def _read(self, read: Callable[[], T]) -> T:
+        """``read()``, an SQLite error raised as :class:`CorruptRunError`."""
+        try:
+            return read()
+        except sqlite3.Error as error:
+            raise CorruptRunError(
+                self.run_dir, f"run.db cannot be read ({_show(str(error))})"
+            ) from None
+
+    def _select(
+        self, table: str, query: str, parameters: tuple[object, ...] = ()
+    ) -> list[dict[str, object]]:
+        return self._read(
+            lambda: self._checked(table, self._db.execute(query, parameters).fetchall())
+        )
 
     def close(self) -> None:
         """Close the connection."""
@@ -229,10 +425,32 @@ class RunStore:
     def record_round(self, record: RoundRecord, checkpoint: tuple[Path, str] | None = None) -> str:
         """Insert a completed round, chained to the previous row; return its chain hash.
 
-        The round row and its checkpoint row (``(path, sha256)``) are written in
-        one transaction: either both are on record or neither is.
+        The round row, its checkpoint row (``(path, sha256)``) and the chain head
+        are written in one transaction: all are on record or none is. The hash is
+        computed from the row as SQLite stores it (read back), so a reader
+        recomputes exactly the same value.
         """
-        metrics_json = json.dumps(dict(record.metrics), sort_keys=True)
+        values = {
+            "round": record.round,
+            "started_at": record.started_at,
+            "ended_at": record.ended_at,
+            "duration_s": record.ended_at - record.started_at,
+            "sampled": record.sampled,
+            "accepted": record.accepted,
+            "rejected": record.rejected,
+            "failed": record.failed,
+            "updated": int(record.updated),
+            "train_loss": record.metrics.get("train-loss"),
+            "central_loss": record.metrics.get("central-loss"),
+            "central_accuracy": record.metrics.get("central-accuracy"),
+            "federated_loss": record.metrics.get("federated-loss"),
+            "federated_accuracy": record.metrics.get("federated-accuracy"),
+            "metrics_json": json.dumps(dict(record.metrics), sort_keys=True),
+            "model_hash": record.model_hash,
+            "chain_hash": "",
+            "note": record.note,
+            "checkpoint_sha256": checkpoint[1] if checkpoint is not None else "",
+        }
         with _transaction(self._db):
             if checkpoint is not None:
                 self._db.execute(
@@ -245,41 +463,37 @@ class RunStore:
                         time.time(),
                     ),
                 )
-            previous = self._db.execute(
-                "SELECT chain_hash FROM rounds WHERE round < ? ORDER BY round DESC LIMIT 1",
-                (record.round,),
-            ).fetchone()
-            link = chain_hash(
-                previous["chain_hash"] if previous else GENESIS_HASH,
-                record.model_hash,
-                record.round,
-                metrics_json,
-            )
             self._db.execute(
-                "INSERT OR REPLACE INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    record.round,
-                    record.started_at,
-                    record.ended_at,
-                    record.ended_at - record.started_at,
-                    record.sampled,
-                    record.accepted,
-                    record.rejected,
-                    record.failed,
-                    int(record.updated),
-                    record.metrics.get("train-loss"),
-                    record.metrics.get("central-loss"),
-                    record.metrics.get("central-accuracy"),
-                    record.metrics.get("federated-loss"),
-                    record.metrics.get("federated-accuracy"),
-                    metrics_json,
-                    record.model_hash,
-                    link,
-                    record.note,
-                ),
+                f"INSERT OR REPLACE INTO rounds ({', '.join(values)})"
+                f" VALUES ({', '.join('?' * len(values))})",
+                tuple(values.values()),
             )
+            stored = _one_row(self._db, "SELECT * FROM rounds WHERE round = ?", (record.round,))
+            link = chain_hash(self._previous_link(record.round), stored)
+            self._db.execute(
+                "UPDATE rounds SET chain_hash = ? WHERE round = ?", (link, record.round)
+            )
+            self._write_head_of_rows()
             self.update_run(current_round=record.round)
         return link
+
+    def _previous_link(self, server_round: int) -> str:
+        previous = self._db.execute(
+            "SELECT chain_hash FROM rounds WHERE round < ? ORDER BY round DESC LIMIT 1",
+            (server_round,),
+        ).fetchone()
+        return str(previous["chain_hash"]) if previous else self.genesis()
+
+    def _write_head_of_rows(self) -> None:
+        """Record the newest row's round and hash, and the number of rows, as the head."""
+        count = int(self._db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
+        last = self._db.execute(
+            "SELECT round, chain_hash FROM rounds ORDER BY round DESC LIMIT 1"
+        ).fetchone()
+        if last is None:
+            _write_head(self._db, None, self.genesis(), 0)
+        else:
+            _write_head(self._db, int(last["round"]), str(last["chain_hash"]), count)
 
     def record_node_reply(  # noqa: PLR0913
         self,
@@ -323,13 +537,6 @@ class RunStore:
         )
         return int(cursor.lastrowid or 0)
 
-    def pending_commands(self) -> list[dict[str, object]]:
-        """Commands not yet consumed, oldest first."""
-        rows = self._db.execute(
-            "SELECT * FROM commands WHERE consumed_at IS NULL ORDER BY id"
-        ).fetchall()
-        return [dict(r) for r in rows]
-
     def consume_command(self, command_id: int) -> None:
         """Mark a command as acted on."""
         self._db.execute(
@@ -342,11 +549,6 @@ class RunStore:
             "UPDATE nodes SET weight = ? WHERE partition_id = ?", (weight, partition_id)
         )
 
-    def checkpoints(self) -> list[dict[str, object]]:
-        """Checkpoint rows, oldest round first."""
-        rows = self._db.execute("SELECT * FROM checkpoints ORDER BY round").fetchall()
-        return [dict(r) for r in rows]
-
     def forget_checkpoint(self, server_round: int) -> None:
         """Drop the checkpoint row of a pruned file."""
         self._db.execute("DELETE FROM checkpoints WHERE round = ?", (server_round,))
@@ -356,7 +558,8 @@ class RunStore:
         with _transaction(self._db):
             cursor = self._db.execute("DELETE FROM rounds WHERE round > ?", (server_round,))
             self._db.execute("DELETE FROM checkpoints WHERE round > ?", (server_round,))
-            self.update_run(current_round=server_round)
+            self._write_head_of_rows()
+            self.update_run(current_round=max(server_round, 0))
         return cursor.rowcount
 
     def _ensure_node(self, node_id: int) -> None:
@@ -365,21 +568,95 @@ class RunStore:
     # ------------------------------------------------------------------- reads
     def run_row(self) -> dict[str, object]:
         """The single ``run`` row as a dict."""
-        return dict(self._db.execute("SELECT * FROM run WHERE id = 1").fetchone())
+        return self._select("run", "SELECT * FROM run WHERE id = 1")[0]
 
     def rounds(self) -> list[dict[str, object]]:
         """Every round row, oldest first."""
-        return [dict(r) for r in self._db.execute("SELECT * FROM rounds ORDER BY round")]
+        return self._select("rounds", "SELECT * FROM rounds ORDER BY round")
 
     def nodes(self) -> list[dict[str, object]]:
         """Every known node, by partition id."""
         query = "SELECT * FROM nodes ORDER BY partition_id IS NULL, partition_id, node_id"
-        return [dict(r) for r in self._db.execute(query)]
+        return self._select("nodes", query)
 
     def events(self, limit: int = 50) -> list[dict[str, object]]:
         """The latest events, oldest first."""
-        rows = self._db.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
-        return [dict(r) for r in reversed(rows.fetchall())]
+        rows = self._select("events", "SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
+        return rows[::-1]
+
+    def rejections(self, limit: int = 50) -> list[dict[str, object]]:
+        """The latest rejected updates and failures with their reasons, newest first."""
+        query = "SELECT * FROM rejections ORDER BY id DESC LIMIT ?"
+        return self._select("rejections", query, (limit,))
+
+    def checkpoints(self) -> list[dict[str, object]]:
+        """Checkpoint rows, oldest round first."""
+        return self._select("checkpoints", "SELECT * FROM checkpoints ORDER BY round")
+
+    def pending_commands(self) -> list[dict[str, object]]:
+        """Commands not yet consumed, oldest first."""
+        query = "SELECT * FROM commands WHERE consumed_at IS NULL ORDER BY id"
+        return self._select("commands", query)
+
+    def genesis(self) -> str:
+        """The link before the first round row: bound to this run (schema 1: zeros)."""
+        if self.schema_version == LEGACY_SCHEMA_VERSION:
+            return GENESIS_HASH
+        return genesis_hash(self.run_row())
+
+    def chain_head(self) -> dict[str, object] | None:
+        """The recorded chain head ``{"round", "hash", "rows"}``; None if absent or malformed."""
+        row = self._read(
+            lambda: self._db.execute(
+                "SELECT value FROM meta WHERE key = ?", (CHAIN_HEAD_KEY,)
+            ).fetchone()
+        )
+        try:
+            head = json.loads(row["value"]) if row is not None else None
+        except (TypeError, ValueError, RecursionError):
+            return None
+        valid = (
+            isinstance(head, dict)
+            and set(head) == {"round", "hash", "rows"}
+            and (head["round"] is None or type(head["round"]) is int)
+            and isinstance(head["hash"], str)
+            and type(head["rows"]) is int
+        )
+        return head if valid else None
+
+
+def find_value_problem(table: str, row: Mapping[str, object]) -> str | None:
+    """The first value of ``row`` (of ``table``) that is not of its column's kind, or None."""
+    for name, (kinds, nullable) in TABLE_COLUMNS[table].items():
+        if name not in row:
+            continue  # a schema 1 store lacks the columns schema 2 added
+        value = row[name]
+        if value is None and nullable:
+            continue
+        if not isinstance(value, kinds):
+            return f"{table}.{name} holds {_show(value)}, not {_kind_name(kinds)}"
+    return None
+
+
+def _kind_name(kinds: type | tuple[type, ...]) -> str:
+    return {int: "an integer", str: "text"}.get(kinds, "a number")  # type: ignore[call-overload]
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """A value as one short line, for messages about what a file holds."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _one_row(
+    db: sqlite3.Connection, query: str, parameters: tuple[object, ...] = ()
+) -> dict[str, object]:
+    return dict(db.execute(query, parameters).fetchone())
+
+
+def _write_head(db: sqlite3.Connection, server_round: int | None, link: str, rows: int) -> None:
+    head = json.dumps({"round": server_round, "hash": link, "rows": rows})
+    db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (CHAIN_HEAD_KEY, head))
 
 
 @contextmanager

@@ -6,6 +6,7 @@ from server.checkpoints import (
     checkpoint_path,
     files_to_prune,
     load_checkpoint,
+    model_hash,
     save_checkpoint,
 )
 from server.store import RoundRecord, RunStore
@@ -79,7 +80,7 @@ def make_run(tmp_path, rounds: int) -> RunStore:
             RoundRecord(
                 round=server_round, started_at=0.0, ended_at=1.0, sampled=2, accepted=2,
                 rejected=0, failed=0, updated=True,
-                metrics={"central-accuracy": 0.1 * server_round}, model_hash=f"h{server_round}",
+                metrics={"central-accuracy": 0.1 * server_round}, model_hash=model_hash(model),
             ),
             checkpoint=checkpoint,
         )

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from server import cli
-from server.checkpoints import save_checkpoint
+from server.checkpoints import model_hash, save_checkpoint
 from server.store import RoundRecord, RunStore
 
 
@@ -28,7 +28,7 @@ def make_run(runs_dir, name: str, state: str = "running", rounds: int = 2) -> Ru
                 failed=0,
                 updated=server_round > 0,
                 metrics={"central-accuracy": 0.3 * server_round, "central-loss": 1.0},
-                model_hash="h",
+                model_hash=model_hash({}),
             ),
             checkpoint=checkpoint,
         )

@@ -21,6 +21,8 @@ from typing import TypeVar
 from server.lifecycle import InvalidTransitionError
 from server.runs import RunNotFoundError, list_run_dirs, resolve_run_dir, run_status
 from server.store import DB_NAME, RunStore, RunStoreError, connect
+from task.names import RunNameError as RunNameError  # re-exported for server.dashboard.app
+from task.names import validate_run_name
 
 T = TypeVar("T")
 EVENT_LIMIT = 100
@@ -72,10 +74,6 @@ NODE_COLUMNS = (
 )
 
 
-class RunNameError(ValueError):
-    """A run name that is not a plain folder name (separators, ``..``, control chars)."""
-
-
 class RunUnreadableError(RuntimeError):
     """A run whose ``run.db`` cannot be read; the message is one line with the reason."""
 
@@ -105,26 +103,6 @@ def reason(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     text = lines[0] if lines else type(error).__name__
     return text if len(text) <= REASON_MAX_CHARS else text[: REASON_MAX_CHARS - 1] + "…"
-
-
-def validate_run_name(name: str) -> str:
-    """Return ``name`` if it can only name a folder directly under the runs directory.
-
-    Raises
-    ------
-    RunNameError
-        If it is empty, ``.``, contains ``..``, a path separator or a control character.
-    """
-    if (
-        not name
-        or name == "."
-        or ".." in name
-        or "/" in name
-        or "\\" in name
-        or any(ord(char) < 32 or ord(char) == 127 for char in name)
-    ):
-        raise RunNameError(f"invalid run name {name!r}: not a plain folder name")
-    return name
 
 
 def contained_run_dirs(runs_dir: Path) -> list[Path]:
