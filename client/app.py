@@ -8,13 +8,23 @@ from flwr.clientapp import ClientApp
 
 from client.byzantine import byzantine_arrays
 from client.faults import after_training, before_training, parse_faults
+from client.hostile import (
+    evaluate_kind,
+    hostile_evaluate_content,
+    hostile_train_content,
+    train_kind,
+)
 from client.shard import NodeData, load_node_data, model_for
 from strategies.records import arrays_to_numpy, record_like
 from task import keys
-from task.config import RunConfig, parse_run_config
+from task.config import RunConfig, parse_partition_ids, parse_run_config
 from task.training import load_numpy_into, model_to_numpy, resolve_device, test, train
 
 app = ClientApp()
+
+
+def _server_round(round_config: ConfigRecord) -> int:
+    return int(round_config.get(keys.SERVER_ROUND, 0))  # type: ignore[call-overload]
 
 
 def _node_data(context: Context) -> tuple[RunConfig, NodeData]:
@@ -30,11 +40,16 @@ def train_fn(msg: Message, context: Context) -> Message:
     model = model_for(config, data, device)
     sent = msg.content[keys.ARRAYS]
     received = arrays_to_numpy(sent)
-    load_numpy_into(model, received)
     round_config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
+    hostile = parse_partition_ids("hostile", config.hostile)
+    if data.partition_id in hostile:
+        kind = train_kind(_server_round(round_config), data.partition_id, hostile)
+        content = hostile_train_content(kind, received, data.partition_id)
+        return Message(content=content, reply_to=msg)
+    load_numpy_into(model, received)
     fault = parse_faults(config.faults).get(data.partition_id)
     before_training(fault, config.round_timeout)
-    seed = config.seed + int(round_config.get(keys.SERVER_ROUND, 0)) * 1000 + data.partition_id
+    seed = config.seed + _server_round(round_config) * 1000 + data.partition_id
     result = train(
         model,
         data.train,
@@ -71,6 +86,11 @@ def train_fn(msg: Message, context: Context) -> Message:
 def evaluate_fn(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local test split."""
     config, data = _node_data(context)
+    hostile = parse_partition_ids("hostile", config.hostile)
+    if data.partition_id in hostile:
+        round_config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
+        kind = evaluate_kind(_server_round(round_config), data.partition_id, hostile)
+        return Message(content=hostile_evaluate_content(kind, data.partition_id), reply_to=msg)
     device = resolve_device(config.device)
     model = model_for(config, data, device)
     load_numpy_into(model, arrays_to_numpy(msg.content[keys.ARRAYS]))

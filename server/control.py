@@ -7,17 +7,22 @@ state; the coordinator asks this channel at safe points:
 - between rounds, every command is: ``pause`` holds the loop here (the round in
   flight has already finished and been checkpointed) until ``resume`` or
   ``stop``; ``weight`` changes an operator weight from the next round on.
+
+A queued command is checked again when applied (the queue is a file anyone
+with access to the run directory can write): one that fails then is marked
+consumed, recorded as a ``refused`` event with the reason, and never retried.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.common.logger import log
 
 from server import lifecycle
+from server.operations import validate_weight
 from server.store import RunStore
 
 PAUSE_POLL_S = 0.25
@@ -29,9 +34,25 @@ class StopRequestedError(Exception):
 
 
 def parse_weight_argument(argument: str) -> tuple[int, float]:
-    """``"PARTITION=WEIGHT"`` -> ``(partition, weight)``."""
-    partition, weight = argument.split("=", 1)
-    return int(partition), float(weight)
+    """``"PARTITION=WEIGHT"`` -> ``(partition, weight)``, checked as at enqueue.
+
+    Raises
+    ------
+    lifecycle.InvalidTransitionError
+        If the argument is malformed or the weight command is refused
+        (:func:`server.operations.find_weight_problem`).
+    """
+    partition, separator, weight = argument.partition("=")
+    try:
+        if not separator or len(argument) > 100:
+            raise ValueError
+        return validate_weight(int(partition), float(weight))
+    except ValueError as error:
+        if isinstance(error, lifecycle.InvalidTransitionError):
+            raise
+        raise lifecycle.InvalidTransitionError(
+            f"weight argument {argument[:100]!r} is not PARTITION=WEIGHT"
+        ) from None
 
 
 class ControlChannel:
@@ -74,14 +95,28 @@ class ControlChannel:
         name, command_id = str(command["command"]), int(command["id"])  # type: ignore[call-overload]
         if name == "stop":
             self._consume_stop(command)
-        elif name == "weight":
-            partition, weight = parse_weight_argument(str(command["argument"]))
-            self.on_weight(partition, weight)
-            self.store.set_partition_weight(partition, weight)
-            self.store.add_event("weight", f"partition {partition} weight {weight}")
-        elif name in ("pause", "resume"):
-            self._transition(name)
+        try:
+            if name == "weight":
+                self._apply_weight(str(command["argument"]))
+            elif name in ("pause", "resume"):
+                self._transition(name)
+        except Exception as error:  # noqa: BLE001 - a queued command must not end the run
+            self._refuse(command_id, f"{name} {str(command['argument'])[:100]!r}", error)
+            return
         self.store.consume_command(command_id)
+
+    def _apply_weight(self, argument: str) -> None:
+        partition, weight = parse_weight_argument(argument)
+        self.on_weight(partition, weight)
+        self.store.set_partition_weight(partition, weight)
+        self.store.add_event("weight", f"partition {partition} weight {weight}")
+
+    def _refuse(self, command_id: int, command: str, error: Exception) -> None:
+        """Consume a command that failed when applied; record why, never retry it."""
+        self.store.consume_command(command_id)
+        reason = f"command {command} refused: {error}"
+        self.store.add_event("refused", reason)
+        log(WARNING, "%s", reason)
 
     def _transition(self, name: str) -> None:
         try:

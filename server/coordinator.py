@@ -5,31 +5,39 @@ reply is in. The coordinator instead pushes messages, pulls replies with a
 short poll interval and folds each one into the strategy as it arrives, so a
 round closes as soon as its replies are in, or at ``round-timeout`` with what
 arrived.
+
+Replies come from untrusted nodes. The strategy checks each one
+(``strategies.replies``); here, anything that still goes wrong while reading,
+validating, recording or folding ONE reply is caught where the reply is handed
+over (:meth:`Coordinator._dispatch`), recorded as that reply's rejection with
+the exception named, and counted against its node: the round and the run go
+on. A new global model that is not finite is never checkpointed or sent.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from server.checkpoints import checkpoint_path, files_to_prune, save_checkpoint
+from server.checkpoints import checkpoint_path, files_to_prune, model_hash, save_checkpoint
 from server.control import ControlChannel
 from server.object_pull import pull_deadline
 from server.store import RoundRecord, RunStore
 from strategies.records import pack_arrays
+from strategies.replies import ReplyOutcome, check_evaluate_reply, unreadable
 from strategies.strategy import (
     FedCoordStrategy,
     NamedArrays,
     aggregate_evaluate_metrics,
+    find_non_finite_model,
 )
 from task import keys
 from task.config import RunConfig
@@ -69,15 +77,6 @@ def summarize_error(code: int, reason: str, limit: int = 300) -> str:
     return f"error reply (code {code}): {summary}"[:limit]
 
 
-def model_hash(arrays: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over the arrays' names, dtypes, shapes and bytes, in order."""
-    digest = hashlib.sha256()
-    for name, value in arrays.items():
-        digest.update(f"{name}|{value.dtype.str}|{value.shape}".encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    return digest.hexdigest()
-
-
 class Coordinator:
     """Owns the round loop of one run.
 
@@ -111,6 +110,7 @@ class Coordinator:
         self._last_progress: tuple[str, int, int] = ("", 0, 0)
         self._aggregation_s = 0.0
         self._record_cache: tuple[NamedArrays, ArrayRecord] | None = None
+        self._last_pull_error = ""
         self.operator_weights = dict(config.parsed_node_weights)
         self.control = ControlChannel(store, self._set_operator_weight)
 
@@ -141,6 +141,9 @@ class Coordinator:
         train_s = time.perf_counter() - train_started
         with self._timed_aggregation():
             new_arrays, summary = self.strategy.end_round()
+        problem = find_non_finite_model(new_arrays) if new_arrays is not None else None
+        if problem is not None:  # whatever the strategy: never checkpoint or send it
+            new_arrays, summary = None, dataclasses.replace(summary, updated=False, reason=problem)
         if new_arrays is None:
             log(WARNING, "round %s: %s", server_round, summary.reason)
             self.store.add_event("round-kept", f"round {server_round}: {summary.reason}")
@@ -257,8 +260,7 @@ class Coordinator:
         result = PhaseResult(sampled=len(node_ids))
         deadline = time.monotonic() + self.config.round_timeout
         while pending and time.monotonic() < deadline:
-            with pull_deadline(deadline):
-                replies = list(self.grid.pull_messages(list(pending)))
+            replies = self._pull(server_round, message_type, pending, deadline)
             for reply in replies:
                 node_id = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node_id is None:
@@ -274,6 +276,27 @@ class Coordinator:
             self.store.record_node_fault(node_id, server_round, "failure", reason)
         return result
 
+    def _pull(
+        self, server_round: int, message_type: str, pending: dict[str, int], deadline: float
+    ) -> list[Message]:
+        """Pull the replies that are in; a pull that raises loses that poll, not the run.
+
+        Flower's Grid builds every pulled reply before returning any, so one reply
+        it cannot build fails the whole pull. Such a failure is logged and
+        recorded once, the poll retried; the nodes whose replies stay unreadable
+        close at ``round-timeout``, counted as failed.
+        """
+        try:
+            with pull_deadline(deadline):
+                return list(self.grid.pull_messages(list(pending)))
+        except Exception as error:  # noqa: BLE001 - a node's reply must not end the run
+            reason = f"{message_type} {unreadable(error)}"
+            if self._last_pull_error != reason:
+                self._last_pull_error = reason
+                self.store.add_event("reply-unreadable", f"round {server_round}: {reason}")
+                log(WARNING, "round %s: %s", server_round, reason)
+            return []
+
     def _dispatch(
         self,
         server_round: int,
@@ -282,7 +305,12 @@ class Coordinator:
         result: PhaseResult,
         on_reply: Callable[[int, Message], None],
     ) -> None:
-        """Route a reply: error replies count as failures of the node they answer."""
+        """Route a reply: error replies count as failures of the node they answer.
+
+        The trust boundary of one reply: whatever ``on_reply`` raises becomes the
+        rejection of that reply, recorded with its reason and counted against
+        the node; the round goes on.
+        """
         if reply.has_error():
             reason = summarize_error(reply.error.code, reply.error.reason)
             result.failed[node_id] = reason
@@ -290,7 +318,12 @@ class Coordinator:
             log(WARNING, "round %s: node %s failed: %s", server_round, node_id, reason)
             return
         result.replies.append(reply)
-        on_reply(server_round, reply)
+        try:
+            on_reply(server_round, reply)
+        except Exception as error:  # noqa: BLE001 - the trust boundary: one reply, never the run
+            self._reject(
+                server_round, node_id, f"{reply.metadata.message_type} {unreadable(error)}"
+            )
 
     @contextmanager
     def _timed_aggregation(self) -> Iterator[None]:
@@ -303,43 +336,41 @@ class Coordinator:
     def _fold_reply(self, server_round: int, reply: Message) -> None:
         with self._timed_aggregation():
             outcome = self.strategy.add_reply(reply)
-        partition = outcome.metrics.get(keys.PARTITION_ID)
+        self._record_outcome(server_round, outcome, joined=outcome.accepted)
+
+    def _record_outcome(self, server_round: int, outcome: ReplyOutcome, joined: bool) -> None:
+        """Record what a checked reply said about its node, and its rejection if rejected."""
+        partition = outcome.partition_id
         self.store.record_node_reply(
             outcome.node_id,
-            partition_id=int(partition) if partition is not None else None,
-            num_examples=outcome.num_examples if outcome.accepted else None,
+            partition_id=partition,
+            num_examples=outcome.num_examples if joined else None,
             device=outcome.info.get(keys.DEVICE),
             weight=self._weight_of(partition),
-            joined=outcome.accepted,
+            joined=joined,
         )
         if not outcome.accepted:
-            self.store.record_node_fault(outcome.node_id, server_round, "rejected", outcome.reason)
-            log(
-                WARNING,
-                "round %s: update from node %s rejected: %s",
-                server_round,
-                outcome.node_id,
-                outcome.reason,
-            )
+            self._reject(server_round, outcome.node_id, outcome.reason)
+
+    def _reject(self, server_round: int, node_id: int, reason: str) -> None:
+        self.store.record_node_fault(node_id, server_round, "rejected", reason)
+        log(WARNING, "round %s: reply from node %s rejected: %s", server_round, node_id, reason)
 
     def _evaluate_federated(
         self, server_round: int, arrays: NamedArrays, node_ids: Iterable[int]
     ) -> dict[str, float]:
-        """Evaluate the global model on every node's local test split."""
+        """Evaluate the global model on every node's local test split.
+
+        Each reply is checked (``check_evaluate_reply``); the federated metrics
+        are the example-weighted means of the accepted ones only.
+        """
         collected: list[dict[str, float]] = []
 
-        def keep(_: int, reply: Message) -> None:
-            record = reply.content.metric_records.get(keys.METRICS)
-            if record is None:
-                return
-            metrics = {k: float(v) for k, v in record.items()}  # type: ignore[arg-type]
-            collected.append(metrics)
-            partition = metrics.get(keys.PARTITION_ID)
-            self.store.record_node_reply(
-                reply.metadata.src_node_id,
-                partition_id=int(partition) if partition is not None else None,
-                weight=self._weight_of(partition),
-            )
+        def keep(round_: int, reply: Message) -> None:
+            outcome = check_evaluate_reply(reply)
+            if outcome.accepted:
+                collected.append(outcome.metrics)
+            self._record_outcome(round_, outcome, joined=False)
 
         self._run_phase(server_round, "evaluate", list(node_ids), arrays, keep)
         averaged = aggregate_evaluate_metrics(collected)
@@ -392,7 +423,7 @@ class Coordinator:
             self._record_cache = (arrays, pack_arrays(arrays))
         return self._record_cache[1]
 
-    def _weight_of(self, partition: float | None) -> float | None:
+    def _weight_of(self, partition: int | None) -> float | None:
         return None if partition is None else self.operator_weights.get(int(partition), 1.0)
 
     def _set_operator_weight(self, partition_id: int, weight: float) -> None:

@@ -91,6 +91,8 @@ class RunConfig:
     byzantine_mode: str = "flip"
     # Test only: injected client faults by partition, e.g. "0=raise,1=sleep,2=nan"; "" = none.
     faults: str = ""
+    # Test only: partitions that send malformed replies of every kind, e.g. "0,1"; "" = none.
+    hostile: str = ""
     device: str = "auto"
     seed: int = 42
     run_name: str = ""
@@ -312,6 +314,7 @@ def _validate_strategy_options(config: RunConfig) -> None:
     _require_choice("byzantine-mode", config.byzantine_mode, BYZANTINE_MODES)
     parse_partition_ids("byzantine-partitions", config.byzantine_partitions)
     parse_faults(config.faults)
+    parse_partition_ids("hostile", config.hostile)
 
 
 def parse_faults(text: str) -> dict[int, str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from strategies.records import (
+    MAX_LAYOUT_BYTES,
     PACKED_DATA,
     PACKED_LAYOUT,
     MalformedRecordError,
@@ -145,4 +148,180 @@ def test_packed_data_of_another_dtype_is_refused():
     record = layout_record(layout, np.zeros(2, dtype=np.float32))
 
     with pytest.raises(MalformedRecordError, match="1-d uint8"):
+        arrays_to_numpy(record)
+
+
+# ---------------------------------------------------------------------------
+# Arrays from untrusted nodes: everything checked before anything is allocated
+# ---------------------------------------------------------------------------
+
+
+def npy_bytes(value: np.ndarray) -> bytes:
+    return Array(value).data
+
+
+def edited(**fields: object) -> ArrayRecord:
+    """A record of one float32 (2, 3) Array ``w`` with some of its fields replaced."""
+    record = ArrayRecord({"w": Array(np.arange(6, dtype=np.float32).reshape(2, 3))})
+    for name, value in fields.items():
+        setattr(record["w"], name, value)  # a node's Array is not bound by Array's checks
+    return record
+
+
+def claims(shape: tuple[int, ...], payload: bytes = b"\0" * 4) -> bytes:
+    """.npy bytes whose header claims ``shape`` of float32, followed by ``payload``."""
+    text = repr({"descr": "<f4", "fortran_order": False, "shape": shape}).encode()
+    text = text.ljust(118) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + payload
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        ({"stype": "torch.Tensor"}, "stype 'torch.Tensor' is not 'numpy.ndarray'"),
+        ({"dtype": "object"}, "dtype 'object' is not a plain numeric dtype"),
+        ({"dtype": "<U4"}, "dtype '<U4' is not a plain numeric dtype"),
+        ({"dtype": "f4,f4"}, "dtype 'f4,f4' is not a plain numeric dtype"),
+        ({"dtype": "datetime64[s]"}, "is not a plain numeric dtype"),
+        ({"dtype": ">f4"}, "dtype '>f4' is not little-endian"),
+        ({"dtype": "not-a-dtype"}, "dtype 'not-a-dtype' is not a dtype"),
+        ({"dtype": "S" + "9" * 40}, "is not a dtype name"),
+        ({"dtype": {"names": ["a"], "formats": ["f4"]}}, "is not a dtype name"),
+        ({"dtype": None}, "dtype None is not a dtype name"),
+        ({"shape": (float("inf"), 3)}, "dimension inf is not a non-negative integer"),
+        ({"shape": (1e300,)}, "dimension 1e+300 is not a non-negative integer"),
+        ({"shape": (2.0, 3)}, "dimension 2.0 is not a non-negative integer"),
+        ({"shape": (-2, -3)}, "dimension -2 is not a non-negative integer"),
+        ({"shape": (True, 6)}, "dimension True is not a non-negative integer"),
+        ({"shape": ("2", 3)}, "dimension '2' is not a non-negative integer"),
+        ({"shape": 6}, "shape 6 is not a list"),
+        ({"shape": (1,) * 33}, "at most 32 dimensions"),
+        ({"data": b""}, "data is empty"),
+        ({"data": b"junk"}, "data is not .npy"),
+        ({"data": "text"}, "data is a str, not bytes"),
+        ({"data": b"\x93NUMPY\x09\x00" + b"\0" * 8}, ".npy format version 9 is not supported"),
+        ({"data": b"\x93NUMPY\x02\x00\xff\xff\xff\x7f"}, "header of 2147483647 bytes exceeds"),
+        ({"data": b"\x93NUMPY\x01\x00\xff\x00{"}, "header runs past the end of the data"),
+        ({"data": npy_bytes(np.zeros((2, 3), np.float32))[:-1]}, "holds 23 byte(s)"),
+        ({"data": npy_bytes(np.zeros((2, 3), np.float32)) + b"x"}, "holds 25 byte(s)"),
+        ({"data": npy_bytes(np.zeros((3, 2), np.float32))}, "does not match the declared"),
+        ({"data": npy_bytes(np.zeros((2, 3), np.float64))}, "does not match the declared"),
+        ({"data": npy_bytes(np.zeros((2, 3), ">f4"))}, "'>f4' is not little-endian"),
+        ({"data": claims((2, 3)).replace(b"'descr'", b"'descx'")}, "exactly descr, fortran"),
+        ({"data": claims((2, 3)).replace(b"False", b"'no' ")}, "fortran_order is not a bool"),
+        ({"data": claims((2, 3)).replace(b"{", b"[", 1)}, "not a Python literal"),
+        ({"shape": (10**12,), "data": claims((10**12,))}, "needs 4000000000000"),
+        ({"shape": (2**62, 2**62), "data": claims((2**62, 2**62))}, "byte(s) after its"),
+    ],
+)
+def test_malformed_arrays_are_refused_with_a_reason_before_any_allocation(fields, match):
+    # Prepare
+    record = edited(**fields)
+
+    # Execute / Assert
+    with pytest.raises(MalformedRecordError, match=f"^array 'w': .*{re.escape(match)}"):
+        arrays_to_numpy(record)
+
+
+def test_a_record_value_that_is_not_an_array_is_refused():
+    # Prepare: a node's pickled record is not bound by ArrayRecord's type checks
+    record = ArrayRecord({"w": Array(np.ones(2, dtype=np.float32))})
+    record.__dict__["_data"]["w"] = "not an array"
+
+    # Execute / Assert
+    with pytest.raises(MalformedRecordError, match="array 'w': is a str, not an Array"):
+        arrays_to_numpy(record)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        np.zeros((0, 3), dtype=np.float16),
+        np.array(3, dtype=np.int64),
+        np.array([True, False]),
+    ],
+)
+def test_every_plain_npy_layout_numpy_writes_is_read_exactly(value):
+    # Execute
+    read = arrays_to_numpy(ArrayRecord({"w": Array(value)}))["w"]
+
+    # Assert
+    np.testing.assert_array_equal(read, value)
+    assert read.dtype == value.dtype and read.shape == value.shape
+    assert not read.flags.writeable
+
+
+def test_a_version_2_header_is_read():
+    # Prepare
+    buffer = io.BytesIO()
+    value = np.arange(4, dtype=np.float32)
+    np.lib.format.write_array(buffer, value, version=(2, 0))
+    array = Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=buffer.getvalue())
+
+    # Execute / Assert
+    np.testing.assert_array_equal(arrays_to_numpy(ArrayRecord({"w": array}))["w"], value)
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ("Infinity", "dimension inf is not a non-negative integer"),
+        ("-Infinity", "dimension -inf is not a non-negative integer"),
+        ("NaN", "dimension nan is not a non-negative integer"),
+        ("1e300", "dimension 1e+300 is not a non-negative integer"),
+        ("2.0", "dimension 2.0 is not a non-negative integer"),
+        ('"2"', "dimension '2' is not a non-negative integer"),
+        ("true", "dimension True is not a non-negative integer"),
+        ("null", "dimension None is not a non-negative integer"),
+        ("[2]", "dimension [2] is not a non-negative integer"),
+        ("99999999999999999999999", "ends inside array 'w'"),
+    ],
+)
+def test_packed_dimensions_must_be_finite_non_negative_integers(shape, match):
+    # Prepare: the layout as a node could write it (JSON allows Infinity and NaN)
+    text = f'{{"version": 1, "arrays": [["w", "<f4", [{shape}]]]}}'.encode()
+    record = ArrayRecord(
+        {
+            PACKED_DATA: Array(np.zeros(8, dtype=np.uint8)),
+            PACKED_LAYOUT: Array(np.frombuffer(text, dtype=np.uint8)),
+        }
+    )
+
+    # Execute / Assert
+    with pytest.raises(MalformedRecordError, match=re.escape(match)):
+        arrays_to_numpy(record)
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        (["w", "<f4", [2], "extra"], "not [name, dtype, shape]"),
+        ([7, "<f4", [2]], "not [name, dtype, shape]"),
+        ({"name": "w"}, "not [name, dtype, shape]"),
+        ("abc", "not [name, dtype, shape]"),
+        (["w", ">f4", [2]], "dtype '>f4' is not little-endian"),
+        (["w", ["<f4"], [2]], "is not a dtype name"),
+    ],
+)
+def test_packed_layout_entries_of_another_form_are_refused(entry, match):
+    # Prepare
+    record = layout_record({"version": 1, "arrays": [entry]}, np.zeros(8, dtype=np.uint8))
+
+    # Execute / Assert
+    with pytest.raises(MalformedRecordError, match=re.escape(match)):
+        arrays_to_numpy(record)
+
+
+def test_an_oversized_packed_layout_is_refused_unread():
+    # Prepare
+    record = ArrayRecord(
+        {
+            PACKED_DATA: Array(np.zeros(8, dtype=np.uint8)),
+            PACKED_LAYOUT: Array(np.full(MAX_LAYOUT_BYTES + 1, ord(" "), dtype=np.uint8)),
+        }
+    )
+
+    # Execute / Assert
+    with pytest.raises(MalformedRecordError, match="at most 1048576 bytes"):
         arrays_to_numpy(record)
