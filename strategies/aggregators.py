@@ -202,13 +202,18 @@ class _StreamingSum:
         self._scratch: dict[np.dtype, np.ndarray] = {}
 
     def fold(self, arrays: NDArrays, scales: Sequence[float]) -> None:
-        """Add ``scales[k] * arrays[k]`` to the k-th accumulator, in place."""
-        for total, array, scale in zip(self._sums, arrays, scales, strict=True):
-            flat = array.reshape(-1)
-            if scale == 1.0:
-                np.add(total, flat, out=total)
-            elif scale != 0.0:
-                self._fold_scaled(total, flat, scale)
+        """Add ``scales[k] * arrays[k]`` to the k-th accumulator, in place.
+
+        Finite values may still sum past the dtype's range: that gives
+        infinities, which the caller's check of the new model catches.
+        """
+        with np.errstate(over="ignore", invalid="ignore"):
+            for total, array, scale in zip(self._sums, arrays, scales, strict=True):
+                flat = array.reshape(-1)
+                if scale == 1.0:
+                    np.add(total, flat, out=total)
+                elif scale != 0.0:
+                    self._fold_scaled(total, flat, scale)
 
     def _fold_scaled(self, total: np.ndarray, flat: np.ndarray, scale: float) -> None:
         scratch = self._scratch_for(total.dtype)

@@ -46,7 +46,6 @@ from strategies.records import NamedArrays, arrays_to_numpy, is_packed, numpy_to
 from strategies.replies import ReplyOutcome, RoundSummary, TrainRound
 from strategies.sampling import NodeSampler
 from strategies.strategy import apply_update, find_non_finite_model
-from strategies.validation import find_non_finite_array
 from task import keys
 
 _DP_WRAPPERS = (DifferentialPrivacyFixedClippingBase, DifferentialPrivacyAdaptiveBase)
@@ -248,7 +247,7 @@ def conform_to_global(
         if current.dtype.kind in "iu" and value.dtype.kind == "f":
             value = np.rint(value)
         result[name] = value.astype(current.dtype, copy=False)
-    problem = find_non_finite_array(result)
+    problem = find_non_finite_model(result)
     return (None, problem) if problem else (result, "")
 
 

@@ -312,13 +312,18 @@ def reuse_buffers(buffers: NamedArrays, like: Mapping[str, np.ndarray]) -> Named
 def apply_update(
     global_arrays: Mapping[str, np.ndarray], delta: list[np.ndarray], server_lr: float
 ) -> NamedArrays:
-    """Return ``global + server_lr * delta`` per array, keeping each dtype."""
+    """Return ``global + server_lr * delta`` per array, keeping each dtype.
+
+    An overflow gives infinities, not a warning: callers check the new model
+    (:func:`find_non_finite_model`).
+    """
     new_global: NamedArrays = {}
-    for (name, current), step in zip(global_arrays.items(), delta, strict=True):
-        if np.issubdtype(current.dtype, np.integer):
-            new_global[name] = current + np.round(server_lr * step).astype(current.dtype)
-        else:
-            new_global[name] = (current + server_lr * step).astype(current.dtype, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for (name, current), step in zip(global_arrays.items(), delta, strict=True):
+            if np.issubdtype(current.dtype, np.integer):
+                new_global[name] = current + np.round(server_lr * step).astype(current.dtype)
+            else:
+                new_global[name] = (current + server_lr * step).astype(current.dtype, copy=False)
     return new_global
 
 

@@ -737,3 +737,32 @@ def test_int64_results_stay_int64_and_match_the_rounded_oracle(
     expected = np.rint(oracle(np.array(values)[:, None] * [1, -1]))
     assert result.dtype == np.int64
     np.testing.assert_array_equal(result, expected)
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [1e-300, 1e300, 1.0],
+        [1e300, 1e-300, 1.0],
+        [5e-324, 1e-320, 1e308],
+        [1.0, 1e308, 1e308],
+        [1e-300, 2e-300, 1e300],
+        [1.0, 2.0, 3.0],
+    ],
+)
+def test_weights_of_any_scale_are_normalised_in_float64_before_float32_folds(
+    weights: list[float],
+) -> None:
+    # Prepare: the oracle normalises the weights in float64
+    updates = random_updates(3)
+    normalised = np.array(weights, dtype=np.float64) / max(weights)
+
+    # Execute
+    for name in ("weighted", "fedavg"):
+        result = aggregate(name, updates, weights)
+
+        # Assert: the right mean, never NaN or infinite
+        for index in range(len(SHAPES)):
+            expected = np.average(stacked(updates, index), axis=0, weights=normalised)
+            assert np.isfinite(result[index]).all()
+            np.testing.assert_allclose(result[index], expected, rtol=1e-5, atol=1e-6)

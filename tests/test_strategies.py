@@ -28,6 +28,11 @@ from strategies.registry import (
     CoordinatedStrategy,
     build_strategy,
 )
+from strategies.replies import (
+    aggregate_evaluate_metrics,
+    check_evaluate_reply,
+    compute_weighted_mean,
+)
 from strategies.strategy import FedCoordStrategy
 from task import keys
 from task.config import ConfigError, parse_run_config
@@ -764,3 +769,150 @@ def test_flower_strategy_state_is_deep_copied_by_state_dict():
     # Assert
     for key, value in state.items():
         np.testing.assert_array_equal(saved[key], value)
+
+
+# ---------------------------------------------------------------------------
+# Hostile replies and overflowing numbers
+# ---------------------------------------------------------------------------
+
+
+def huge_replies(base: Mapping[str, np.ndarray], count: int) -> list[Message]:
+    """Finite replies whose float32 values sum past float32's largest value."""
+    largest = np.finfo(np.float32).max
+    replies = []
+    for node in range(2, 2 + count):
+        arrays = {
+            name: np.full_like(value, largest) if value.dtype.kind == "f" else value
+            for name, value in base.items()
+        }
+        replies.append(make_reply(arrays, node))
+    return replies
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("fedavg", {}),
+        ("mean", {}),
+        ("weighted", {}),
+        ("fedavgm", {"server-lr": 10.0}),
+        ("fedprox", {"proximal-mu": 0.01, "server-lr": 10.0}),
+    ],
+)
+def test_a_new_global_model_that_is_not_finite_is_never_accepted(name, options):
+    # Prepare: every reply is finite and accepted; their sum, or the server step, is not
+    base = global_arrays()
+    before = snapshot(base)
+    strategy = build(name, **options)
+
+    # Execute
+    new_global, summary, outcomes = run_round(strategy, 1, base, huge_replies(base, 3))
+
+    # Assert: the round keeps the previous model and says why
+    assert all(o.accepted for o in outcomes)
+    assert new_global is None and not summary.updated
+    assert "not finite" in summary.reason and "global model kept" in summary.reason
+    assert snapshot(base) == before
+
+
+def test_a_kept_round_restores_the_flower_strategys_state():
+    # Prepare: one good round sets FedAvgM's momentum
+    base = global_arrays()
+    strategy = build("fedavgm", **{"server-lr": 10.0})
+    after_one, _, _ = run_round(strategy, 1, base, honest_replies(base, 3))
+    assert after_one is not None
+    moments = {k: v.copy() for k, v in strategy.state_dict().items()}
+
+    # Execute: a round whose aggregate overflows
+    kept, summary, _ = run_round(strategy, 2, after_one, huge_replies(after_one, 3))
+
+    # Assert: the momentum is that of round 1, still finite
+    assert kept is None and "not finite" in summary.reason
+    state = strategy.state_dict()
+    assert set(state) == set(moments)
+    for key, value in moments.items():
+        np.testing.assert_array_equal(state[key], value)
+
+
+def test_an_update_whose_weight_cannot_be_folded_is_rejected_not_raised():
+    # Prepare: a weight function that yields NaN for node 3
+    base = global_arrays()
+
+    def weight_fn(node_id: int, num_examples: int, metrics: Mapping[str, float]) -> float:
+        return float("nan") if node_id == 3 else 1.0
+
+    strategy = FedCoordStrategy("weighted", weight_fn=weight_fn)
+
+    # Execute
+    new_global, summary, outcomes = run_round(strategy, 1, base, honest_replies(base, 3))
+
+    # Assert
+    assert [o.accepted for o in outcomes] == [True, False, True]
+    assert outcomes[1].reason.startswith("update could not be aggregated: weight must be finite")
+    assert new_global is not None and (summary.accepted, summary.rejected) == (2, 1)
+
+
+class ExplodingFloat(float):
+    """A metric value that passes type checks and raises when compared."""
+
+    def __ge__(self, other: object) -> bool:
+        raise RuntimeError("comparison exploded")
+
+    __le__ = __ge__
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedmedian"])
+def test_any_exception_while_reading_one_reply_rejects_that_reply_only(name):
+    # Prepare: a reply whose metric raises an unexpected exception when checked
+    base = global_arrays()
+    bad = make_reply(client_arrays(base, 9), 9)
+    bad.content.metric_records[keys.METRICS].__dict__["_data"][keys.TRAIN_LOSS] = ExplodingFloat(
+        0.5
+    )
+    replies = [*honest_replies(base, 2), bad]
+
+    # Execute
+    new_global, summary, outcomes = run_round(strategy := build(name), 1, base, replies)
+
+    # Assert: rejected with the exception named; the round aggregates the others
+    assert outcomes[2].reason == "reply could not be read: RuntimeError: comparison exploded"
+    assert new_global is not None and (summary.accepted, summary.rejected) == (2, 1)
+    assert strategy is not None
+
+
+def test_evaluate_replies_are_checked_and_only_accepted_ones_are_averaged():
+    # Prepare
+    instruction = Message(RecordDict(), 2, "evaluate")
+
+    def evaluate_reply(**metrics: object) -> Message:
+        return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=instruction)
+
+    good = [
+        evaluate_reply(**{"num-examples": 10, "eval-loss": 0.2, "eval-accuracy": 0.9}),
+        evaluate_reply(**{"num-examples": 30, "eval-loss": 0.6, "eval-accuracy": 0.5}),
+    ]
+    bad = [
+        evaluate_reply(**{"num-examples": 10**6, "eval-loss": 1e300, "eval-accuracy": 7.0}),
+        evaluate_reply(**{"num-examples": 1e19, "eval-loss": 0.1, "eval-accuracy": 0.1}),
+        Message(RecordDict(), reply_to=instruction),
+    ]
+
+    # Execute
+    outcomes = [check_evaluate_reply(reply) for reply in [*good, *bad]]
+    averaged = aggregate_evaluate_metrics([o.metrics for o in outcomes if o.accepted])
+
+    # Assert
+    assert [o.accepted for o in outcomes] == [True, True, False, False, False]
+    assert "metric 'eval-accuracy' 7.0 is outside [0, 1]" in outcomes[2].reason
+    assert "num-examples 1e+19 exceeds" in outcomes[3].reason
+    assert outcomes[4].reason == "evaluate reply carries no metrics"
+    assert averaged[keys.EVAL_ACCURACY] == pytest.approx((0.9 * 10 + 0.5 * 30) / 40)
+    assert averaged[keys.NUM_EXAMPLES] == 40.0
+
+
+def test_weighted_metric_means_of_huge_values_stay_finite():
+    # Execute
+    mean = compute_weighted_mean([1.7e308, 1.7e308], [2.0**53, 2.0**53])
+
+    # Assert
+    assert mean == 1.7e308

@@ -11,6 +11,7 @@ from strategies.validation import (
     ArraySpec,
     RejectionLog,
     RoundReplyTracker,
+    find_evaluate_problem,
     ordered_arrays,
     specs_from_arrays,
     validate_reply,
@@ -342,3 +343,109 @@ def test_validating_an_11m_parameter_reply_is_fast() -> None:
     assert reason is None
     assert bad_reason == "array 'big' holds NaN or infinite values"
     assert elapsed < 0.5
+
+
+@pytest.mark.parametrize(
+    ("partition_id", "expected"),
+    [
+        (-2, "partition-id must be >= -1, got -2"),
+        (2**31, "partition-id 2147483648 exceeds 2147483647"),
+        (1e300, "partition-id 1e+300 exceeds 2147483647"),
+        (0.5, "partition-id must be an integer, got 0.5"),
+        (float("nan"), "metric 'partition-id' is not a finite number: nan"),
+        ([1], "metric 'partition-id' is not a finite number: [1]"),
+        (True, "metric 'partition-id' is not a finite number: True"),
+    ],
+)
+def test_bad_partition_id_is_rejected_with_a_precise_reason(
+    partition_id: object, expected: str
+) -> None:
+    # Prepare
+    metrics = {"num-examples": 32, "partition-id": partition_id}
+
+    # Execute
+    reason = validate_reply(good_reply(), 32, metrics, EXPECTED)
+
+    # Assert
+    assert reason == expected
+
+
+@pytest.mark.parametrize("partition_id", [-1, 0, 2**31 - 1, 3.0, np.int64(7)])
+def test_partition_ids_in_range_are_accepted(partition_id: object) -> None:
+    # Execute
+    reason = validate_reply(good_reply(), 32, {"partition-id": partition_id}, EXPECTED)
+
+    # Assert
+    assert reason is None
+
+
+@pytest.mark.parametrize(
+    ("metrics", "expected"),
+    [
+        ({"train-loss": -0.5}, "metric 'train-loss' -0.5 is outside [0, inf]"),
+        ({"train-accuracy": 1.5}, "metric 'train-accuracy' 1.5 is outside [0, 1]"),
+        ({"train-accuracy": -0.1}, "metric 'train-accuracy' -0.1 is outside [0, 1]"),
+        ({"train-seconds": -3}, "metric 'train-seconds' -3 is outside [0, inf]"),
+        ({f"m{i}": 0.0 for i in range(65)}, "reply carries 65 metrics, more than 64"),
+        ({"x" * 101: 0.0}, "is not a short string"),
+    ],
+)
+def test_metrics_out_of_their_range_are_rejected(metrics: dict, expected: str) -> None:
+    # Execute
+    reason = validate_reply(good_reply(), 32, metrics, EXPECTED)
+
+    # Assert
+    assert reason is not None and expected in reason
+
+
+@pytest.mark.parametrize(
+    ("metrics", "expected"),
+    [
+        (None, "evaluate reply carries no metrics"),
+        ({"num-examples": 5, "eval-loss": 0.3}, "evaluate reply lacks eval-accuracy"),
+        ({"eval-loss": 0.3}, "evaluate reply lacks num-examples, eval-accuracy"),
+        (
+            {"num-examples": -1, "eval-loss": 0.3, "eval-accuracy": 0.5},
+            "num-examples must be >= 0",
+        ),
+        (
+            {"num-examples": 1e19, "eval-loss": 0.3, "eval-accuracy": 0.5},
+            "num-examples 1e+19 exceeds",
+        ),
+        (
+            {"num-examples": 5, "eval-loss": float("inf"), "eval-accuracy": 0.5},
+            "metric 'eval-loss' is not a finite number: inf",
+        ),
+        (
+            {"num-examples": 5, "eval-loss": -1e-9, "eval-accuracy": 0.5},
+            "metric 'eval-loss' -1e-09 is outside [0, inf]",
+        ),
+        (
+            {"num-examples": 5, "eval-loss": 0.3, "eval-accuracy": 1.0000001},
+            "metric 'eval-accuracy' 1.0000001 is outside [0, 1]",
+        ),
+        (
+            {"num-examples": 5, "eval-loss": 0.3, "eval-accuracy": 0.5, "partition-id": -9},
+            "partition-id must be >= -1, got -9",
+        ),
+    ],
+)
+def test_bad_evaluate_metrics_are_rejected_with_a_precise_reason(
+    metrics: dict | None, expected: str
+) -> None:
+    # Execute
+    reason = find_evaluate_problem(metrics)
+
+    # Assert
+    assert reason is not None and expected in reason
+
+
+def test_good_evaluate_metrics_are_accepted_with_zero_examples_too() -> None:
+    # Execute
+    reasons = [
+        find_evaluate_problem({"num-examples": n, "eval-loss": 0.0, "eval-accuracy": 1.0})
+        for n in (0, 7, 2**53)
+    ]
+
+    # Assert
+    assert reasons == [None, None, None]
