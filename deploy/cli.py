@@ -8,9 +8,11 @@ several machines")::
     python -m deploy superlink --certs certs --state-dir state    # SuperLink machine
     python -m deploy connection --address 127.0.0.1:8000 --ca certs/ca.crt
     python -m deploy register keys/node-1.pub keys/node-2.pub     # SuperLink machine
+    python -m deploy app-hash .                                   # each node, on the code
     python -m deploy supernode --superlink 10.0.0.5:8000 --ca ca.crt \
-        --key keys/node-1 --partition-id 0 --num-partitions 2     # each node
-    flwr run . fedcoord --run-config "num-server-rounds=10"       # anywhere with access
+        --key keys/node-1 --partition-id 0 --num-partitions 2 \
+        --allow-app FAB_HASH                                      # each node
+    flwr run . fedcoord --run-config "num-server-rounds=10"       # SuperLink machine
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from deploy.apps import AppAllowList, app_hash, parse_app_hash
 from deploy.certs import CertificateError, create_certificates, create_node_keys
 from deploy.checks import DEFAULT_CONNECT_TIMEOUT_S, DeployError, check_superlink_tls
 from deploy.connection import (
@@ -28,8 +31,21 @@ from deploy.connection import (
     register_node,
     write_connection,
 )
-from deploy.superlink import DEFAULT_PORT, SuperLinkSettings, check_superlink, exec_superlink
-from deploy.supernode import DEFAULT_NODE_POLL_S, NodeSettings, build_node_config, run_supernode
+from deploy.proxy import parse_operator
+from deploy.superlink import (
+    DEFAULT_PORT,
+    SuperLinkSettings,
+    SuperLinkSupervisor,
+    check_superlink,
+    exec_superlink,
+)
+from deploy.supernode import (
+    DEFAULT_NODE_POLL_S,
+    NodeSettings,
+    build_node_config,
+    run_supernode,
+    validate_app_policy,
+)
 from server.simulation import flwr_env
 from task.config import ConfigError
 
@@ -61,7 +77,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
-    """Check the certificates, then become ``flower-superlink``."""
+    """Check, then run the SuperLink behind nginx (or become ``flower-superlink``)."""
     settings = SuperLinkSettings(
         certs_dir=None if args.insecure else Path(args.certs),
         state_dir=Path(args.state_dir),
@@ -73,14 +89,25 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         runtime_install=args.allow_runtime_install,
         log_file=Path(args.log_file) if args.log_file else None,
         in_memory=args.in_memory,
+        proxy=not args.no_proxy,
+        loopback_port=args.loopback_port,
+        operators=tuple(parse_operator(text) for text in args.operator),
     )
     for line in check_superlink(settings):
         say(f"ok: {line}")
     if args.check_only:
         return 0
+    if settings.proxy:
+        return SuperLinkSupervisor(settings, say).run()
     say(f"starting flower-superlink on {settings.host}:{settings.port}")
     exec_superlink(settings)
     return 0  # not reached
+
+
+def cmd_app_hash(args: argparse.Namespace) -> int:
+    """Print the FAB hash of an app folder, for --allow-app."""
+    say(app_hash(Path(args.app_dir)))
+    return 0
 
 
 def cmd_connection(args: argparse.Namespace) -> int:
@@ -121,6 +148,9 @@ def _node_settings(args: argparse.Namespace) -> tuple[NodeSettings, Path | None]
         gpu=args.gpu,
         cpu_threads=args.cpu_threads,
         connect_timeout_s=args.timeout,
+        allowed=AppAllowList(
+            frozenset(parse_app_hash(text) for text in args.allow_app), args.allow_any_app
+        ),
     )
     if settings.auth_key is None and not args.no_auth:
         raise DeployError(
@@ -133,6 +163,7 @@ def _node_settings(args: argparse.Namespace) -> tuple[NodeSettings, Path | None]
 def cmd_supernode(args: argparse.Namespace) -> int:
     """Check, then run one SuperNode with its warm ClientApp worker."""
     settings, data_path = _node_settings(args)
+    validate_app_policy(settings.isolation, settings.allowed)
     return run_supernode(settings, data_path, check_only=args.check_only)
 
 
@@ -159,6 +190,19 @@ def _add_node_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--partition-id", type=int, help="partition of the run's dataset")
     data.add_argument("--num-partitions", type=int, help="number of partitions")
     parser.add_argument("--node-config", default="", help='more node config, "k=v k2=v2"')
+    apps = parser.add_argument_group("app builds this node runs (one of)")
+    apps.add_argument(
+        "--allow-app",
+        action="append",
+        default=[],
+        metavar="FAB_HASH",
+        help="an app build this node runs (repeatable); python -m deploy app-hash APP_DIR",
+    )
+    apps.add_argument(
+        "--allow-any-app",
+        action="store_true",
+        help="run every app build the SuperLink sends (whoever submits runs runs code here)",
+    )
     parser.add_argument(
         "--port", type=int, default=9094, help="this node's Runtime API port (one per node)"
     )
@@ -223,8 +267,28 @@ def build_parser() -> argparse.ArgumentParser:
     link = sub.add_parser("superlink", help="start the SuperLink (TLS, node auth, database)")
     link.add_argument("--certs", default="certs", help="folder of ca.crt, server.pem, server.key")
     link.add_argument("--insecure", action="store_true", help="no TLS (implies --no-node-auth)")
-    link.add_argument("--host", default="0.0.0.0", help="listen address (default: all)")
-    link.add_argument("--port", type=int, default=DEFAULT_PORT, help="the one SuperLink port")
+    link.add_argument("--host", default="0.0.0.0", help="public listen address (default: all)")
+    link.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="the public port nodes and flwr use"
+    )
+    link.add_argument(
+        "--loopback-port",
+        type=int,
+        help="Flower's own SuperLink port, on 127.0.0.1 only (default: --port + 1)",
+    )
+    link.add_argument(
+        "--operator",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="an IP address or network that may use the Control API (flwr run, register) "
+        "through the public port, besides this machine (repeatable)",
+    )
+    link.add_argument(
+        "--no-proxy",
+        action="store_true",
+        help="no nginx: Flower's port itself on --host, every API open to whoever reaches it",
+    )
     link.add_argument("--state-dir", default="superlink-state", help="holds state.db")
     link.add_argument(
         "--in-memory",
@@ -265,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--connection", default=DEFAULT_CONNECTION, help="flwr connection")
     _add_flwr_home(register)
     register.set_defaults(func=cmd_register)
+
+    hash_parser = sub.add_parser("app-hash", help="the FAB hash of an app, for --allow-app")
+    hash_parser.add_argument("app_dir", nargs="?", default=".", help="the app folder (default: .)")
+    hash_parser.set_defaults(func=cmd_app_hash)
 
     node = sub.add_parser("supernode", help="check, then start a SuperNode")
     _add_node_arguments(node)

@@ -2,28 +2,35 @@
 
 For trying the deployment out, the integration tests and ``bench/deployment.py``.
 It runs the same commands as the README's three-machine walk-through: TLS
-certificates, node keys, a SuperLink with node authentication and a database,
-registered keys, and one ``python -m deploy supernode`` per node.
+certificates, node keys, a SuperLink with node authentication and a database
+behind its nginx proxy, registered keys (through the proxy, from loopback), and
+one ``python -m deploy supernode`` per node, allowing the app build of
+``app_dir`` (and any other given).
 
 With ``namespaces=True`` (root, iproute2) each SuperNode runs in a network
 namespace of its own, joined to the host by a veth pair on a bridge, so nodes
 and SuperLink talk over real, separate addresses (10.213.N.0/24, which exist
-only on these interfaces); otherwise everything uses 127.0.0.1. Every process
-is stopped by its PID, and every namespace and interface removed, on close.
+only on these interfaces); otherwise everything uses 127.0.0.1. With
+``operator_namespace=True`` one more namespace plays an operator's machine, listed
+with ``--operator``. Every process is stopped by its PID, and every namespace and
+interface removed, on close.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deploy.apps import app_hash
 from deploy.certs import create_certificates, create_node_keys
 from deploy.checks import DeployError, check_superlink_tls
 from deploy.connection import (
@@ -36,6 +43,23 @@ from server.simulation import descendants, flwr_env, free_port, stop_tree
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 180.0
+
+
+def snapshot_app(source: Path, dest: Path) -> Path:
+    """Copy the files of the app build ``flwr run SOURCE`` would send into ``dest``.
+
+    The copy builds to the same FAB hash, and keeps it while ``source`` is edited.
+    """
+    from flwr.cli.build import build_fab_from_disk  # noqa: PLC0415 - imports typer, click
+
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(source))) as fab:
+        for name in fab.namelist():
+            if name.startswith(".info/"):
+                continue
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(fab.read(name))
+    return dest
 
 
 def _ip(*args: str) -> None:
@@ -146,6 +170,15 @@ class LocalDeployment:
         Extra environment of the SuperLink (and the ServerApp processes it starts).
     superlink_args : Sequence[str]
         Extra arguments for ``python -m deploy superlink``.
+    app_dir : Path
+        The app ``flwr_run`` submits; the nodes allow its build.
+    allowed_apps : Sequence[str] | None
+        The FAB hashes the nodes allow; None: the build of ``app_dir``.
+    proxy : bool
+        The SuperLink behind nginx (the default of ``python -m deploy superlink``);
+        False: ``--no-proxy``.
+    operator_namespace : bool
+        One more namespace, an operator's machine allowed to use the Control API.
     """
 
     root: Path
@@ -154,7 +187,12 @@ class LocalDeployment:
     node_args: Sequence[str] = ("--cpu-threads", "1")
     superlink_env: dict[str, str] = field(default_factory=dict)
     superlink_args: Sequence[str] = ()
+    app_dir: Path = PROJECT_DIR
+    allowed_apps: Sequence[str] | None = None
+    proxy: bool = True
+    operator_namespace: bool = False
     port: int = field(default_factory=free_port)
+    loopback_port: int = field(default_factory=free_port)
     network: NetworkNamespaces | None = None
     namespace_error: str | None = None
     superlink: subprocess.Popen[bytes] | None = None
@@ -169,8 +207,19 @@ class LocalDeployment:
 
     @property
     def superlink_address(self) -> str:
-        """``HOST:PORT`` of the SuperLink as the nodes see it."""
+        """``HOST:PORT`` of the SuperLink as the nodes see it (the public port)."""
         return f"{self.superlink_host}:{self.port}"
+
+    @property
+    def operator_index(self) -> int | None:
+        """The namespace of the operator's machine, if there is one."""
+        if self.network is None or not self.operator_namespace:
+            return None
+        return len(self.node_data)
+
+    def in_namespace(self, index: int | None) -> list[str]:
+        """Command prefix that runs a program in namespace ``index`` (nothing without one)."""
+        return self.network.prefix(index) if self.network and index is not None else []
 
     @property
     def certs(self) -> Path:
@@ -196,7 +245,7 @@ class LocalDeployment:
         """Certificates, keys, SuperLink, connection, registration, then every node."""
         self.root.mkdir(parents=True, exist_ok=True)
         if self.namespaces:
-            network = NetworkNamespaces(len(self.node_data))
+            network = NetworkNamespaces(len(self.node_data) + int(self.operator_namespace))
             try:
                 network.create()
                 self.network = network
@@ -206,9 +255,12 @@ class LocalDeployment:
         names = [f"node-{index + 1}" for index in range(len(self.node_data))]
         for name in names:
             create_node_keys(self.keys, name, force=True)
+        if self.allowed_apps is None:
+            self.allowed_apps = [app_hash(self.app_dir)]
         self.start_superlink()
         ca_cert = self.certs / "ca.crt"
-        write_connection(self.flwr_home, DEFAULT_CONNECTION, self.superlink_address, ca_cert)
+        # On the SuperLink machine, through the public port from loopback.
+        write_connection(self.flwr_home, DEFAULT_CONNECTION, f"127.0.0.1:{self.port}", ca_cert)
         for name in names:
             register_node(self.keys / f"{name}.pub", DEFAULT_CONNECTION, self.env())
         self.nodes = [
@@ -238,26 +290,35 @@ class LocalDeployment:
         """``python -m deploy ARGS`` with this interpreter."""
         return [sys.executable, "-m", "deploy", *args]
 
-    def start_superlink(self) -> None:
-        """Start the SuperLink and wait until it answers TLS."""
-        self.superlink = self._spawn(
-            self.deploy_command(
-                "superlink",
-                "--certs",
-                str(self.certs),
-                "--port",
-                str(self.port),
-                "--state-dir",
-                str(self.root / "superlink-state"),
-                "--flwr-home",
-                str(self.root / "flwr-superlink"),
-                "--address",
-                self.superlink_host,
-                *self.superlink_args,
-            ),
-            "superlink.log",
-            self.superlink_env,
+    def superlink_command(self) -> list[str]:
+        """``python -m deploy superlink`` for this deployment."""
+        options: list[str] = []
+        if not self.proxy:
+            options.append("--no-proxy")
+        operator = self.operator_index
+        if operator is not None and self.network is not None:
+            options += ["--operator", self.network.node_address(operator)]
+        return self.deploy_command(
+            "superlink",
+            "--certs",
+            str(self.certs),
+            "--port",
+            str(self.port),
+            "--loopback-port",
+            str(self.loopback_port),
+            "--state-dir",
+            str(self.root / "superlink-state"),
+            "--flwr-home",
+            str(self.root / "flwr-superlink"),
+            "--address",
+            self.superlink_host,
+            *options,
+            *self.superlink_args,
         )
+
+    def start_superlink(self) -> None:
+        """Start the SuperLink and wait until its public port answers TLS."""
+        self.superlink = self._spawn(self.superlink_command(), "superlink.log", self.superlink_env)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             if self.superlink.poll() is not None:
@@ -269,6 +330,12 @@ class LocalDeployment:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+
+    def app_arguments(self) -> list[str]:
+        """``--allow-app`` for every allowed build, unless the nodes allow any app."""
+        if "--allow-any-app" in self.node_args:
+            return []
+        return [arg for digest in self.allowed_apps or () for arg in ("--allow-app", digest)]
 
     def node_command(self, index: int, *extra: str) -> list[str]:
         """The command that starts node ``index`` (inside its namespace, if any)."""
@@ -286,10 +353,11 @@ class LocalDeployment:
             "--flwr-home",
             str(self.root / f"flwr-{node.name}"),
             *node.data_args,
+            *self.app_arguments(),
             *self.node_args,
             *extra,
         )
-        return (self.network.prefix(index) if self.network else []) + command
+        return self.in_namespace(index) + command
 
     def start_node(self, index: int) -> subprocess.Popen[bytes]:
         """Start (or restart) node ``index``."""
@@ -343,10 +411,11 @@ class LocalDeployment:
         self,
         run_config: str,
         stream: bool = True,
-        app_dir: Path = PROJECT_DIR,
+        app_dir: Path | None = None,
         timeout_s: float = 900,
     ) -> subprocess.CompletedProcess[str]:
-        """``flwr run APP fedcoord --run-config ...`` against this deployment."""
+        """``flwr run APP fedcoord --run-config ...`` from this machine (``app_dir``)."""
+        app_dir = app_dir or self.app_dir
         command = [flwr_executable(), "run", str(app_dir), DEFAULT_CONNECTION]
         if run_config:
             command += ["--run-config", run_config]

@@ -8,11 +8,14 @@ children and watches them:
 - Flower's SuperNode (``deploy.flower_supernode``: ``flower-supernode`` with a
   short idle poll), with ``--isolation process``;
 - the ClientApp worker (``deploy.worker``), a long-lived process that runs every
-  ClientApp call, so imports, data and the CUDA context stay warm.
+  ClientApp call, so imports, data and the CUDA context stay warm, and runs only
+  the app builds the node's operator allowed (``--allow-app HASH``, or
+  ``--allow-any-app``).
 
 ``--isolation subprocess`` runs Flower's default instead (a ``flwr-clientapp``
-process per message). SIGTERM / Ctrl-C stop both children; the SuperNode then
-tells the SuperLink it is leaving.
+process per message, for every app build: it needs ``--allow-any-app``).
+SIGTERM / Ctrl-C stop both children; the SuperNode then tells the SuperLink it
+is leaving.
 
 A node stopped hard (kill -9, power loss) stays "online" on the SuperLink until
 two heartbeat intervals pass, and the SuperLink refuses to activate it again
@@ -38,6 +41,7 @@ from types import FrameType
 from typing import TextIO
 
 from client.local_data import read_local_arrays
+from deploy.apps import AppAllowList
 from deploy.certs import load_node_private_key
 from deploy.checks import (
     DEFAULT_CONNECT_TIMEOUT_S,
@@ -76,6 +80,7 @@ class NodeSettings:
     cpu_threads: int | None = None
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     extra_flower_args: tuple[str, ...] = ()
+    allowed: AppAllowList = AppAllowList()
 
     @property
     def runtime_api_address(self) -> str:
@@ -126,6 +131,31 @@ def build_node_config(
             "(a partition of the run's dataset)"
         )
     return config
+
+
+def validate_app_policy(isolation: str, allowed: AppAllowList) -> None:
+    """A node says which app builds it runs, and the warm worker is what enforces it.
+
+    Raises
+    ------
+    DeployError
+        Unless exactly one of ``--allow-app`` and ``--allow-any-app`` is given,
+        or when an allow-list is given to Flower's own per-message processes.
+    """
+    if allowed.any_app and allowed.hashes:
+        raise DeployError("give --allow-app FAB_HASH or --allow-any-app, not both")
+    if not allowed.any_app and not allowed.hashes:
+        raise DeployError(
+            "say which app builds this node runs: --allow-app FAB_HASH (repeatable; "
+            "python -m deploy app-hash APP_DIR prints the hash of the code you reviewed), "
+            "or --allow-any-app to run whatever the SuperLink sends"
+        )
+    if isolation != "warm" and not allowed.any_app:
+        raise DeployError(
+            "--allow-app is enforced by the warm worker; with --isolation subprocess Flower "
+            "runs every app build it is sent: drop --isolation subprocess, or give "
+            "--allow-any-app instead"
+        )
 
 
 def check_node(settings: NodeSettings, data_path: Path | None) -> list[str]:
@@ -196,6 +226,7 @@ def worker_command(settings: NodeSettings, parent_pid: int) -> list[str]:
         settings.runtime_api_address,
         "--parent-pid",
         str(parent_pid),
+        *settings.allowed.arguments(),
     ]
 
 
@@ -403,6 +434,6 @@ def run_supernode(
         f"starting SuperNode (isolation {settings.isolation}, runtime API "
         f"{settings.runtime_api_address}, FLWR_HOME {settings.flwr_home}"
         + (f", CUDA_VISIBLE_DEVICES={settings.gpu}" if settings.gpu is not None else "")
-        + ")"
+        + f"); runs {settings.allowed.describe()}"
     )
     return supervisor.run()

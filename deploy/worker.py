@@ -13,13 +13,19 @@ Each task follows Flower's own protocol (``flwr.supernode.runtime.run_clientapp`
 pull the task input, run the ClientApp, push the reply, push the task output
 (with the updated ``context.state``). Only the process is kept.
 
-A task of another app build (FAB) than the one whose modules are loaded is run
-by a cold ``flwr-clientapp`` process, and the worker then re-executes itself, so
-new app code is never mixed with old modules.
+Only app builds (FABs) the node's operator allowed are run (``--allow-app
+HASH``, repeatable, or ``--allow-any-app``): the worker hashes the FAB bytes of
+each task itself, before installing or importing anything, and answers a build
+that is not listed with an error reply and one log line (deploy/apps.py).
+
+A task of another allowed build than the one whose modules are loaded is run by
+a fresh one-task worker process (``--task-token``), and the worker then
+re-executes itself, so new app code is never mixed with old modules.
 
 Usage (``python -m deploy supernode`` starts it for you)::
 
-    python -m deploy.worker --runtime-api-address 127.0.0.1:9094 --parent-pid PID
+    python -m deploy.worker --runtime-api-address 127.0.0.1:9094 --parent-pid PID \
+        --allow-app FAB_HASH
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from deploy.apps import AppAllowList, parse_app_hash
+from deploy.checks import DeployError
+
 DEFAULT_POLL_INTERVAL_S = 0.05
 # Imported before the first task so that it only pays for the app's own modules.
 DEFAULT_PRELOAD = ("numpy", "torch", "torchvision", "sklearn", "datasets", "flwr_datasets")
@@ -79,6 +88,10 @@ OBJECT_PULL_BACKOFF_CAP_S = 0.5
 
 class StopWorkerError(BaseException):
     """SIGTERM / SIGINT, or the SuperNode went away: not caught as a task error."""
+
+
+class AppRefusedError(Exception):
+    """The task's app build is not on this node's allow-list."""
 
 
 def _runtime_retry_invoker(max_time_s: float) -> RetryInvoker:
@@ -173,6 +186,7 @@ class ClientAppWorker:
     runtime_api_address: str
     parent_pid: int | None = None
     poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
+    allowed: AppAllowList = field(default_factory=AppAllowList)
     loaded_fab_hash: str | None = None
     tasks_run: int = 0
     _installed: set[str] = field(default_factory=set)
@@ -201,8 +215,12 @@ class ClientAppWorker:
             acquirer.close()
 
     def run_task(self, token: str, fab_hash: str) -> None:
-        """Run one task here, or in a cold process when its app build is not the loaded one."""
-        if self.loaded_fab_hash is not None and fab_hash and fab_hash != self.loaded_fab_hash:
+        """Run one task here, or in a fresh process when it is another allowed app build.
+
+        A build that is not allowed is refused here: that loads no app code.
+        """
+        new_build = self.loaded_fab_hash is not None and fab_hash != self.loaded_fab_hash
+        if new_build and fab_hash and self.allowed.allows_hash(fab_hash):
             log(WARNING, "a new app build (FAB %s): running it cold, then restarting", fab_hash[:8])
             self.run_cold(token)
             self.restart()  # does not return
@@ -232,6 +250,9 @@ class ClientAppWorker:
         marks = [time.perf_counter()]
         try:
             message, context, run, fab = pull_task_input(client)
+            problem = self.allowed.find_app_problem(fab.content)
+            if problem is not None:
+                raise AppRefusedError(problem)
             self._install(fab.content, fab.hash_str)
             app = self._load_app(run.fab_id, run.fab_version, fab.hash_str)
             marks.append(time.perf_counter())
@@ -283,22 +304,29 @@ class ClientAppWorker:
     def _error_reply(message: Message | None, error: Exception) -> tuple[Message | None, str]:
         code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         reason = f"{type(error)}:<'{error}'>"
-        if isinstance(error, LoadClientAppError):
+        if isinstance(error, AppRefusedError):
+            code, reason = ErrorCode.INVALID_FAB, str(error)
+            log(WARNING, "%s", reason)
+        elif isinstance(error, LoadClientAppError):
             code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION
             reason = f"An exception was raised when attempting to load `ClientApp`: {error}"
-        log(ERROR, "ClientApp raised an exception: %s", error, exc_info=error)
+            log(ERROR, "ClientApp raised an exception: %s", error, exc_info=error)
+        else:
+            log(ERROR, "ClientApp raised an exception: %s", error, exc_info=error)
         reply = Message(Error(code=code, reason=reason), reply_to=message) if message else None
         return reply, reason
 
     def run_cold(self, token: str) -> None:
-        """Run one task in a fresh ``flwr-clientapp`` process, as Flower's SuperExec does."""
+        """Run one task in a fresh one-task worker, with the same allow-list."""
         command = [
-            "flwr-clientapp",
+            sys.executable,
+            "-m",
+            "deploy.worker",
             "--runtime-api-address",
             self.runtime_api_address,
-            "--token",
+            "--task-token",
             token,
-            "--insecure",
+            *self.allowed.arguments(),
         ]
         if self.parent_pid is not None:
             command += ["--parent-pid", str(self.parent_pid)]
@@ -318,6 +346,17 @@ def preload(modules: Sequence[str]) -> float:
         except ImportError as error:
             log(WARNING, "preload: cannot import %s: %s", name, error)
     return time.perf_counter() - started
+
+
+def _allow_list(parser: argparse.ArgumentParser, args: argparse.Namespace) -> AppAllowList:
+    """The app builds to run, from ``--allow-app`` / ``--allow-any-app``; exits on bad values."""
+    if args.allow_any_app == bool(args.allow_app):
+        parser.error("give --allow-app FAB_HASH (repeatable) or --allow-any-app, not both")
+    try:
+        hashes = frozenset(parse_app_hash(text) for text in args.allow_app)
+    except DeployError as error:
+        parser.error(str(error))
+    return AppAllowList(hashes, args.allow_any_app)
 
 
 def _raise_stop(signum: int, _frame: FrameType | None) -> None:
@@ -342,13 +381,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=",".join(DEFAULT_PRELOAD),
         help="comma-separated modules imported before the first task",
     )
+    parser.add_argument(
+        "--allow-app",
+        action="append",
+        default=[],
+        metavar="FAB_HASH",
+        help="an app build this node runs (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-any-app", action="store_true", help="run every app build the SuperLink sends"
+    )
+    parser.add_argument("--task-token", help="run this one task, then exit")
     args = parser.parse_args(argv)
+    allowed = _allow_list(parser, args)
     update_console_handler(timestamps=True)  # a node operator reads when things happened
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)  # SIGINT here when the SuperNode ends
-    worker = ClientAppWorker(args.runtime_api_address, args.parent_pid, args.poll_interval)
+    worker = ClientAppWorker(args.runtime_api_address, args.parent_pid, args.poll_interval, allowed)
+    if args.task_token:
+        worker.run_warm(args.task_token)
+        return 0
     try:
         seconds = preload([name for name in args.preload.split(",") if name])
         log(INFO, "fedcoord ClientApp worker: preloaded in %.1fs", seconds)

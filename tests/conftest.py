@@ -24,6 +24,8 @@ RUN_TIMEOUT_S = 900
 SYSTEM_PACKAGES: dict[str, Callable[[], bool]] = {
     "chromium": lambda: Path("/usr/bin/chromium").is_file(),
     "iproute2": lambda: shutil.which("ip") is not None,
+    # The SuperLink's proxy (deploy/proxy.py); Debian installs it in /usr/sbin.
+    "nginx": lambda: shutil.which("nginx") is not None or Path("/usr/sbin/nginx").is_file(),
     "dataset-fashion-mnist": lambda: Path(
         "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
     ).is_file(),

@@ -574,10 +574,12 @@ def test_worker_retries_5xx_and_gives_up_on_4xx():
 
 
 def test_worker_runs_a_new_app_build_cold_then_restarts(monkeypatch):
+    from deploy.apps import AppAllowList
     from deploy.worker import ClientAppWorker
 
-    # Prepare
-    worker = ClientAppWorker("127.0.0.1:1", loaded_fab_hash="a" * 64)
+    # Prepare: both builds allowed
+    allowed = AppAllowList(frozenset({"a" * 64, "b" * 64}))
+    worker = ClientAppWorker("127.0.0.1:1", allowed=allowed, loaded_fab_hash="a" * 64)
     calls: list[str] = []
     monkeypatch.setattr(worker, "run_cold", lambda token: calls.append(f"cold {token}"))
     monkeypatch.setattr(worker, "restart", lambda: calls.append("restart"))
