@@ -5,6 +5,7 @@ TestClient, server errors returned as responses instead of raised), and every JS
 it serves is parsed strictly (no NaN, no Infinity).
 """
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -204,6 +205,25 @@ def test_partly_damaged_run_shows_what_it_can_and_never_gives_a_500(tmp_path, da
     assert [run["run_name"] for run in listed] == ["partly"]
     if responses["/api/runs/partly"].status_code == 409:
         assert "is unreadable: " in strict_json(responses["/api/runs/partly"].text)["error"]
+
+
+def test_reading_a_damaged_run_db_never_changes_it(runs_dir):
+    # Prepare
+    client = client_of(runs_dir)
+    before = {name: digest(runs_dir / name / DB_NAME) for name in DAMAGE}
+
+    # Execute
+    client.get("/api/runs")
+    for name in DAMAGE:
+        for path in [*READS, "/api/runs/{}/stream"]:
+            client.get(path.format(name))
+
+    # Assert
+    assert {name: digest(runs_dir / name / DB_NAME) for name in DAMAGE} == before
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ------------------------------------------------- stored values of the wrong kind

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from server.lifecycle import InvalidTransitionError
 from server.runs import RunNotFoundError, list_run_dirs, resolve_run_dir, run_status
-from server.store import DB_NAME, RunStore, RunStoreError, connect
+from server.store import RunStore, RunStoreError
 from task.names import RunNameError as RunNameError  # re-exported for server.dashboard.app
 from task.names import validate_run_name
 
@@ -60,6 +60,7 @@ ROUND_COLUMNS = (
     "note",
 )
 EVENT_COLUMNS = ("id", "at", "kind", "message")
+REJECTION_COLUMNS = ("round", "node_id", "kind", "reason", "at")
 NODE_COLUMNS = (
     "node_id",
     "partition_id",
@@ -161,13 +162,14 @@ def _summary(run_dir: Path, now: float) -> dict[str, object]:
 def run_detail(run_dir: Path) -> dict[str, object]:
     """Everything the run page shows: status, config, rounds, nodes, rejections, events."""
     status = run_status(run_dir)
-    store = RunStore(run_dir)
+    store = RunStore(run_dir, readonly=True)
     try:
         run = store.run_row()
         rounds = store.rounds()
         nodes = store.nodes()
         events = store.events(EVENT_LIMIT)
         pending = store.pending_commands()
+        rejected = store.rejections(REJECTION_LIMIT)
     finally:
         store.close()
     return {
@@ -176,7 +178,7 @@ def run_detail(run_dir: Path) -> dict[str, object]:
         "config": _config_summary(str(run["config_json"])),
         "rounds": [{key: row[key] for key in ROUND_COLUMNS} for row in rounds],
         "nodes": [{key: node[key] for key in NODE_COLUMNS} for node in nodes],
-        "rejections": rejections(run_dir, REJECTION_LIMIT),
+        "rejections": [{key: row[key] for key in REJECTION_COLUMNS} for row in rejected],
         "events": [{key: event[key] for key in EVENT_COLUMNS} for event in events],
         "pending_commands": [
             {key: command[key] for key in ("command", "argument", "created_at")}
@@ -185,22 +187,9 @@ def run_detail(run_dir: Path) -> dict[str, object]:
     }
 
 
-def rejections(run_dir: Path, limit: int) -> list[dict[str, object]]:
-    """The latest rejected updates and failures with their reasons, newest first."""
-    db = connect(run_dir / DB_NAME)
-    try:
-        rows = db.execute(
-            "SELECT round, node_id, kind, reason, at FROM rejections ORDER BY id DESC LIMIT ?",
-            (limit,),
-        ).fetchall()
-    finally:
-        db.close()
-    return [dict(row) for row in rows]
-
-
 def round_rows(run_dir: Path) -> tuple[list[dict[str, object]], int]:
     """The round rows (chart columns) and the run's target number of rounds."""
-    store = RunStore(run_dir)
+    store = RunStore(run_dir, readonly=True)
     try:
         rows = store.rounds()
         num_rounds = int(store.run_row()["num_rounds"])  # type: ignore[call-overload]
