@@ -370,9 +370,8 @@ class RunStore:
         try:
             return read()
         except sqlite3.Error as error:
-            raise CorruptRunError(
-                self.run_dir, f"run.db cannot be read ({_show(str(error))})"
-            ) from None
+            reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+            raise CorruptRunError(self.run_dir, f"run.db cannot be read ({reason})") from None
 
     def _select(
         self, table: str, query: str, parameters: tuple[object, ...] = ()
