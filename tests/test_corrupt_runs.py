@@ -9,7 +9,6 @@ follow one rule in the run-config, the CLI and the dashboard.
 import hashlib
 import json
 import os
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from server.dashboard.views import validate_run_name as dashboard_validate_run_n
 from server.store import DB_NAME, SCHEMA, CorruptRunError, RoundRecord, RunStore, RunStoreError
 from task.config import ConfigError, parse_run_config
 from task.names import RunNameError, find_run_name_problem
+from tests.test_dashboard_unreadable import checkpointed_copy, execute, write_db
 
 
 def make_run(runs_dir: Path, name: str, state: str = "running") -> RunStore:
@@ -34,31 +34,10 @@ def make_run(runs_dir: Path, name: str, state: str = "running") -> RunStore:
     return store
 
 
-def good_bytes(tmp_path: Path) -> bytes:
-    """A good run.db with its WAL folded in, to cut short."""
-    make_run(tmp_path / "source", "good").close()
-    db = sqlite3.connect(tmp_path / "source" / "good" / DB_NAME)
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    db.close()
-    return (tmp_path / "source" / "good" / DB_NAME).read_bytes()
-
-
-def write(run_dir: Path, data: bytes) -> None:
-    run_dir.mkdir(parents=True)
-    (run_dir / DB_NAME).write_bytes(data)
-
-
-def sql(run_dir: Path, script: str) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(run_dir / DB_NAME)
-    db.executescript(script)
-    db.close()
-
-
 def edited(script: str) -> Callable[[Path, bytes], None]:
     def damage(run_dir: Path, good: bytes) -> None:
         make_run(run_dir.parent, run_dir.name).close()
-        sql(run_dir, script)
+        execute(run_dir, script)
 
     return damage
 
@@ -66,24 +45,24 @@ def edited(script: str) -> Callable[[Path, bytes], None]:
 META = "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
 # Damage that leaves nothing to read: every verb refuses the run.
 DAMAGE: dict[str, Callable[[Path, bytes], None]] = {
-    "empty": lambda d, good: write(d, b""),
-    "random": lambda d, good: write(d, os.urandom(8192)),
-    "truncated": lambda d, good: write(d, good[:3000]),
-    "truncated-pages": lambda d, good: write(d, good[:8192]),
-    "header-only": lambda d, good: write(d, good[:100]),
-    "text-file": lambda d, good: write(d, b"run_name = exp1\nstate = running\n"),
-    "foreign-schema": lambda d, good: sql(d, "CREATE TABLE t (x); INSERT INTO t VALUES (1);"),
-    "no-version": lambda d, good: sql(d, META),
-    "newer-version": lambda d, good: sql(
+    "empty": lambda d, good: write_db(d, b""),
+    "random": lambda d, good: write_db(d, os.urandom(8192)),
+    "truncated": lambda d, good: write_db(d, good[:3000]),
+    "truncated-pages": lambda d, good: write_db(d, good[:8192]),
+    "header-only": lambda d, good: write_db(d, good[:100]),
+    "text-file": lambda d, good: write_db(d, b"run_name = exp1\nstate = running\n"),
+    "foreign-schema": lambda d, good: execute(d, "CREATE TABLE t (x); INSERT INTO t VALUES (1);"),
+    "no-version": lambda d, good: execute(d, META),
+    "newer-version": lambda d, good: execute(
         d, META + "INSERT INTO meta VALUES ('schema_version', '9');"
     ),
-    "text-version": lambda d, good: sql(
+    "text-version": lambda d, good: execute(
         d, META + "INSERT INTO meta VALUES ('schema_version', 'x');"
     ),
-    "half-filled": lambda d, good: sql(
+    "half-filled": lambda d, good: execute(
         d, META + "INSERT INTO meta VALUES ('schema_version', '2');"
     ),
-    "tables-only": lambda d, good: sql(
+    "tables-only": lambda d, good: execute(
         d, SCHEMA + "INSERT INTO meta VALUES ('schema_version', '2');"
     ),
     "no-run-row": edited("DELETE FROM run;"),
@@ -119,7 +98,7 @@ VERBS: dict[str, list[str]] = {
 def runs_dir(tmp_path: Path) -> Path:
     """A good run beside one run directory per kind of damage."""
     runs = tmp_path / "runs"
-    good = good_bytes(tmp_path)
+    good = checkpointed_copy(tmp_path / "source")
     for name, damage in (DAMAGE | PARTIAL_DAMAGE).items():
         damage(runs / name, good)
     make_run(runs, "good").close()
@@ -271,7 +250,7 @@ def test_reading_a_good_run_never_changes_its_files(tmp_path, capsys):
 
 def test_a_foreign_database_is_not_turned_into_a_wal_database(tmp_path, capsys):
     # Prepare: another program's SQLite file in rollback-journal mode
-    sql(tmp_path / "foreign", "CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+    execute(tmp_path / "foreign", "CREATE TABLE t (x); INSERT INTO t VALUES (1);")
     before = (tmp_path / "foreign" / DB_NAME).read_bytes()
 
     # Execute
@@ -293,7 +272,7 @@ def test_status_json_and_export_are_strict_json_with_non_finite_values(tmp_path,
         )
     )
     store.close()
-    sql(
+    execute(
         tmp_path / "odd",
         "UPDATE run SET heartbeat_at = 9e999; UPDATE rounds SET duration_s = -9e999;",
     )
