@@ -152,7 +152,7 @@ def test_pages_data_and_charts_of_a_damaged_run_answer_409_with_the_reason(runs_
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_actions_on_a_damaged_run_answer_409_and_queue_nothing(runs_dir, damage):
+def test_actions_on_a_damaged_run_answer_409_unreadable(runs_dir, damage):
     # Prepare
     client = client_of(runs_dir)
 
