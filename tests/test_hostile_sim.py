@@ -67,7 +67,7 @@ def test_hostile_nodes_are_rejected_with_their_reasons_and_do_not_hurt_the_model
         len(HOSTILE) + len(HONEST),
         "hostile",
         hostile=",".join(map(str, sorted(HOSTILE))),
-        **{"num-server-rounds": ROUNDS, "round-timeout": 120.0, "local-epochs": 1},
+        **{"num-server-rounds": ROUNDS, "round-timeout": 120.0, "local-epochs": 3},
     )
 
     # Assert: the run completes, every round with the three honest updates only
