@@ -198,11 +198,11 @@ def _make_dirs(settings: SuperLinkSettings) -> None:
 
 def wait_for_port(
     process: subprocess.Popen[bytes],
-    port: int,
+    address: tuple[str, int],
     stopping: threading.Event,
     timeout_s: float = READY_TIMEOUT_S,
 ) -> bool:
-    """Until 127.0.0.1:``port`` accepts connections (uvicorn binds after its startup).
+    """Until ``process`` accepts connections on ``address`` (uvicorn binds after its startup).
 
     Returns False when ``stopping`` is set first.
 
@@ -211,22 +211,43 @@ def wait_for_port(
     DeployError
         If ``process`` exits first or the port stays closed for ``timeout_s``.
     """
+    name = Path(str(process.args[0])).name if isinstance(process.args, list) else "process"
+    host, port = address
     deadline = time.monotonic() + timeout_s
     while process.poll() is None:
         try:
-            socket.create_connection((LOOPBACK, port), timeout=1.0).close()
+            socket.create_connection((host, port), timeout=1.0).close()
             return True
         except OSError:
             if time.monotonic() > deadline:
                 raise DeployError(
-                    f"Flower's SuperLink did not open {LOOPBACK}:{port} within {timeout_s:.0f}s"
+                    f"{name} did not open {host}:{port} within {timeout_s:.0f}s"
                 ) from None
             if stopping.wait(0.1):
                 return False
     raise DeployError(
-        f"Flower's SuperLink exited with code {process.returncode} before it was ready "
-        "(its log is above)"
+        f"{name} exited with code {process.returncode} before it was ready (its log is above)"
     )
+
+
+def validate_port_free(host: str, port: int, what: str) -> None:
+    """Bind ``host:port`` once, so a port in use is one line before anything starts.
+
+    Raises
+    ------
+    DeployError
+        Naming the port and the option that moves it.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise DeployError(
+                f"{what} {host}:{port} is not free ({error.strerror or error}); stop what "
+                "uses it (another SuperLink?) or choose another port"
+            ) from error
 
 
 def stop_child(process: subprocess.Popen[bytes] | None, grace_s: float = STOP_GRACE_S) -> None:
@@ -254,6 +275,8 @@ class SuperLinkSupervisor:
     def run(self) -> int:
         """Check nginx's configuration, start both, watch them; return the exit code."""
         binary = require_nginx()
+        validate_port_free(self.settings.host, self.settings.port, "the public --port")
+        validate_port_free(LOOPBACK, self.settings.flower_port, "the --loopback-port")
         config = write_config(self.settings.proxy_settings())
         check_config(binary, config)
         _make_dirs(self.settings)
@@ -265,9 +288,12 @@ class SuperLinkSupervisor:
             self.flower = subprocess.Popen(
                 superlink_command(self.settings), env=superlink_env(self.settings)
             )
-            if not wait_for_port(self.flower, self.settings.flower_port, self._stopping):
+            flower_address = (LOOPBACK, self.settings.flower_port)
+            if not wait_for_port(self.flower, flower_address, self._stopping):
                 return 0
             self.nginx = subprocess.Popen(nginx_command(binary, config))
+            if not wait_for_port(self.nginx, self._public_probe(), self._stopping):
+                return 0
             self.say(
                 f"ready: public port {self.settings.host}:{self.settings.port} (nginx pid "
                 f"{self.nginx.pid}), SuperLink {LOOPBACK}:{self.settings.flower_port} "
@@ -279,6 +305,15 @@ class SuperLinkSupervisor:
             stop_child(self.flower)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+    def _public_probe(self) -> tuple[str, int]:
+        """Where to connect to see nginx listening (loopback for a wildcard address)."""
+        host = self.settings.host
+        if host in ("0.0.0.0", ""):
+            host = LOOPBACK
+        elif host == "::":
+            host = "::1"
+        return host, self.settings.port
 
     def _watch(self) -> int:
         assert self.flower is not None and self.nginx is not None
