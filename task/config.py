@@ -15,7 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from task.names import DATASET_NAMES, MODEL_NAMES, PARTITIONER_NAMES
+from task.names import (
+    DATASET_NAMES,
+    MODEL_NAMES,
+    PARTITIONER_NAMES,
+    RUN_NAME_HINT,
+    find_run_name_problem,
+)
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEVICE_FORMS = "auto, cpu, mps, cuda, cuda:N"
@@ -285,8 +291,9 @@ def validate_config(config: RunConfig) -> None:
         f"runs-dir must be an absolute path, got {config.runs_dir!r}",
     )
     _require(
-        "/" not in config.run_name and config.run_name not in (".", ".."),
-        f"run-name must be a plain folder name, got {config.run_name!r}",
+        not config.run_name or find_run_name_problem(config.run_name) is None,
+        f"run-name {config.run_name[:100]!r} {find_run_name_problem(config.run_name)}; "
+        f"{RUN_NAME_HINT}",
     )
     _require(
         not config.resume or bool(config.run_name),
