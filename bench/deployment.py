@@ -18,10 +18,14 @@ evaluation), round 1 excluded (it loads data and warms up).
 ``--stock`` repeats both on SuperNodes as Flower starts them by default (a new
 ``flwr-clientapp`` process per message, 3 s idle poll), for the node-side effect.
 
-The SuperLink is started as ``python -m deploy superlink`` does (with its
-database); ``--in-memory`` starts it without one.
+The SuperLink is started as ``python -m deploy superlink`` does: with its
+database, on loopback behind its nginx proxy (the public port); ``--in-memory``
+starts it without a database, ``--no-proxy`` without the proxy (Flower's port
+itself), and ``--compare-proxy`` measures the warm nodes both ways. The nodes
+allow exactly the two app builds submitted (``--allow-app``).
 
 Usage: python bench/deployment.py [--rounds 8] [--stock] [--in-memory] [--fast-server-pull]
+       [--no-proxy | --compare-proxy]
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from pathlib import Path
 
 from coordinator_round_time import build_baseline_app
 
-from deploy.local_cluster import LocalDeployment
+from deploy.apps import app_hash
+from deploy.local_cluster import PROJECT_DIR, LocalDeployment, snapshot_app
 from server import object_pull
 
 NODES = 3
@@ -93,10 +98,10 @@ def run_fedcoord(cluster: LocalDeployment, rounds: int, name: str) -> dict[str, 
     }
 
 
-def run_flower_fedavg(cluster: LocalDeployment, rounds: int, name: str) -> dict[str, float]:
+def run_flower_fedavg(
+    cluster: LocalDeployment, app: Path, rounds: int, name: str
+) -> dict[str, float]:
     runs_dir = cluster.root / "runs"
-    app = cluster.root / f"baseline-app-{name}"
-    build_baseline_app(app)
     settings = {
         **WORKLOAD,
         "num-server-rounds": rounds,
@@ -124,24 +129,31 @@ def serverapp_patch(folder: Path) -> dict[str, str]:
 
 
 def measure(
-    node_args: list[str], rounds: int, label: str, args: argparse.Namespace
+    node_args: list[str], rounds: int, label: str, args: argparse.Namespace, proxy: bool
 ) -> list[tuple[str, dict[str, float]]]:
     node_data = [["--partition-id", str(i), "--num-partitions", str(NODES)] for i in range(NODES)]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         env = serverapp_patch(Path(tmp) / "patch") if args.fast_server_pull else {}
+        # Snapshots: the builds the nodes allow stay the same while the tree is edited.
+        app = snapshot_app(PROJECT_DIR, Path(tmp) / "app" / "fedcoord")
+        baseline = build_baseline_app(Path(tmp) / "baseline-app")
         cluster = LocalDeployment(
             Path(tmp),
             node_data,
             node_args=node_args,
             superlink_env=env,
             superlink_args=["--in-memory"] if args.in_memory else [],
+            app_dir=app,
+            allowed_apps=[app_hash(app), app_hash(baseline)],
+            proxy=proxy,
         )
         with cluster:
             ours = run_fedcoord(cluster, rounds, f"ours-{label}")
-            flower = run_flower_fedavg(cluster, rounds, f"flower-{label}")
+            flower = run_flower_fedavg(cluster, baseline, rounds, f"flower-{label}")
+    front = "behind nginx" if proxy else "Flower's port (--no-proxy)"
     return [
-        (f"Flower FedAvg `Strategy.start`, {label} nodes", flower),
-        (f"fedcoord coordinator, {label} nodes", ours),
+        (f"Flower FedAvg `Strategy.start`, {label} nodes, {front}", flower),
+        (f"fedcoord coordinator, {label} nodes, {front}", ours),
     ]
 
 
@@ -159,14 +171,24 @@ def main() -> None:
     parser.add_argument(
         "--in-memory", action="store_true", help="SuperLink without a database (Flower's default)"
     )
+    fronts = parser.add_mutually_exclusive_group()
+    fronts.add_argument(
+        "--no-proxy", action="store_true", help="nodes reach Flower's port itself, no nginx"
+    )
+    fronts.add_argument(
+        "--compare-proxy", action="store_true", help="warm nodes behind nginx, then without it"
+    )
     args = parser.parse_args()
     warm = ["--cpu-threads", "1"]
     if args.node_poll is not None:
         warm += ["--poll-interval", str(args.node_poll)]
-    results = measure(warm, args.rounds, "warm", args)
+    results = measure(warm, args.rounds, "warm", args, proxy=not args.no_proxy)
+    if args.compare_proxy:
+        results += measure(warm, args.rounds, "warm", args, proxy=False)
     if args.stock:
         stock = ["--cpu-threads", "1", "--isolation", "subprocess", "--poll-interval", "3"]
-        results += measure(stock, args.rounds, "stock Flower", args)
+        stock += ["--allow-any-app"]  # Flower's own processes check nothing
+        results += measure(stock, args.rounds, "stock Flower", args, proxy=not args.no_proxy)
     print(
         f"deployment: SuperLink (TLS, node auth) + {NODES} SuperNodes on loopback, "
         f"{args.rounds} rounds, digits / simple-cnn / 1 local epoch; median of rounds 2..N"

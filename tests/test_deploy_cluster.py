@@ -2,15 +2,20 @@
 
 Each SuperNode runs in a network namespace of its own (ip netns + veth on a
 bridge, addresses in 10.213.K.0/24 that exist only there), set up and removed by
-the ``cluster`` fixture; where namespaces cannot be made the fixture says so and
-uses 127.0.0.1. Runs are driven with ``flwr run`` and observed and controlled
-through the ``fedcoord`` CLI on the runs directory passed in run-config, as in
-tests/test_lifecycle_sim.py.
+the ``cluster`` fixture, and one more namespace plays an operator's machine
+(``--operator``); where namespaces cannot be made the fixture says so and uses
+127.0.0.1, and the tests that need other machines' addresses skip (fail under
+CI=true). The SuperLink is behind its nginx proxy, as ``python -m deploy
+superlink`` starts it; the nodes allow the build of a snapshot of this app.
+Runs are driven with ``flwr run`` from the SuperLink machine and observed and
+controlled through the ``fedcoord`` CLI on the runs directory passed in
+run-config, as in tests/test_lifecycle_sim.py.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -23,12 +28,19 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
+from deploy.apps import app_hash
 from deploy.certs import create_node_keys
-from deploy.local_cluster import PROJECT_DIR, LocalDeployment
-from server.simulation import stop_tree
+from deploy.connection import DEFAULT_CONNECTION, flwr_executable, write_connection
+from deploy.local_cluster import PROJECT_DIR, LocalDeployment, snapshot_app
+from server.simulation import flwr_env, stop_tree
 from tests.conftest import fedcoord, run_config_text, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.system_package("nginx"),
+    # pathspec, inside Flower's FAB build
+    pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning"),
+]
 
 LOCAL_EXAMPLES = 300
 FAST = {"local-epochs": 1, "batch-size": 32}
@@ -48,6 +60,8 @@ def write_site_data(folder: Path) -> Path:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
     root = tmp_path_factory.mktemp("deployment")
     site = write_site_data(root / "site-c")
+    # The build the nodes allow; a copy, so edits to this folder during the test do not matter
+    app = snapshot_app(PROJECT_DIR, root / "app" / "fedcoord")
     deployment = LocalDeployment(
         root,
         [
@@ -57,6 +71,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeploymen
         ],
         namespaces=True,
         node_args=["--cpu-threads", "1", "--heartbeat-interval", "10"],
+        app_dir=app,
+        operator_namespace=True,
     )
     with deployment:
         if deployment.namespace_error:
@@ -111,6 +127,7 @@ def test_unregistered_key_and_plain_http_nodes_are_refused(cluster):
     refused = subprocess.run(
         [*prefix, *deploy, cluster.superlink_address, "--ca", str(cluster.certs / "ca.crt")]
         + ["--key", str(rogue), "--partition-id", "0", "--num-partitions", "2"]
+        + ["--allow-app", app_hash(cluster.app_dir)]
         + ["--port", "19990", "--flwr-home", str(cluster.root / "flwr-rogue")],
         capture_output=True,
         text=True,
@@ -130,7 +147,7 @@ def test_unregistered_key_and_plain_http_nodes_are_refused(cluster):
         env=cluster.env(),
     )
     checked = subprocess.run(
-        [*deploy, cluster.superlink_address, "--insecure", "--no-auth"]
+        [*deploy, cluster.superlink_address, "--insecure", "--no-auth", "--allow-any-app"]
         + ["--partition-id", "0", "--num-partitions", "2", "--check-only"],
         capture_output=True,
         text=True,
@@ -149,6 +166,173 @@ def test_unregistered_key_and_plain_http_nodes_are_refused(cluster):
         checked.stderr
     )
     assert len(cluster.online_nodes()) == 3
+
+
+def require_other_machines(cluster: LocalDeployment) -> None:
+    """Skip (fail under CI=true) where the nodes could not get addresses of their own."""
+    if cluster.network is not None:
+        return
+    message = f"needs network namespaces (root, iproute2): {cluster.namespace_error}"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true: {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def flwr_from(
+    cluster: LocalDeployment, index: int | None, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``flwr ARGS`` from namespace ``index``, with a connection to the public port and ca.crt."""
+    home = cluster.root / f"flwr-cli-{index}"
+    ca = cluster.certs / "ca.crt"
+    write_connection(home, DEFAULT_CONNECTION, cluster.superlink_address, ca)
+    return subprocess.run(
+        [*cluster.in_namespace(index), flwr_executable(), *args],
+        env=flwr_env(home),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=cluster.root,
+        check=False,
+    )
+
+
+def unboxed(text: str) -> str:
+    """``flwr``'s error box as one line of words."""
+    return " ".join(text.replace("│", " ").split())
+
+
+def listed(cluster: LocalDeployment, what: str) -> list[dict]:
+    """``flwr ls`` (runs) or ``flwr supernode list`` (nodes) from the SuperLink machine."""
+    command = ["ls"] if what == "runs" else ["supernode", "list"]
+    result = subprocess.run(
+        [flwr_executable(), *command, DEFAULT_CONNECTION, "--format", "json"],
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return list(json.loads(result.stdout)[what])
+
+
+def test_a_node_cannot_command_the_federation_but_a_listed_operator_can(cluster):
+    require_other_machines(cluster)
+    # Prepare: what the SuperLink holds now; a key a node would like registered
+    runs, nodes = listed(cluster, "runs"), listed(cluster, "nodes")
+    smuggled = create_node_keys(cluster.keys, "smuggled", force=True).public_key
+    app = str(cluster.app_dir)
+
+    # Execute: from node 1's machine, holding ca.crt as every node does (README)
+    run = flwr_from(
+        cluster, 0, "run", app, DEFAULT_CONNECTION, "--run-config", "num-server-rounds=1"
+    )
+    register = flwr_from(cluster, 0, "supernode", "register", str(smuggled), DEFAULT_CONNECTION)
+    node_ls = flwr_from(cluster, 0, "ls", DEFAULT_CONNECTION)
+    # ... and from the operator's machine, listed with --operator
+    operator_ls = flwr_from(cluster, cluster.operator_index, "ls", DEFAULT_CONNECTION)
+
+    # Assert: every Control API call from the node refused, nothing changed on the SuperLink
+    for refused, path in ((run, "start-run"), (register, "register-node"), (node_ls, "list-runs")):
+        assert refused.returncode != 0, refused.stdout[-2000:]
+        assert "Successfully" not in refused.stdout
+        url = f"https://{cluster.superlink_address}/v1/control/{path}"
+        assert f"'403 Forbidden' for url '{url}'" in unboxed(refused.stderr)
+    assert listed(cluster, "runs") == runs
+    assert len(listed(cluster, "nodes")) == len(nodes)
+    assert operator_ls.returncode == 0, operator_ls.stdout[-2000:] + operator_ls.stderr[-2000:]
+    access = (cluster.root / "superlink-state" / "proxy" / "access.log").read_text().splitlines()
+    from_node = [line for line in access if line.startswith(cluster.network.node_address(0) + " ")]
+    assert any('"POST /v1/control/start-run HTTP/1.1" 403' in line for line in from_node)
+    operator = cluster.network.node_address(cluster.operator_index)
+    assert not any(line.startswith(operator + " ") for line in access)
+
+
+ROGUE_SERVER = """
+from logging import INFO
+
+from flwr.app import Context, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    messages = [
+        Message(RecordDict(), dst_node_id=node, message_type="train")
+        for node in grid.get_node_ids()
+    ]
+    for reply in grid.send_and_receive(messages, timeout=120):
+        reason = reply.error.reason if reply.has_error() else "ran"
+        log(INFO, "reply of node %s: %s", reply.metadata.src_node_id, reason)
+"""
+ROGUE_CLIENT = """
+from pathlib import Path
+
+from flwr.clientapp import ClientApp
+
+MARKER = Path({marker!r})
+MARKER.write_text("imported on a node")
+app = ClientApp()
+
+
+@app.train()
+def train(message, context):
+    MARKER.write_text("ran on a node")
+    return message.create_reply(message.content)
+"""
+ROGUE_PYPROJECT = """
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "rogueapp"
+version = "1.0.0"
+dependencies = ["flwr"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "someone"
+
+[tool.flwr.app.components]
+serverapp = "rogue_server:app"
+clientapp = "rogue_client:app"
+
+[tool.flwr.app.config]
+"""
+
+
+def write_rogue_app(folder: Path, marker: Path) -> Path:
+    """An app no node allowed: its ClientApp leaves ``marker`` wherever it is imported."""
+    folder.mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(ROGUE_PYPROJECT)
+    (folder / "rogue_server.py").write_text(ROGUE_SERVER)
+    (folder / "rogue_client.py").write_text(ROGUE_CLIENT.format(marker=str(marker)))
+    return folder
+
+
+def test_an_app_build_the_nodes_did_not_allow_is_not_executed_there(cluster, tmp_path):
+    # Prepare: submitted from the SuperLink machine, so the proxy lets it through
+    marker = tmp_path / "executed-on-a-node"
+    app = write_rogue_app(tmp_path / "rogueapp", marker)
+    digest = app_hash(app)
+
+    # Execute
+    result = cluster.flwr_run("", stream=True, app_dir=app, timeout_s=300)
+
+    # Assert: the run reached every node, and none installed, imported or ran it
+    output = result.stdout + result.stderr
+    assert output.count(f"refused app build {digest}") == 3, output[-3000:]
+    assert not marker.exists()
+    for node in cluster.nodes:
+        assert node.log_file is not None
+        assert node.log_file.read_text().count(f"refused app build {digest}") == 1
+        installed = [str(path) for path in (cluster.root / f"flwr-{node.name}").rglob("*")]
+        assert not any(digest in path for path in installed)
 
 
 def test_three_rounds_with_three_nodes_one_on_its_own_data(cluster):
