@@ -78,9 +78,16 @@ def make_run(tmp_path, rounds: int) -> RunStore:
         checkpoint = save_checkpoint(store.run_dir, server_round, model, {}, {})
         store.record_round(
             RoundRecord(
-                round=server_round, started_at=0.0, ended_at=1.0, sampled=2, accepted=2,
-                rejected=0, failed=0, updated=True,
-                metrics={"central-accuracy": 0.1 * server_round}, model_hash=model_hash(model),
+                round=server_round,
+                started_at=0.0,
+                ended_at=1.0,
+                sampled=2,
+                accepted=2,
+                rejected=0,
+                failed=0,
+                updated=True,
+                metrics={"central-accuracy": 0.1 * server_round},
+                model_hash=model_hash(model),
             ),
             checkpoint=checkpoint,
         )
