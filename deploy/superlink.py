@@ -16,7 +16,8 @@ for every ``--address`` nodes will use), then starts and watches two processes:
   the ``--operator`` addresses (deploy/proxy.py).
 
 SIGTERM or Ctrl-C stops both, by PID; if one of them exits, the other is
-stopped too. ``--no-proxy`` gives Flower's own setup back (one port, every API,
+stopped too; if this process is killed outright, both get SIGTERM (Linux
+parent-death signal). ``--no-proxy`` gives Flower's own setup back (one port, every API,
 for everyone who reaches it): the process then becomes ``flower-superlink``.
 
 The database keeps registered node keys and runs across restarts. Flower then
@@ -28,6 +29,7 @@ restart).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -250,6 +252,16 @@ def validate_port_free(host: str, port: int, what: str) -> None:
             ) from error
 
 
+def die_with_parent() -> None:
+    """In a child, before exec: SIGTERM when the supervisor dies, even by SIGKILL (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def stop_child(process: subprocess.Popen[bytes] | None, grace_s: float = STOP_GRACE_S) -> None:
     """SIGTERM one child by its PID; SIGKILL it after ``grace_s``."""
     if process is None or process.poll() is not None:
@@ -286,12 +298,17 @@ class SuperLinkSupervisor:
         }
         try:
             self.flower = subprocess.Popen(
-                superlink_command(self.settings), env=superlink_env(self.settings)
+                superlink_command(self.settings),
+                env=superlink_env(self.settings),
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - no threads run yet
             )
             flower_address = (LOOPBACK, self.settings.flower_port)
             if not wait_for_port(self.flower, flower_address, self._stopping):
                 return 0
-            self.nginx = subprocess.Popen(nginx_command(binary, config))
+            self.nginx = subprocess.Popen(
+                nginx_command(binary, config),
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - no threads run yet
+            )
             if not wait_for_port(self.nginx, self._public_probe(), self._stopping):
                 return 0
             self.say(

@@ -361,9 +361,35 @@ def test_superlink_settings_that_cannot_work_are_refused(pki, tmp_path, changes,
         check_superlink(settings)
 
 
+def read_ready_pids(process: subprocess.Popen[str]) -> list[int]:
+    """Read the command's output up to its ``ready:`` line; the nginx and SuperLink PIDs."""
+    lines: list[str] = []
+    assert process.stdout is not None
+    while not lines or not lines[-1].startswith("ready:"):
+        line = process.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    return [int(part.split(")")[0]) for part in lines[-1].split("pid ")[1:3]]
+
+
+def gone(pid: int, timeout_s: float = 30) -> bool:
+    """Whether process ``pid`` has ended (or is a zombie) within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
 @pytest.mark.slow
 @pytest.mark.system_package("nginx")
-def test_superlink_command_starts_both_and_stops_both_by_pid(pki, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_superlink_command_starts_both_and_stops_both_by_pid(pki, tmp_path, stop):
     # Prepare
     port = free_port()
     command = [sys.executable, "-m", "deploy", "superlink", "--certs", str(pki.ca_cert.parent)]
@@ -372,29 +398,27 @@ def test_superlink_command_starts_both_and_stops_both_by_pid(pki, tmp_path):
     process = subprocess.Popen(
         command, cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    pids: list[int] = []
     try:
-        # Execute: wait for the ready line, then SIGTERM the command
-        lines: list[str] = []
-        assert process.stdout is not None
-        while not any(line.startswith("ready:") for line in lines):
-            line = process.stdout.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-        ready = next(line for line in lines if line.startswith("ready:"))
-        pids = [int(ready.split("pid ")[i].split(")")[0]) for i in (1, 2)]
+        # Execute: wait for the ready line, then stop the command (SIGKILL: it cannot clean up)
+        pids = read_ready_pids(process)
         public, _ = raw_request(port, pki.ca_cert, "127.0.0.1", "GET", "/health")
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         code = process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
-    # Assert: the public port was nginx's; both children are gone, exit 0
-    assert public == 403
-    assert code == 0
-    for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+        # Assert: the public port was nginx's; both children end with the command
+        assert public == 403
+        assert code == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
+        assert all(gone(pid) for pid in pids)
+    finally:
+        # SIGTERM first: a SIGKILLed nginx master would leave its worker behind
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            for pid in [process.pid, *pids]:
+                if not gone(pid, 0.1):
+                    os.kill(pid, signum)
+            if all(gone(pid, 10) for pid in [process.pid, *pids]):
+                break
+        process.wait()
 
 
 # ------------------------------------------------------------ app builds
