@@ -66,6 +66,7 @@ ONE_LINE_ERRORS: tuple[type[BaseException], ...] = (
     DatasetUnavailableError,
     NodeShortageError,
     NoRoundUpdatedError,
+    RunStoreError,
 )
 
 

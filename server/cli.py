@@ -95,6 +95,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"  train loss {_fmt(metrics.get('train_loss'))}"
         f"  federated accuracy {_fmt(metrics.get('federated_accuracy'))}"
     )
+    training = status.get("training") or {}
+    if isinstance(training, dict) and training:
+        defaults = training.get("dataset-defaults") or []
+        print(
+            f"training   {training.get('dataset')}: local-epochs={training.get('local-epochs')} "
+            f"batch-size={training.get('batch-size')} lr={training.get('lr')} "
+            f"momentum={training.get('momentum')}"
+            + (f" ({training.get('dataset')} defaults: {', '.join(defaults)})" if defaults else "")
+        )
+        print(f"evaluation central every round; federated {training.get('federated-evaluation')}")
     print(f"nodes      {status['nodes']}")
     print(f"eta        {_fmt_seconds(status['eta_s'])}")
     print(

@@ -152,7 +152,9 @@ class Coordinator:
         central_started = time.perf_counter()
         central_loss, central_accuracy = self.evaluate_fn(arrays)
         federated_started = time.perf_counter()
-        federated = self._evaluate_federated(server_round, arrays, node_ids)
+        federated = self._evaluate_federated(
+            server_round, arrays, self._evaluation_nodes(server_round, node_ids)
+        )
         federated_s = time.perf_counter() - federated_started
         # 4. Record the round
         metrics = {
@@ -356,14 +358,42 @@ class Coordinator:
         self.store.record_node_fault(node_id, server_round, "rejected", reason)
         log(WARNING, "round %s: reply from node %s rejected: %s", server_round, node_id, reason)
 
+    def _evaluation_nodes(self, server_round: int, node_ids: list[int]) -> list[int]:
+        """The nodes asked for federated evaluation in this round (maybe none).
+
+        None when the round is not due (``evaluate-every``), evaluation is off
+        (``fraction-evaluate=0`` or ``local-test-fraction=0``) or fewer than
+        ``min-evaluate-nodes`` are available. All available nodes are asked at
+        ``fraction-evaluate=1`` without drawing from the run's generator, so the
+        training samples stay those of a run that evaluates everywhere.
+        """
+        if not self.config.evaluates_in_round(server_round):
+            return []
+        if len(node_ids) < self.config.min_evaluate_nodes:
+            self.store.add_event(
+                "evaluate-skipped",
+                f"round {server_round}: {len(node_ids)} node(s) available, "
+                f"min-evaluate-nodes is {self.config.min_evaluate_nodes}",
+            )
+            return []
+        if self.config.fraction_evaluate >= 1.0:
+            return list(node_ids)
+        return self.strategy.sample_nodes(
+            node_ids, self.config.fraction_evaluate, self.config.min_evaluate_nodes
+        )
+
     def _evaluate_federated(
         self, server_round: int, arrays: NamedArrays, node_ids: Iterable[int]
     ) -> dict[str, float]:
-        """Evaluate the global model on every node's local test split.
+        """Evaluate the global model on the given nodes' local test splits.
 
         Each reply is checked (``check_evaluate_reply``); the federated metrics
-        are the example-weighted means of the accepted ones only.
+        are the example-weighted means of the accepted ones only. No nodes, no
+        metrics (and no messages).
         """
+        node_ids = list(node_ids)
+        if not node_ids:
+            return {}
         collected: list[dict[str, float]] = []
 
         def keep(round_: int, reply: Message) -> None:
@@ -372,7 +402,7 @@ class Coordinator:
                 collected.append(outcome.metrics)
             self._record_outcome(round_, outcome, joined=False)
 
-        self._run_phase(server_round, "evaluate", list(node_ids), arrays, keep)
+        self._run_phase(server_round, "evaluate", node_ids, arrays, keep)
         averaged = aggregate_evaluate_metrics(collected)
         result = {}
         if keys.EVAL_LOSS in averaged:

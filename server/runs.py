@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -139,7 +140,38 @@ def run_status(run_dir: Path) -> dict[str, object]:
         "message": run["message"],
         "run_dir": str(run_dir),
         "created_at": run["created_at"],
+        "training": _training(run["config_json"]),
     }
+
+
+def _training(config_json: object) -> dict[str, object]:
+    """The run's local training keys, which took the dataset's default, and evaluation."""
+    try:
+        config = json.loads(str(config_json))
+    except ValueError:
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    training: dict[str, object] = {
+        key: config.get(key) for key in ("dataset", "local-epochs", "batch-size", "lr", "momentum")
+    }
+    defaults = config.get("dataset-defaults")
+    training["dataset-defaults"] = [k for k in str(defaults).split(",") if k] if defaults else []
+    training["federated-evaluation"] = _evaluation_summary(config)
+    return training
+
+
+def _evaluation_summary(config: dict[str, object]) -> str:
+    """``every round, 100% of nodes`` or why there is none (``off: local-test-fraction=0``)."""
+    if config.get("local-test-fraction") == 0:
+        return "off: local-test-fraction=0, every example trains"
+    fraction = config.get("fraction-evaluate", 1.0)
+    if fraction == 0:
+        return "off: fraction-evaluate=0"
+    every = config.get("evaluate-every", 1)
+    when = "every round" if every == 1 else f"every {every} rounds and the last"
+    share = f"{100 * float(fraction):.0f}%" if isinstance(fraction, int | float) else "?"
+    return f"{when}, {share} of nodes"
 
 
 def _round_metrics(row: dict[str, object] | None) -> dict[str, object]:

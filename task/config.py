@@ -108,6 +108,12 @@ class RunConfig:
     local_test_fraction: float = 0.2
     # Seconds to wait at start for at least min-train-nodes nodes to register.
     node_wait_timeout: float = 120.0
+    # Share of available nodes asked for federated evaluation, in [0, 1]; 0 = none.
+    fraction_evaluate: float = 1.0
+    # Fewest nodes sampled for federated evaluation; fewer available skips it that round.
+    min_evaluate_nodes: int = 2
+    # Federated evaluation every k rounds, and at the last round.
+    evaluate_every: int = 1
     # Training keys (of TRAINING_KEYS) that took the dataset's default, in that order.
     dataset_defaults: tuple[str, ...] = field(default=TRAINING_KEYS, compare=False)
     # Extra keys that a strategy reads (e.g. Flower built-ins' parameters).
@@ -126,6 +132,16 @@ class RunConfig:
         if self.data_dir:
             return Path(self.data_dir).expanduser().resolve()
         return fedcoord_home() / "data"
+
+    @property
+    def federated_evaluation(self) -> bool:
+        """Whether any round evaluates on the nodes' local test splits."""
+        return self.fraction_evaluate > 0 and self.local_test_fraction > 0
+
+    def evaluates_in_round(self, server_round: int) -> bool:
+        """Whether round ``server_round`` runs federated evaluation (every k, and the last)."""
+        due = server_round % self.evaluate_every == 0 or server_round == self.num_server_rounds
+        return self.federated_evaluation and due
 
     @property
     def training_summary(self) -> str:
@@ -283,8 +299,22 @@ def validate_config(config: RunConfig) -> None:
     _require(config.proximal_mu >= 0, f"proximal-mu must be >= 0, got {config.proximal_mu}")
     _validate_strategy_options(config)
     _require(
-        0 < config.local_test_fraction < 1,
-        f"local-test-fraction must be in (0, 1), got {config.local_test_fraction}",
+        0 <= config.local_test_fraction < 1,
+        f"local-test-fraction must be in [0, 1), got {config.local_test_fraction}",
+    )
+    _require(
+        0 <= config.fraction_evaluate <= 1,
+        f"fraction-evaluate must be in [0, 1] (0 = no federated evaluation), "
+        f"got {config.fraction_evaluate}",
+    )
+    _require(
+        config.min_evaluate_nodes >= 1,
+        f"min-evaluate-nodes must be >= 1, got {config.min_evaluate_nodes}",
+    )
+    _require(
+        config.evaluate_every >= 1,
+        f"evaluate-every must be >= 1 (rounds between federated evaluations), "
+        f"got {config.evaluate_every}",
     )
     _require(
         not config.runs_dir or Path(config.runs_dir).expanduser().is_absolute(),

@@ -144,3 +144,39 @@ def test_every_dataset_has_training_defaults_that_validate():
 def test_a_bad_training_value_is_still_refused():
     with pytest.raises(ConfigError, match="lr must be a number"):
         parse_run_config({"lr": "fast"})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("fraction-evaluate", 1.5, "fraction-evaluate must be in [0, 1] (0 = no federated"),
+        ("fraction-evaluate", -0.1, "fraction-evaluate must be in [0, 1]"),
+        ("min-evaluate-nodes", 0, "min-evaluate-nodes must be >= 1, got 0"),
+        ("evaluate-every", 0, "evaluate-every must be >= 1 (rounds between"),
+        ("local-test-fraction", 1.0, "local-test-fraction must be in [0, 1), got 1.0"),
+    ],
+)
+def test_evaluation_keys_out_of_range_are_refused_with_the_range(key, value, message):
+    with pytest.raises(ConfigError) as refused:
+        parse_run_config({key: value})
+    assert message in str(refused.value)
+
+
+def test_evaluate_every_k_rounds_and_at_the_last_round():
+    # Execute
+    config = parse_run_config({"evaluate-every": 3, "num-server-rounds": 7})
+
+    # Assert
+    assert [r for r in range(1, 8) if config.evaluates_in_round(r)] == [3, 6, 7]
+
+
+def test_no_federated_evaluation_without_local_test_data_or_with_fraction_zero():
+    # Execute
+    all_train = parse_run_config({"local-test-fraction": 0})
+    none_asked = parse_run_config({"fraction-evaluate": 0.0})
+    default = parse_run_config({})
+
+    # Assert
+    assert not all_train.federated_evaluation and not all_train.evaluates_in_round(1)
+    assert not none_asked.federated_evaluation
+    assert default.federated_evaluation and default.evaluates_in_round(1)

@@ -102,3 +102,7 @@ def test_fashion_mnist_ten_nodes_three_rounds(simulate, tmp_path):
     assert "(fashion-mnist defaults: local-epochs, batch-size, lr, momentum)" in run.output
     accuracies = central_accuracies(run.run_dir)
     assert accuracies[-1] >= 0.80, accuracies
+    training = run.status()["training"]
+    assert training["lr"] == 0.01 and training["local-epochs"] == 1
+    assert training["dataset-defaults"] == ["local-epochs", "batch-size", "lr", "momentum"]
+    assert "(fashion-mnist defaults: local-epochs" in run.cli("status", "fashion-e2e").stdout

@@ -38,7 +38,11 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"central-loss": loss, "central-accuracy": accuracy})
 
     num_nodes = int(context.run_config.get("bench-num-nodes", 2))
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=num_nodes)
+    strategy = FedAvg(
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_available_nodes=num_nodes,
+    )
     strategy.start(
         grid,
         ArrayRecord(model.state_dict()),
