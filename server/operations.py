@@ -12,6 +12,7 @@ from pathlib import Path
 from server import lifecycle
 from server.runs import run_status
 from server.store import RunStore
+from task.config import MAX_OPERATOR_WEIGHT, PARTITION_LIMIT
 
 WHEN = {
     "pause": "after the round in flight is aggregated and checkpointed",
@@ -36,11 +37,6 @@ def request_command(run_dir: Path, command: str) -> str:
     finally:
         store.close()
     return f"{command} queued for {status['run_name']}: it becomes {target} {WHEN[command]}"
-
-
-# Operator weights: partition ids in [0, 2^31), weights finite in [0, 1e6].
-PARTITION_LIMIT = 2**31
-MAX_OPERATOR_WEIGHT = 1e6
 
 
 def find_weight_problem(partition: object, weight: object) -> str | None:

@@ -45,6 +45,12 @@ TRAINING_DEFAULTS: dict[str, dict[str, int | float]] = {
 TRAINING_KEYS: tuple[str, ...] = ("local-epochs", "batch-size", "lr", "momentum")
 
 
+# Operator weights (node-weights, fedcoord weight, the dashboard): partition ids in
+# [0, 2^31), weights finite in [0, 1e6].
+PARTITION_LIMIT = 2**31
+MAX_OPERATOR_WEIGHT = 1e6
+
+
 class ConfigError(ValueError):
     """A run-config value that cannot be used; the message names the fix."""
 
@@ -190,12 +196,17 @@ def parse_node_weights(text: str) -> dict[int, float]:
                 "e.g. node-weights='0=2.0,3=0.5'"
             )
         partition, weight_text = (part.strip() for part in entry.split("="))
-        weight = float(weight_text)
-        if not math.isfinite(weight) or weight < 0:
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            weight = math.nan
+        if not 0 <= weight <= MAX_OPERATOR_WEIGHT:  # False for NaN
             raise ConfigError(
                 f"node-weights: weight {weight_text} for partition "
-                f"{partition} must be a finite number >= 0"
+                f"{partition} must be a finite number in [0, {MAX_OPERATOR_WEIGHT:g}]"
             )
+        if int(partition) >= PARTITION_LIMIT:
+            raise ConfigError(f"node-weights: partition {partition} must be in [0, 2^31)")
         weights[int(partition)] = weight
     return weights
 

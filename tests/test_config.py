@@ -180,3 +180,18 @@ def test_no_federated_evaluation_without_local_test_data_or_with_fraction_zero()
     assert not all_train.federated_evaluation and not all_train.evaluates_in_round(1)
     assert not none_asked.federated_evaluation
     assert default.federated_evaluation and default.evaluates_in_round(1)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("0=1e", "weight 1e for partition 0 must be a finite number in [0, 1e+06]"),
+        ("0=--", "must be a finite number in [0, 1e+06]"),
+        ("0=2e6", "weight 2e6 for partition 0 must be a finite number in [0, 1e+06]"),
+        ("99999999999=1", "partition 99999999999 must be in [0, 2^31)"),
+    ],
+)
+def test_node_weights_out_of_the_operator_bounds_are_one_config_error(text, message):
+    with pytest.raises(ConfigError) as refused:
+        parse_node_weights(text)
+    assert message in str(refused.value)
