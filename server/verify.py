@@ -139,6 +139,24 @@ def verify_checkpoints(run_dir: Path, checkpoints: list[Row], rounds: list[Row])
     return problems
 
 
+def verify_newest_checkpointed(checkpoints: list[Row], rounds: list[Row]) -> list[str]:
+    """The newest trained round must keep its checkpoint (each round saves one with its row).
+
+    Without this, deleting the newest checkpoint rows and files would roll a run
+    back unnoticed: resume would go on from an older checkpoint and drop rounds.
+    """
+    trained = [int(row["round"]) for row in rounds if int(row["round"]) >= 1]  # type: ignore[call-overload]
+    if not trained:
+        return []
+    newest = max(trained)
+    if newest in {int(row["round"]) for row in checkpoints}:  # type: ignore[call-overload]
+        return []
+    return [
+        f"round {newest}: the newest round has no checkpoint row (kept checkpoints: "
+        f"{len(checkpoints)}); its checkpoint was removed from the record"
+    ]
+
+
 def one_line(text: str) -> str:
     """``text`` with control characters (a newline a file smuggled in) escaped."""
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
@@ -163,6 +181,8 @@ def verify_run(run_dir: Path) -> tuple[list[str], str]:
     if version != LEGACY_SCHEMA_VERSION:
         problems += verify_head(rounds, head, current)
     problems += verify_checkpoints(run_dir, checkpoints, rounds)
+    if version != LEGACY_SCHEMA_VERSION:
+        problems += verify_newest_checkpointed(checkpoints, rounds)
     problems = [one_line(problem) for problem in problems]
     summary = f"{len(rounds)} round rows, {len(checkpoints)} checkpoints"
     if version == LEGACY_SCHEMA_VERSION:
@@ -185,10 +205,16 @@ def load_verified_checkpoint(store: RunStore) -> Checkpoint | None:
     CheckpointError
         Naming the first problem and ``fedcoord verify``.
     """
-    rows = store.checkpoints()
+    rows, rounds = store.checkpoints(), store.rounds()
+    missing = verify_newest_checkpointed(rows, rounds)
+    if missing:
+        raise CheckpointError(
+            f"the record of run {store.run_dir.name!r} is not intact, refusing to resume from "
+            f"it: {one_line(missing[0])} (fedcoord verify {store.run_dir.name})"
+        )
     if not rows:
         return None
-    rounds, latest = store.rounds(), rows[-1]
+    latest = rows[-1]
     problems = verify_chain(rounds, store.genesis(), store.schema_version)
     problems += verify_head(rounds, store.chain_head(), int(store.run_row()["current_round"]))  # type: ignore[call-overload]
     by_round = {row["round"]: row for row in rounds}

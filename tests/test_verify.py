@@ -401,6 +401,26 @@ def test_restore_start_point_refuses_a_tampered_checkpoint_as_a_config_error(tmp
         restore_start_point(store, config, RecordingStrategy())
 
 
+@pytest.mark.parametrize("deleted", ["WHERE round = {newest}", ""])
+def test_removing_the_newest_checkpoints_is_caught_and_resume_refused(tmp_path, deleted):
+    # Prepare: the newest (or every) checkpoint row and file removed, to roll the run back
+    store = make_run(tmp_path)
+    execute(store.run_dir, f"DELETE FROM checkpoints {deleted.format(newest=ROUNDS)};")
+    for path in (store.run_dir / "checkpoints").glob("*.safetensors"):
+        if not deleted or path.name == f"round-{ROUNDS:05d}.safetensors":
+            path.unlink()
+    config = parse_run_config({"run-name": "run", "resume": True, "runs-dir": str(tmp_path)})
+
+    # Execute
+    problems, _ = verify_run(store.run_dir)
+
+    # Assert: verify names the newest round; resume neither rolls back nor starts over
+    assert any(f"round {ROUNDS}: the newest round has no checkpoint" in p for p in problems)
+    with pytest.raises(ConfigError, match="newest round has no checkpoint"):
+        restore_start_point(store, config, RecordingStrategy())
+    assert len(store.rounds()) == ROUNDS
+
+
 # --------------------------------------------------- runs of the older format
 def make_legacy_run(runs_dir: Path) -> Path:
     """A run.db as fedcoord wrote it before schema 2: three-column chain, no head."""
