@@ -65,5 +65,12 @@ def parse_app_run_config(app_dir: Path, run_config_text: str) -> RunConfig:
             f"valid keys: {', '.join(sorted(defaults))}"
         )
     config = parse_run_config(get_fused_config_from_dir(app_dir, overrides))
-    build_strategy(config)  # the strategy's own checks (e.g. fedprox needs proximal-mu > 0)
+    try:  # the strategy's own checks (e.g. fedprox needs proximal-mu > 0)
+        build_strategy(config)
+    except ConfigError:
+        raise
+    except Exception as error:  # a parameter the strategy cannot take, whatever it raises
+        raise ConfigError(
+            f"strategy {config.strategy!r} refused its parameters: {type(error).__name__}: {error}"
+        ) from error
     return config

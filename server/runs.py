@@ -148,7 +148,7 @@ def _training(config_json: object) -> dict[str, object]:
     """The run's local training keys, which took the dataset's default, and evaluation."""
     try:
         config = json.loads(str(config_json))
-    except ValueError:
+    except (ValueError, RecursionError):  # the record is checked elsewhere; not ours to fail
         return {}
     if not isinstance(config, dict):
         return {}

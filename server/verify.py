@@ -140,15 +140,15 @@ def verify_checkpoints(run_dir: Path, checkpoints: list[Row], rounds: list[Row])
 
 
 def verify_newest_checkpointed(checkpoints: list[Row], rounds: list[Row]) -> list[str]:
-    """The newest trained round must keep its checkpoint (each round saves one with its row).
+    """The newest trained round must keep the checkpoint its chained row records.
 
     Without this, deleting the newest checkpoint rows and files would roll a run
     back unnoticed: resume would go on from an older checkpoint and drop rounds.
     """
-    trained = [int(row["round"]) for row in rounds if int(row["round"]) >= 1]  # type: ignore[call-overload]
-    if not trained:
+    trained = [row for row in rounds if int(row["round"]) >= 1]  # type: ignore[call-overload]
+    if not trained or not trained[-1].get("checkpoint_sha256"):  # the chain records none
         return []
-    newest = max(trained)
+    newest = int(trained[-1]["round"])  # type: ignore[call-overload]
     if newest in {int(row["round"]) for row in checkpoints}:  # type: ignore[call-overload]
         return []
     return [

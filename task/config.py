@@ -25,7 +25,7 @@ from task.names import (
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEVICE_FORMS = "auto, cpu, mps, cuda, cuda:N"
-NODE_WEIGHTS_PATTERN = re.compile(r"^\s*\d+\s*=\s*[-+0-9.eE]+\s*$")
+NODE_WEIGHTS_PATTERN = re.compile(r"^\s*[0-9]+\s*=\s*[-+0-9.eE]+\s*$")
 BYZANTINE_MODES: tuple[str, ...] = ("flip", "noise")
 
 
@@ -49,6 +49,8 @@ TRAINING_KEYS: tuple[str, ...] = ("local-epochs", "batch-size", "lr", "momentum"
 # [0, 2^31), weights finite in [0, 1e6].
 PARTITION_LIMIT = 2**31
 MAX_OPERATOR_WEIGHT = 1e6
+INT64_LIMIT = 2**63
+SEED_LIMIT = 2**32
 
 
 class ConfigError(ValueError):
@@ -220,9 +222,22 @@ def parse_partition_ids(key: str, text: str) -> frozenset[int]:
         If an entry is not a non-negative integer.
     """
     entries = [part.strip() for part in text.split(",") if part.strip()]
-    if not all(entry.isdigit() for entry in entries):
+    if not all(_is_ascii_digits(entry) for entry in entries):
         raise ConfigError(f"{key} must list partition ids like '0,1,2', got {text!r}")
     return frozenset(int(entry) for entry in entries)
+
+
+def _expanded(key: str, text: str) -> Path:
+    """``text`` with ``~`` expanded; a ``~user`` that does not exist is a ConfigError."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as error:  # "Could not determine home directory."
+        raise ConfigError(f"{key} {text!r}: {error}; use an absolute path") from None
+
+
+def _is_ascii_digits(text: str) -> bool:
+    """``"12"`` yes; ``"²"`` or ``"٣"`` (digits to ``str.isdigit``, not to ``int``) no."""
+    return text.isascii() and text.isdigit()
 
 
 def _key(attribute: str) -> str:
@@ -243,6 +258,8 @@ def _coerce(key: str, value: object, default: object) -> object:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         if isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if not -INT64_LIMIT < value < INT64_LIMIT:
+            raise ConfigError(f"{key} must be an integer below 2^63 in size, got {value!r}")
         return int(value)
     if expected is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -306,6 +323,7 @@ def validate_config(config: RunConfig) -> None:
     _require(config.local_epochs >= 1, f"local-epochs must be >= 1, got {config.local_epochs}")
     _require(config.batch_size >= 1, f"batch-size must be >= 1, got {config.batch_size}")
     _require(config.lr > 0, f"lr must be > 0, got {config.lr}")
+    _require(0 <= config.seed < SEED_LIMIT, f"seed must be in [0, 2^32), got {config.seed}")
     _require(0 <= config.momentum < 1, f"momentum must be in [0, 1), got {config.momentum}")
     _require(config.proximal_mu >= 0, f"proximal-mu must be >= 0, got {config.proximal_mu}")
     _validate_strategy_options(config)
@@ -328,9 +346,11 @@ def validate_config(config: RunConfig) -> None:
         f"got {config.evaluate_every}",
     )
     _require(
-        not config.runs_dir or Path(config.runs_dir).expanduser().is_absolute(),
+        not config.runs_dir or _expanded("runs-dir", config.runs_dir).is_absolute(),
         f"runs-dir must be an absolute path, got {config.runs_dir!r}",
     )
+    if config.data_dir:
+        _expanded("data-dir", config.data_dir)
     _require(
         not config.run_name or find_run_name_problem(config.run_name) is None,
         f"run-name {config.run_name[:100]!r} {find_run_name_problem(config.run_name)}; "
@@ -376,7 +396,7 @@ def parse_faults(text: str) -> dict[int, str]:
     faults: dict[int, str] = {}
     for entry in filter(None, (part.strip() for part in text.split(","))):
         partition, _, kind = (part.strip() for part in entry.partition("="))
-        if not partition.isdigit() or kind not in FAULT_KINDS:
+        if not _is_ascii_digits(partition) or kind not in FAULT_KINDS:
             raise ConfigError(
                 f"faults entry {entry!r} is malformed; use PARTITION=KIND with KIND one of "
                 f"{', '.join(FAULT_KINDS)}"

@@ -63,6 +63,19 @@ def launch(tmp_path: Path, supernodes: int, **settings: object) -> subprocess.Co
         ({"strategy": "fedprox"}, "strategy 'fedprox' needs proximal-mu > 0"),
         ({"num-server-rounds": 1.5}, "num-server-rounds must be an integer, got 1.5"),
         ({"resume": True, "run-name": "absent"}, "resume=true: no run 'absent' in"),
+        ({"faults": "\u00b2=raise"}, "faults entry '\u00b2=raise' is malformed"),
+        ({"byzantine-partitions": "\u00b9"}, "byzantine-partitions must list partition ids"),
+        ({"runs-dir": "~no-such-user-x/runs"}, "runs-dir '~no-such-user-x/runs': Could not"),
+        ({"num-server-rounds": 1e300}, "num-server-rounds must be an integer below 2^63"),
+        ({"seed": -1}, "seed must be in [0, 2^32), got -1"),
+        (
+            {
+                "strategy": "dp-adaptive-clipping",
+                "noise-multiplier": 1e308,
+                "dp-clipped-count-stddev": 1e308,
+            },
+            "strategy 'dp-adaptive-clipping' refused its parameters: ZeroDivisionError",
+        ),
     ],
 )
 def test_a_bad_config_is_one_line_and_exit_2_with_nothing_started(tmp_path, settings, message):
