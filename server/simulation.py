@@ -280,14 +280,20 @@ def plan_run(app_dir: Path, run_config: str) -> PlannedRun:
     return PlannedRun(run_config, run_dir, _flwr_run_id(run_dir))
 
 
-def _flwr_run_id(run_dir: Path) -> str | None:
-    """The Flower run id recorded in ``run_dir``'s run store, None if there is none."""
+def _read_status(run_dir: Path) -> dict[str, object] | None:
+    """``run_dir``'s status, None if it has no run store or one that cannot be read."""
     if not (run_dir / DB_NAME).exists():
         return None
     try:
-        return str(run_status(run_dir)["flwr_run_id"])
-    except (RunStoreError, sqlite3.Error, KeyError):
+        return run_status(run_dir)
+    except (RunStoreError, sqlite3.Error):
         return None
+
+
+def _flwr_run_id(run_dir: Path) -> str | None:
+    """The Flower run id recorded in ``run_dir``'s run store, None if there is none."""
+    status = _read_status(run_dir)
+    return None if status is None else str(status["flwr_run_id"])
 
 
 def run_outcome(planned: PlannedRun, wait_s: float = FINAL_STATE_WAIT_S) -> tuple[int, str]:
@@ -299,10 +305,9 @@ def run_outcome(planned: PlannedRun, wait_s: float = FINAL_STATE_WAIT_S) -> tupl
     name = planned.run_dir.name
     deadline = time.monotonic() + wait_s
     while True:
-        flwr_run_id = _flwr_run_id(planned.run_dir)
-        if flwr_run_id is None or flwr_run_id == planned.previous_flwr_run_id:
+        status = _read_status(planned.run_dir)
+        if status is None or str(status["flwr_run_id"]) == planned.previous_flwr_run_id:
             return EXIT_FAILED, f"run {name} did not start; the ServerApp's log above says why"
-        status = run_status(planned.run_dir)
         state = str(status["state"])
         if state in FINAL_STATES or time.monotonic() > deadline:
             break

@@ -154,9 +154,7 @@ class RunConfig:
     @property
     def training_summary(self) -> str:
         """``local-epochs=1 batch-size=16 lr=0.01 momentum=0.9 (fashion-mnist defaults: ...)``."""
-        values = " ".join(
-            f"{key}={getattr(self, key.replace('-', '_')):g}" for key in TRAINING_KEYS
-        )
+        values = " ".join(f"{key}={getattr(self, _key_attribute(key)):g}" for key in TRAINING_KEYS)
         if not self.dataset_defaults:
             return values
         return f"{values} ({self.dataset} defaults: {', '.join(self.dataset_defaults)})"
