@@ -3,7 +3,10 @@
 The FedAvg paper's client settings (McMahan et al., https://arxiv.org/abs/1602.05629):
 Fashion-MNIST (Debian's copy), iid, every example of a node trains
 (``local-test-fraction=0``: 600 examples a node at 100 nodes, 60 at 1,000),
-E=5 local epochs, B=10, lr 0.1, momentum 0, 10 nodes sampled per round.
+E=5 local epochs, B=10, lr 0.1, momentum 0, 10 nodes sampled per round. At 1,000
+nodes the local epochs are 50, so that each sampled node does the same 300 SGD steps
+as at 100 nodes and the two round times compare the server and simulation, not the
+amount of training.
 Each configuration runs on one SuperLink with the same data, model and ClientApp,
 once with fedcoord's ServerApp and once with Flower's own ``FedAvg.start``
 (``bench/flower_baseline``). Reported per round (mean over rounds 2..N; round 1
@@ -32,10 +35,23 @@ from server.simulation import descendants, flwr_run_command, local_superlink
 
 APP_DIR = Path(__file__).resolve().parent.parent
 PAPER_CLIENT = (
-    "dataset='fashion-mnist' partitioner='iid' local-epochs=5 "
-    "batch-size=10 lr=0.1 momentum=0.0 min-train-nodes=10"
+    "dataset='fashion-mnist' partitioner='iid' batch-size=10 lr=0.1 momentum=0.0 min-train-nodes=10"
 )
 SAMPLED = 10
+TRAIN_EXAMPLES = 60_000
+PAPER_EPOCHS, PAPER_EXAMPLES_PER_NODE = 5, 600
+
+
+def client_config(nodes: int) -> str:
+    """The paper's client settings with the same SGD steps per node at any node count.
+
+    Fashion-MNIST has 60,000 training examples: 600 a node at 100 nodes, 60 at 1,000.
+    So that a round does the same client work at both sizes (300 steps of B=10), the
+    local epochs scale with the node count: E=5 at 100 nodes, E=50 at 1,000.
+    """
+    examples = TRAIN_EXAMPLES // nodes
+    epochs = max(1, round(PAPER_EPOCHS * PAPER_EXAMPLES_PER_NODE / examples))
+    return f"{PAPER_CLIENT} local-epochs={epochs}"
 
 
 class TreeRss:
@@ -95,7 +111,7 @@ def run_ours(link, runs: Path, nodes: int, rounds: int, evaluate: float) -> RunR
     # are kept back (480 train + 120 test at 100 nodes).
     test_fraction = 0.2 if evaluate > 0 else 0.0
     config = (
-        f"{PAPER_CLIENT} num-server-rounds={rounds} fraction-train={SAMPLED / nodes} "
+        f"{client_config(nodes)} num-server-rounds={rounds} fraction-train={SAMPLED / nodes} "
         f"fraction-evaluate={evaluate} local-test-fraction={test_fraction} "
         f"runs-dir='{runs}' run-name='{name}'"
     )
@@ -121,7 +137,7 @@ def run_ours(link, runs: Path, nodes: int, rounds: int, evaluate: float) -> RunR
 def run_flower(link, runs: Path, baseline: Path, nodes: int, rounds: int) -> RunResult:
     name = f"flower-{nodes}"
     config = (
-        f"{PAPER_CLIENT} num-server-rounds={rounds} fraction-train={SAMPLED / nodes} "
+        f"{client_config(nodes)} num-server-rounds={rounds} fraction-train={SAMPLED / nodes} "
         f"fraction-evaluate=0.0 local-test-fraction=0.0 runs-dir='{runs}' run-name='{name}' "
         f"bench-num-nodes={nodes}"
     )
@@ -195,7 +211,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     print(
-        f"scale: Fashion-MNIST, iid, simple-cnn, E=5, B=10, lr 0.1, momentum 0, "
+        "scale: Fashion-MNIST, iid, simple-cnn, E=5 (50 at 1,000 nodes), B=10, lr 0.1, "
+        f"momentum 0, "
         f"{SAMPLED} nodes sampled per round, {args.rounds} rounds, simulation, "
         "1 CPU per ClientApp; means over rounds 2..N\n"
     )

@@ -126,6 +126,26 @@ def _validate_weight(weight: float) -> float:
     return value
 
 
+class NonFiniteUpdateError(ValueError):
+    """A client's array holds NaN or infinite values; nothing of it was folded in.
+
+    Attributes
+    ----------
+    index : int
+        Position of the first such array in the update.
+    """
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"array {index} holds NaN or infinite values")
+        self.index = index
+
+
+def _blocks(size: int, block: int) -> Iterator[slice]:
+    """Consecutive slices of at most ``block`` elements covering ``range(size)``."""
+    for start in range(0, size, block):
+        yield slice(start, min(start + block, size))
+
+
 class _UpdateLayout:
     """Shapes and dtypes of the first update, which every later update must match."""
 
@@ -200,6 +220,7 @@ class _StreamingSum:
             for shape, dtype in zip(layout.shapes, layout.dtypes, strict=True)
         ]
         self._scratch: dict[np.dtype, np.ndarray] = {}
+        self._spare: NDArrays | None = None  # second accumulators of fold_difference
 
     def fold(self, arrays: NDArrays, scales: Sequence[float]) -> None:
         """Add ``scales[k] * arrays[k]`` to the k-th accumulator, in place.
@@ -222,6 +243,71 @@ class _StreamingSum:
             scaled = scratch[: stop - start]
             np.multiply(flat[start:stop], scale, out=scaled, dtype=total.dtype)
             np.add(total[start:stop], scaled, out=total[start:stop])
+
+    def fold_difference(
+        self, clients: NDArrays, references: NDArrays, relative: float, ratio: float
+    ) -> None:
+        """Set the sums to ``ratio * sums + relative * (clients - references)``, or raise.
+
+        One blocked pass per array: each block of ``client - reference`` is
+        computed into a scratch block in cache, checked for finiteness (float
+        arrays), scaled and added. The results go into a second set of
+        accumulators, swapped in only when every block was finite, so a
+        rejected update leaves the sums exactly as they were.
+
+        Raises
+        ------
+        NonFiniteUpdateError
+            If a client's float array holds NaN or infinite values.
+        """
+        if self._spare is None:
+            self._spare = [np.empty_like(total) for total in self._sums]
+        with np.errstate(over="ignore", invalid="ignore"):
+            for index, (client, reference) in enumerate(zip(clients, references, strict=True)):
+                self._fold_array_difference(index, client, reference, relative, ratio)
+        self._sums, self._spare = self._spare, self._sums
+
+    def _fold_array_difference(  # noqa: PLR0913
+        self, index: int, client: np.ndarray, reference: np.ndarray, relative: float, ratio: float
+    ) -> None:
+        total, out = self._sums[index], self._spare[index]  # type: ignore[index]
+        flat_client, flat_reference = client.reshape(-1), reference.reshape(-1)
+        scratch = self._scratch_for(total.dtype)
+        check = client.dtype.kind == "f"
+        for part in _blocks(total.size, scratch.size):
+            difference = scratch[: part.stop - part.start]
+            np.subtract(flat_client[part], flat_reference[part], out=difference, dtype=total.dtype)
+            if check and not _finite_block(difference, flat_client[part]):
+                raise NonFiniteUpdateError(index)
+            if relative != 1.0:
+                np.multiply(difference, relative, out=difference)
+            if ratio != 1.0:
+                np.multiply(total[part], ratio, out=out[part])
+                np.add(out[part], difference, out=out[part])
+            else:
+                np.add(total[part], difference, out=out[part])
+
+    def fold_scaled_difference(
+        self, clients: NDArrays, references: NDArrays, scales: Sequence[float]
+    ) -> None:
+        """Add ``scales[k] * (clients[k] - references[k])`` to the sums, block by block.
+
+        The caller has checked the clients' values (see :func:`difference_norm`).
+        """
+        with np.errstate(over="ignore", invalid="ignore"):
+            for total, client, reference, scale in zip(
+                self._sums, clients, references, scales, strict=True
+            ):
+                flat_client, flat_reference = client.reshape(-1), reference.reshape(-1)
+                scratch = self._scratch_for(total.dtype)
+                for part in _blocks(total.size, scratch.size):
+                    difference = scratch[: part.stop - part.start]
+                    np.subtract(
+                        flat_client[part], flat_reference[part], out=difference, dtype=total.dtype
+                    )
+                    if scale != 1.0:
+                        np.multiply(difference, scale, out=difference)
+                    np.add(total[part], difference, out=total[part])
 
     def _scratch_for(self, dtype: np.dtype) -> np.ndarray:
         if dtype not in self._scratch:
@@ -267,6 +353,47 @@ def compute_update_norm(update: Sequence[np.ndarray]) -> float:
     """
     arrays = _to_arrays(update)
     squares = sum(_sum_of_squares(a.reshape(-1)) for a in arrays if a.dtype.kind == "f")
+    return math.sqrt(squares)
+
+
+def _finite_block(difference: np.ndarray, client: np.ndarray) -> bool:
+    """Whether ``client`` (a block) is finite, given ``difference = client - reference``.
+
+    One BLAS pass: a sum of squares is finite whenever every value is. When it
+    is not (a NaN or infinity, or only huge finite values whose squares or
+    difference overflow), the client's values decide, element-wise.
+    """
+    if math.isfinite(float(np.dot(difference, difference))):
+        return True
+    return bool(np.isfinite(client).all())
+
+
+def difference_norm(clients: NDArrays, references: NDArrays) -> float:
+    """L2 norm of ``clients - references`` over the float arrays, in blocks in cache.
+
+    The same norm as :func:`compute_update_norm` of the difference, without
+    materialising it.
+
+    Raises
+    ------
+    NonFiniteUpdateError
+        If a client's float array holds NaN or infinite values.
+    """
+    squares = 0.0
+    for index, (client, reference) in enumerate(zip(clients, references, strict=True)):
+        if client.dtype.kind != "f":
+            continue
+        flat_client, flat_reference = client.reshape(-1), reference.reshape(-1)
+        dtype = np.result_type(client.dtype, np.float32)
+        scratch = np.empty(min(flat_client.size, _FOLD_BLOCK_BYTES // dtype.itemsize), dtype)
+        for part in _blocks(flat_client.size, max(1, scratch.size)):
+            difference = scratch[: part.stop - part.start]
+            with np.errstate(over="ignore", invalid="ignore"):
+                np.subtract(flat_client[part], flat_reference[part], out=difference, dtype=dtype)
+            block_squares = _sum_of_squares(difference)
+            if not math.isfinite(block_squares) and not np.isfinite(flat_client[part]).all():
+                raise NonFiniteUpdateError(index)
+            squares += block_squares
     return math.sqrt(squares)
 
 
@@ -324,6 +451,43 @@ class WeightedMeanAggregator(_StreamingAggregatorBase):
             self._streaming_sum().fold(arrays, [relative] * len(arrays))
         self._total_relative_weight += relative
         self._count += 1
+
+    def add_difference(
+        self, clients: Sequence[np.ndarray], references: Sequence[np.ndarray], weight: float = 1.0
+    ) -> None:
+        """Fold in the update ``clients - references`` without materialising it.
+
+        The same result as ``add([c - r for c, r in zip(clients, references)], weight)``
+        in one blocked pass per array, which also checks the clients' float values.
+
+        Raises
+        ------
+        NonFiniteUpdateError
+            If a client's float array holds NaN or infinite values; the update is
+            then not folded in and not counted.
+        ValueError
+            For a bad weight or arrays that do not match the first update's layout.
+        """
+        value = _validate_weight(weight) if self._use_weights else 1.0
+        arrays = self._accept(clients)
+        self._require_layout().validate(_to_arrays(references))
+        relative, ratio, reference_weight = self._relative_weight_and_ratio(value)
+        if relative > 0.0:
+            self._streaming_sum().fold_difference(arrays, list(references), relative, ratio)
+            self._total_relative_weight *= ratio
+            self._reference_weight = reference_weight
+        self._total_relative_weight += relative
+        self._count += 1
+
+    def _relative_weight_and_ratio(self, weight: float) -> tuple[float, float, float]:
+        """``(weight / largest, old largest / new largest, new largest)``; changes nothing."""
+        if weight <= 0.0:
+            return 0.0, 1.0, self._reference_weight
+        if weight <= self._reference_weight:
+            return weight / self._reference_weight, 1.0, self._reference_weight
+        has_sum = self._sum is not None and self._total_relative_weight > 0.0
+        ratio = self._reference_weight / weight if has_sum else 1.0
+        return 1.0, ratio, weight
 
     def result(self) -> NDArrays:
         """Return the weighted average of the updates added so far."""
@@ -400,6 +564,33 @@ class ClippedMeanAggregator(_StreamingAggregatorBase):
         layout = self._require_layout()
         scales = [float_scale if is_float else 1.0 for is_float in layout.is_float]
         self._streaming_sum().fold(arrays, scales)
+        self._count += 1
+
+    def add_difference(
+        self, clients: Sequence[np.ndarray], references: Sequence[np.ndarray], weight: float = 1.0
+    ) -> None:
+        """Clip the update ``clients - references`` and fold it in, without materialising it.
+
+        Two blocked passes per array: the norm (which also checks the clients'
+        float values), then the scaled fold. ``weight`` is ignored, as in :meth:`add`.
+
+        Raises
+        ------
+        NonFiniteUpdateError
+            If a client's float array holds NaN or infinite values; nothing is folded in.
+        ValueError
+            For arrays that do not match the first update's layout.
+        """
+        arrays = self._accept(clients)
+        layout = self._require_layout()
+        layout.validate(_to_arrays(references))
+        norm = difference_norm(arrays, list(references))
+        float_scale = 1.0
+        if norm > self.clip_norm:
+            float_scale = self.clip_norm / norm
+            self._num_clipped += 1
+        scales = [float_scale if is_float else 1.0 for is_float in layout.is_float]
+        self._streaming_sum().fold_scaled_difference(arrays, list(references), scales)
         self._count += 1
 
     def result(self) -> NDArrays:

@@ -69,7 +69,11 @@ def unreadable(error: BaseException) -> str:
 
 
 def check_train_reply(
-    reply: Message, specs: Mapping[str, ArraySpec], tracker: RoundReplyTracker
+    reply: Message,
+    specs: Mapping[str, ArraySpec],
+    tracker: RoundReplyTracker,
+    *,
+    check_finite: bool = True,
 ) -> tuple[ReplyOutcome, NamedArrays | None]:
     """Validate one training reply against the global model's ``specs``; never raise.
 
@@ -77,7 +81,8 @@ def check_train_reply(
     views (None when rejected). Error replies, a node's second reply in the
     round, malformed arrays (:func:`strategies.records.arrays_to_numpy`) and
     everything ``validate_reply`` checks are rejected with a reason; so is a
-    reply whose reading raises anything else.
+    reply whose reading raises anything else. With ``check_finite=False`` the
+    caller checks the values for NaN and infinities (see ``validate_reply``).
     """
     node_id = reply.metadata.src_node_id
     try:
@@ -87,7 +92,7 @@ def check_train_reply(
         duplicate = tracker.check_duplicate(node_id)
         if duplicate is not None:
             return ReplyOutcome(node_id, False, duplicate), None
-        return _read_train_reply(reply, specs)
+        return _read_train_reply(reply, specs, check_finite)
     except Exception as error:  # noqa: BLE001 - the trust boundary: one reply, never the run
         return ReplyOutcome(node_id, False, unreadable(error)), None
 
@@ -105,7 +110,7 @@ def _read_partition_id(metrics: Mapping[str, object] | None) -> int | None:
 
 
 def _read_train_reply(
-    reply: Message, specs: Mapping[str, ArraySpec]
+    reply: Message, specs: Mapping[str, ArraySpec], check_finite: bool
 ) -> tuple[ReplyOutcome, NamedArrays | None]:
     node_id = reply.metadata.src_node_id
     content = reply.content
@@ -126,7 +131,7 @@ def _read_train_reply(
     except ValueError as error:  # MalformedRecordError: a bad Array or packed layout
         rejected.reason = f"malformed arrays: {error}"
         return rejected, None
-    reason = validate_reply(arrays, num_examples, metrics, specs)
+    reason = validate_reply(arrays, num_examples, metrics, specs, check_finite=check_finite)
     if reason is not None:
         rejected.reason = reason
         return rejected, None
@@ -180,9 +185,13 @@ class TrainRound:
         self.outcomes: list[ReplyOutcome] = []
         self._tracker = RoundReplyTracker(server_round)
 
-    def check(self, reply: Message) -> tuple[ReplyOutcome, NamedArrays | None]:
+    def check(
+        self, reply: Message, *, check_finite: bool = True
+    ) -> tuple[ReplyOutcome, NamedArrays | None]:
         """Validate and record one reply (see :func:`check_train_reply`)."""
-        outcome, arrays = check_train_reply(reply, self.specs, self._tracker)
+        outcome, arrays = check_train_reply(
+            reply, self.specs, self._tracker, check_finite=check_finite
+        )
         self.outcomes.append(outcome)
         return outcome, arrays
 

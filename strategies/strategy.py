@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.aggregators import Aggregator, make_aggregator
+from strategies.aggregators import Aggregator, NonFiniteUpdateError, make_aggregator
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
 from strategies.replies import (
     ReplyOutcome,
@@ -144,7 +144,8 @@ class FedCoordStrategy(Strategy):
         """Start folding replies for ``server_round`` relative to ``global_arrays``."""
         self._round = TrainRound(server_round, global_arrays)
         self._aggregator = make_aggregator(self.aggregator_name, **self._round_options())
-        self._scratch = reuse_buffers(self._scratch, self._round.global_arrays)
+        if not hasattr(self._aggregator, "add_difference"):
+            self._scratch = reuse_buffers(self._scratch, self._round.global_arrays)
 
     def _round_options(self) -> dict[str, object]:
         """Aggregator options for this round: a seeded aggregator gets a fresh seed per round."""
@@ -157,19 +158,30 @@ class FedCoordStrategy(Strategy):
     def add_reply(self, reply: Message) -> ReplyOutcome:
         """Validate one training reply and fold its update in, or reject it.
 
-        The update ``client - global`` is computed into scratch buffers reused
-        for every reply: aggregators fold it in at once or copy what they keep.
+        The streaming aggregators fold ``client - global`` in one blocked pass
+        per array that also checks the values (``add_difference``); for the
+        others the update is computed into scratch buffers reused for every
+        reply, and they copy what they keep.
         """
-        outcome, client_arrays = self._round.check(reply)
+        fused = getattr(self._aggregator, "add_difference", None)
+        outcome, client_arrays = self._round.check(reply, check_finite=fused is None)
         if client_arrays is None:
             return outcome
+        names = list(self._round.global_arrays)
         try:
-            update = [
-                np.subtract(client_arrays[name], current, out=self._scratch[name])
-                for name, current in self._round.global_arrays.items()
-            ]
             weight = self.weight_fn(outcome.node_id, outcome.num_examples, outcome.metrics)
-            self._aggregator.add(update, weight)
+            if fused is not None:
+                clients = [client_arrays[name] for name in names]
+                fused(clients, list(self._round.global_arrays.values()), weight)
+            else:
+                update = [
+                    np.subtract(client_arrays[name], current, out=self._scratch[name])
+                    for name, current in self._round.global_arrays.items()
+                ]
+                self._aggregator.add(update, weight)
+        except NonFiniteUpdateError as error:
+            reason = f"array {names[error.index]!r} holds NaN or infinite values"
+            return self._round.reject(outcome, reason)
         except (ValueError, ArithmeticError, MemoryError) as error:
             # Aggregators check an update (weight, layout) before folding any of it
             return self._round.reject(outcome, f"update could not be aggregated: {error}")

@@ -70,6 +70,8 @@ def validate_reply(
     num_examples: object,
     metrics: Mapping[str, object] | None,
     expected: Mapping[str, ArraySpec],
+    *,
+    check_finite: bool = True,
 ) -> str | None:
     """Return None if the reply is valid, else a short reason naming the fault.
 
@@ -92,11 +94,15 @@ def validate_reply(
     expected : Mapping[str, ArraySpec]
         Name -> spec of every array the reply must carry, e.g. from
         ``specs_from_arrays(global_arrays)``.
+    check_finite : bool
+        False leaves the finiteness of the values to the caller, which checks
+        them while it folds the update in (``add_difference`` of the streaming
+        aggregators).
     """
     return (
         find_array_names_problem(arrays, expected)
         or find_array_spec_problem(arrays or {}, expected)
-        or find_non_finite_array(arrays or {})
+        or (find_non_finite_array(arrays or {}) if check_finite else None)
         or find_num_examples_problem(num_examples)
         or find_metrics_problem(metrics)
     )

@@ -13,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from strategies.aggregators import (
     AGGREGATOR_NAMES,
+    NonFiniteUpdateError,
     make_aggregator,
 )
 
@@ -766,3 +767,73 @@ def test_weights_of_any_scale_are_normalised_in_float64_before_float32_folds(
             expected = np.average(stacked(updates, index), axis=0, weights=normalised)
             assert np.isfinite(result[index]).all()
             np.testing.assert_allclose(result[index], expected, rtol=1e-5, atol=1e-6)
+
+
+# -- the fused pass: add_difference ------------------------------------------
+
+FUSED_SHAPES = [(300_000,), (7, 11), (), (3,)]  # one array spans several cache blocks
+
+
+def client_and_global(seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    global_arrays = [rng.standard_normal(s).astype(np.float32) for s in FUSED_SHAPES]
+    client = [g + 0.1 * rng.standard_normal(g.shape).astype(np.float32) for g in global_arrays]
+    return client, global_arrays
+
+
+@pytest.mark.parametrize("name", STREAMING_NAMES)
+def test_add_difference_equals_add_of_the_difference(name: str) -> None:
+    """Folding client - global in blocks gives what add() of the difference gives."""
+    options = {"clip_norm": 50.0} if name == "clipped" else {}
+    fused, plain = make_aggregator(name, **options), make_aggregator(name, **options)
+    _, global_arrays = client_and_global(0)
+    # Weights that rise, so the running sum is rescaled to a new largest weight
+    for seed, weight in zip(range(1, 6), [3.0, 10.0, 1.0, 400.0, 7.0], strict=True):
+        client, _ = client_and_global(seed)  # near its own global, far from this one
+        fused.add_difference(client, global_arrays, weight)
+        plain.add([c - g for c, g in zip(client, global_arrays, strict=True)], weight)
+    assert fused.count == plain.count == 5
+    for ours, theirs in zip(fused.result(), plain.result(), strict=True):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    if name == "clipped":
+        assert fused.num_clipped == plain.num_clipped > 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", STREAMING_NAMES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_add_difference_rejects_a_non_finite_update_leaving_the_sum_exactly(
+    name: str, bad: float
+) -> None:
+    """A NaN or infinity deep in the last block is found; nothing of the update is folded."""
+    options = {"clip_norm": 1.0} if name == "clipped" else {}
+    aggregator = make_aggregator(name, **options)
+    client, global_arrays = client_and_global(0)
+    aggregator.add_difference(client, global_arrays, 5.0)
+    before = [array.copy() for array in aggregator.result()]
+    hostile, _ = client_and_global(1)
+    hostile[0][-1] = bad  # the blocks before it are finite and would fold first
+    with pytest.raises(NonFiniteUpdateError) as caught:
+        aggregator.add_difference(hostile, global_arrays, 1000.0)  # a new largest weight too
+    assert caught.value.index == 0
+    assert aggregator.count == 1
+    for after, expected in zip(aggregator.result(), before, strict=True):
+        np.testing.assert_array_equal(after, expected)
+
+
+def test_add_difference_keeps_huge_finite_values() -> None:
+    """Finite values whose squares overflow float32 are values, not a fault."""
+    aggregator = make_aggregator("fedavg")
+    client, global_arrays = client_and_global(0)
+    client[1][0, 0] = 1e30
+    aggregator.add_difference(client, global_arrays, 1.0)
+    assert aggregator.result()[1][0, 0] == pytest.approx(1e30, rel=1e-6)
+
+
+def test_add_difference_refuses_a_layout_that_differs() -> None:
+    aggregator = make_aggregator("mean")
+    client, global_arrays = client_and_global(0)
+    aggregator.add_difference(client, global_arrays)
+    with pytest.raises(ValueError, match="shape"):
+        aggregator.add_difference([client[0][:10], *client[1:]], global_arrays)
+    assert aggregator.count == 1
