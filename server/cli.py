@@ -10,6 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server import lifecycle
+from server.compare import (
+    CompareError,
+    compare_run_dirs,
+    format_comparison,
+    plot_comparison,
+    resolve_compared,
+    validate_target,
+)
 from server.operations import request_command, request_weight
 from server.results import plot_rounds, strict_json, write_rows
 from server.runs import (
@@ -29,8 +37,10 @@ ONE_LINE_ERRORS = (
     RunNotFoundError,
     RunNameError,
     RunStoreError,
+    CompareError,
     lifecycle.InvalidTransitionError,
 )
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def _fmt(value: object, digits: int = 4) -> str:
@@ -215,6 +225,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Print runs side by side; plot their accuracy per round and over wall time."""
+    target = validate_target(args.target)
+    output = Path(args.output) if args.output else None
+    if output is not None and output.suffix.lower() not in PLOT_SUFFIXES:
+        raise CompareError(f"-o {args.output}: name a .png file (or .svg, .pdf)")
+    comparison = compare_run_dirs(resolve_compared(Path(args.runs_dir), args.runs), target)
+    print(strict_json(comparison) if args.json else "\n".join(format_comparison(comparison)))
+    if output is not None:
+        plot_comparison(comparison, output)
+        print(f"wrote {output}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     """Redraw a progress line every second until the run ends."""
     run_dir = resolve_run_dir(Path(args.runs_dir), args.run)
@@ -299,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run", nargs="?", help="run name (default: the newest run)")
     plot.add_argument("-o", "--output", required=True, help="PNG file to write")
     plot.set_defaults(func=cmd_plot)
+    compare = sub.add_parser("compare", help="runs side by side: accuracy, time to a target")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="two or more run names")
+    compare.add_argument("--target", type=float, help="accuracy in [0, 1]: round and time to it")
+    compare.add_argument("-o", "--output", help="PNG of accuracy per round and over wall time")
+    compare.add_argument("--json", action="store_true", help="print one JSON object")
+    compare.add_argument("--runs-dir", default=argparse.SUPPRESS, help="folder of run directories")
+    compare.set_defaults(func=cmd_compare)
     export = sub.add_parser("export", help="round rows as CSV or JSON lines")
     export.add_argument("run", nargs="?", help="run name (default: the newest run)")
     export.add_argument("--format", choices=("csv", "jsonl"), default="csv")

@@ -67,12 +67,28 @@ def write_rows(rows: list[dict[str, object]], fmt: str, output: TextIO) -> None:
         output.write(strict_json(record) + "\n")
 
 
-def plot_rounds(rows: list[dict[str, object]], run_name: str, output: Path) -> None:
-    """Central and federated accuracy, losses and clients per round, as one PNG."""
+def figure_pyplot():  # noqa: ANN201 - matplotlib.pyplot, imported only when plotting
+    """``matplotlib.pyplot`` on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure: object, title: str, output: Path) -> None:
+    """Title ``figure``, write it to ``output`` (PNG, folders made) and close it."""
+    figure.suptitle(title)  # type: ignore[attr-defined]
+    figure.tight_layout()  # type: ignore[attr-defined]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=100)  # type: ignore[attr-defined]
+    figure_pyplot().close(figure)
+
+
+def plot_rounds(rows: list[dict[str, object]], run_name: str, output: Path) -> None:
+    """Central and federated accuracy, losses and clients per round, as one PNG."""
+    plt = figure_pyplot()
 
     def series(key: str) -> tuple[list[int], list[float]]:
         points = [(int(r["round"]), float(r[key])) for r in rows if r[key] is not None]  # type: ignore[call-overload, arg-type]
@@ -102,8 +118,4 @@ def plot_rounds(rows: list[dict[str, object]], run_name: str, output: Path) -> N
     )
     clients.set(title="clients per round", xlabel="round")
     clients.legend()
-    figure.suptitle(run_name)
-    figure.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=100)
-    plt.close(figure)
+    save_figure(figure, run_name, output)

@@ -1,0 +1,455 @@
+"""Runs side by side: what differs between them and how each one did.
+
+``fedcoord compare``, the dashboard's comparison and the end of ``fedcoord sweep``
+read the same numbers from here. Every run directory is read read-only through
+the run store; nothing here writes to one.
+
+Per run: its state, its strategy and the config keys whose values differ between
+the runs compared, the final and best central accuracy, the round and the wall
+time at which central accuracy first reached ``target``, the rejected replies
+and the cumulative epsilon where a round records one. Wall time is the time
+spent in rounds (the sum of their durations, round 0's central evaluation
+included): time paused, or down before a resume, is left out, so that a run
+interrupted and resumed is measured like one that was not. Runs that differ only
+in ``seed`` are also summarised as mean and sample standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.results import figure_pyplot, save_figure, strict_json
+from server.runs import effective_state, resolve_run_dir
+from server.store import RunStore, RunStoreError
+
+# Keys that name, place or track a run but do not change what it trains.
+NOT_COMPARED_KEYS = frozenset(
+    (
+        "run-name",
+        "runs-dir",
+        "resume",
+        "data-dir",
+        "dataset-defaults",
+        "tracking-uri",
+        "tracking-experiment",
+    )
+)
+SEED_KEY = "seed"
+STRATEGY_KEY = "strategy"
+# The round row's column (or stored metric) holding the cumulative privacy spent.
+EPSILON_KEY = "epsilon"
+MAX_COMPARED_RUNS = 20
+
+
+class CompareError(ValueError):
+    """A comparison that cannot be made as asked; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class RoundPoint:
+    """One round of a run as the comparison sees it."""
+
+    round: int
+    elapsed_s: float
+    central_accuracy: float | None
+    rejected: int
+    epsilon: float | None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the comparison reads from one run directory."""
+
+    name: str
+    state: str
+    num_rounds: int
+    config: Mapping[str, object]
+    points: tuple[RoundPoint, ...]
+
+
+# ------------------------------------------------------------------ input
+def validate_target(target: float | None) -> float | None:
+    """``target`` when it is None or an accuracy in [0, 1].
+
+    Raises
+    ------
+    CompareError
+        Otherwise (NaN too).
+    """
+    if target is None:
+        return None
+    if not 0.0 <= target <= 1.0:
+        raise CompareError(f"--target is an accuracy in [0, 1], got {target}; e.g. --target 0.9")
+    return float(target)
+
+
+def validate_run_names(names: Sequence[str]) -> list[str]:
+    """The run names of a comparison: at least two, at most 20, each once.
+
+    Raises
+    ------
+    CompareError
+        Naming what to change.
+    """
+    if len(names) < 2:
+        shown = f" (only {names[0]!r})" if names else ""
+        raise CompareError(f"compare needs at least two runs{shown}; name another run")
+    if len(names) > MAX_COMPARED_RUNS:
+        raise CompareError(
+            f"compare takes at most {MAX_COMPARED_RUNS} runs, got {len(names)}; name fewer"
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise CompareError(f"run {repeated[0]!r} is named twice; name each run once")
+    return list(names)
+
+
+def resolve_compared(runs_dir: Path, names: Sequence[str]) -> list[Path]:
+    """The run directories of ``names`` after :func:`validate_run_names`.
+
+    Raises
+    ------
+    CompareError
+        From :func:`validate_run_names`.
+    task.names.RunNameError, server.runs.RunNotFoundError
+        For a name that is not a run of ``runs_dir``.
+    """
+    return [resolve_run_dir(runs_dir, name) for name in validate_run_names(names)]
+
+
+# ------------------------------------------------------------------ reads
+def read_run_record(run_dir: Path, now: float | None = None) -> RunRecord:
+    """Read one run for the comparison (read-only).
+
+    Raises
+    ------
+    RunStoreError
+        If its ``run.db`` cannot be read; the message names the run and the fix.
+    """
+    try:
+        store = RunStore(run_dir, readonly=True)
+        try:
+            run, rows = store.run_row(), store.rounds()
+        finally:
+            store.close()
+    except RunStoreError as error:
+        raise RunStoreError(
+            f"{error}; leave {run_dir.name} out of the comparison "
+            f"(fedcoord verify {run_dir.name} says more)"
+        ) from None
+    state = effective_state(str(run["state"]), run["heartbeat_at"], now or time.time())  # type: ignore[arg-type]
+    return RunRecord(
+        name=run_dir.name,
+        state=state,
+        num_rounds=int(run["num_rounds"]),  # type: ignore[call-overload]
+        config=stored_config(run["config_json"]),
+        points=tuple(round_points(rows)),
+    )
+
+
+def stored_config(config_json: object) -> dict[str, object]:
+    """The run's stored config, or {} when it is not a JSON object."""
+    try:
+        config = json.loads(str(config_json))
+    except (ValueError, RecursionError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def round_points(rows: Iterable[Mapping[str, object]]) -> list[RoundPoint]:
+    """Round rows (oldest first) as points, with the wall time spent in rounds so far."""
+    points, elapsed = [], 0.0
+    for row in rows:
+        duration = _number(row.get("duration_s"))
+        elapsed += max(duration, 0.0) if duration is not None else 0.0
+        points.append(
+            RoundPoint(
+                round=int(row["round"]),  # type: ignore[call-overload]
+                elapsed_s=elapsed,
+                central_accuracy=_number(row.get("central_accuracy")),
+                rejected=int(row.get("rejected") or 0),  # type: ignore[call-overload]
+                epsilon=_epsilon(row),
+            )
+        )
+    return points
+
+
+def _epsilon(row: Mapping[str, object]) -> float | None:
+    """The epsilon a round row records (as a column or a stored metric), or None."""
+    if EPSILON_KEY in row:
+        return _number(row[EPSILON_KEY], allow_inf=True)
+    try:
+        metrics = json.loads(str(row.get("metrics_json") or "{}"))
+    except (ValueError, RecursionError):
+        return None
+    return _number(metrics.get(EPSILON_KEY), allow_inf=True) if isinstance(metrics, dict) else None
+
+
+def _number(value: object, allow_inf: bool = False) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    if math.isnan(number) or (math.isinf(number) and not allow_inf):
+        return None
+    return number
+
+
+# ---------------------------------------------------------------- numbers
+def differing_keys(configs: Sequence[Mapping[str, object]]) -> list[str]:
+    """Config keys whose values differ between ``configs``: strategy first, seed last."""
+    keys = set().union(*configs) - NOT_COMPARED_KEYS if configs else set()
+    differing = {key for key in keys if len({_show(c.get(key)) for c in configs}) > 1}
+    return sorted(differing, key=lambda key: (key != STRATEGY_KEY, key == SEED_KEY, key))
+
+
+def time_to_target(
+    points: Sequence[RoundPoint], target: float
+) -> tuple[int, float] | tuple[None, None]:
+    """The first round whose central accuracy reached ``target``, and the wall time then."""
+    for point in points:
+        if point.central_accuracy is not None and point.central_accuracy >= target:
+            return point.round, point.elapsed_s
+    return None, None
+
+
+def summarize_run(
+    record: RunRecord, keys: Sequence[str], target: float | None
+) -> dict[str, object]:
+    """One run's row of the comparison (JSON-ready, numbers unrounded)."""
+    accuracies = [p.central_accuracy for p in record.points if p.central_accuracy is not None]
+    epsilons = [p.epsilon for p in record.points if p.epsilon is not None]
+    reached_round, reached_s = (
+        (None, None) if target is None else time_to_target(record.points, target)
+    )
+    last = record.points[-1] if record.points else None
+    return {
+        "run_name": record.name,
+        "state": record.state,
+        "strategy": record.config.get(STRATEGY_KEY),
+        "differs": {key: record.config.get(key) for key in keys},
+        "rounds": last.round if last else 0,
+        "num_rounds": record.num_rounds,
+        "final_accuracy": last.central_accuracy if last else None,
+        "best_accuracy": max(accuracies, default=None),
+        "target_round": reached_round,
+        "target_time_s": reached_s,
+        "wall_time_s": last.elapsed_s if last else 0.0,
+        "rejected": sum(p.rejected for p in record.points),
+        "epsilon": epsilons[-1] if epsilons else None,
+    }
+
+
+def seed_summaries(
+    runs: Sequence[Mapping[str, object]], keys: Sequence[str]
+) -> list[dict[str, object]]:
+    """Mean and sample standard deviation over seeds, per combination of the other keys.
+
+    Empty unless ``seed`` is one of the differing ``keys`` and some combination
+    has more than one run.
+    """
+    if SEED_KEY not in keys:
+        return []
+    others = [key for key in keys if key != SEED_KEY]
+    groups: dict[str, list[Mapping[str, object]]] = {}
+    for run in runs:
+        differs = run["differs"]
+        groups.setdefault(label_of(differs, others), []).append(run)  # type: ignore[arg-type]
+    if all(len(group) == 1 for group in groups.values()):
+        return []
+    return [_seed_summary(label, group) for label, group in groups.items()]
+
+
+def _seed_summary(label: str, group: Sequence[Mapping[str, object]]) -> dict[str, object]:
+    summary: dict[str, object] = {"label": label, "runs": len(group)}
+    for key in ("final_accuracy", "best_accuracy", "target_time_s", "wall_time_s"):
+        values = [float(run[key]) for run in group if run[key] is not None]  # type: ignore[arg-type]
+        summary[key] = mean_std(values)
+    summary["reached_target"] = sum(run["target_round"] is not None for run in group)
+    return summary
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float | int | None]:
+    """``{"mean", "std", "n"}``; std is the sample one (None for fewer than two values)."""
+    return {
+        "mean": statistics.fmean(values) if values else None,
+        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "n": len(values),
+    }
+
+
+def label_of(differs: Mapping[str, object], keys: Sequence[str]) -> str:
+    """``strategy=median seed=1``: the run's values of ``keys``."""
+    return " ".join(f"{key}={_show(differs.get(key))}" for key in keys)
+
+
+def compare_records(records: Sequence[RunRecord], target: float | None = None) -> dict[str, object]:
+    """The comparison of ``records``: keys that differ, one row a run, summaries over seeds."""
+    keys = differing_keys([record.config for record in records])
+    runs = [summarize_run(record, keys, target) for record in records]
+    labels = [label_of(run["differs"], keys) for run in runs]  # type: ignore[arg-type]
+    unique = len(set(labels)) == len(labels) and all(labels)
+    for run, record, label in zip(runs, records, labels, strict=True):
+        run["label"] = label if unique else record.name
+        run["curve"] = {
+            "round": [p.round for p in record.points],
+            "elapsed_s": [p.elapsed_s for p in record.points],
+            "central_accuracy": [p.central_accuracy for p in record.points],
+        }
+    return {
+        "target": target,
+        "differing_keys": keys,
+        "runs": runs,
+        "over_seeds": seed_summaries(runs, keys),
+    }
+
+
+def compare_run_dirs(run_dirs: Sequence[Path], target: float | None = None) -> dict[str, object]:
+    """:func:`compare_records` of the runs in ``run_dirs``.
+
+    Raises
+    ------
+    RunStoreError
+        If a run cannot be read (one line, naming the run and the fix).
+    """
+    now = time.time()
+    return compare_records([read_run_record(run_dir, now) for run_dir in run_dirs], target)
+
+
+# ------------------------------------------------------------------ output
+def format_comparison(comparison: Mapping[str, object]) -> list[str]:
+    """The comparison as text: the runs table, then the summary over seeds if any."""
+    target = comparison["target"]
+    keys = [k for k in comparison["differing_keys"] if k != STRATEGY_KEY]  # type: ignore[attr-defined]
+    headers = ["RUN", "STATE", "STRATEGY", "CONFIG", "ROUNDS", "FINAL", "BEST"]
+    if target is not None:
+        headers += [f"ROUND@{target:g}", f"TIME@{target:g}"]
+    headers += ["REJECTED", "EPSILON"]
+    rows = []
+    for run in comparison["runs"]:  # type: ignore[attr-defined]
+        row = [
+            run["run_name"],
+            run["state"],
+            _show(run["strategy"]),
+            label_of(run["differs"], keys) or "-",
+            f"{run['rounds']}/{run['num_rounds']}",
+            _fmt(run["final_accuracy"]),
+            _fmt(run["best_accuracy"]),
+        ]
+        if target is not None:
+            row += [_fmt(run["target_round"]), fmt_seconds(run["target_time_s"])]
+        row += [str(run["rejected"]), _fmt(run["epsilon"], 2)]
+        rows.append(row)
+    lines = format_table(headers, rows)
+    summaries = comparison["over_seeds"]
+    if summaries:
+        lines += ["", *format_seed_table(summaries, target)]  # type: ignore[arg-type]
+    return lines
+
+
+def format_seed_table(summaries: Sequence[Mapping[str, object]], target: object) -> list[str]:
+    """Mean ± std over seeds, one line per combination of the other keys."""
+    headers = ["OVER SEEDS", "RUNS", "FINAL", "BEST"]
+    if target is not None:
+        headers += [f"REACHED {target:g}", f"TIME@{target:g}"]
+    headers.append("WALL TIME")
+    rows = []
+    for summary in summaries:
+        row = [
+            str(summary["label"]) or "-",
+            str(summary["runs"]),
+            _fmt_mean_std(summary["final_accuracy"]),
+            _fmt_mean_std(summary["best_accuracy"]),
+        ]
+        if target is not None:
+            row += [
+                f"{summary['reached_target']}/{summary['runs']}",
+                _fmt_mean_std(summary["target_time_s"], seconds=True),
+            ]
+        row.append(_fmt_mean_std(summary["wall_time_s"], seconds=True))
+        rows.append(row)
+    return format_table(headers, rows)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned text columns, two spaces apart, the header line first."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    return [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in (headers, *rows)
+    ]
+
+
+def fmt_seconds(seconds: object) -> str:
+    """``95.3s``, ``12m05s`` or ``-``."""
+    if not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        return "-"
+    if seconds < 600:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def _fmt(value: object, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _fmt_mean_std(stats: object, seconds: bool = False) -> str:
+    if not isinstance(stats, Mapping) or stats["mean"] is None:
+        return "-"
+    show = fmt_seconds if seconds else _fmt
+    std = stats["std"]
+    return show(stats["mean"]) + ("" if std is None else f" ± {show(std)}")
+
+
+def _show(value: object) -> str:
+    """A config value as the user typed it: ``median``, ``0.05``, ``true``, ``-`` for none."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def comparison_json(comparison: Mapping[str, object]) -> str:
+    """The comparison as strict JSON (an infinite epsilon becomes ``null``)."""
+    return strict_json(comparison)
+
+
+def plot_comparison(comparison: Mapping[str, object], output: Path) -> None:
+    """Central accuracy against round and against wall time, one line a run, as one PNG."""
+    plt = figure_pyplot()
+    figure, (by_round, by_time) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for run in comparison["runs"]:  # type: ignore[attr-defined]
+        curve = run["curve"]
+        kept = [i for i, acc in enumerate(curve["central_accuracy"]) if acc is not None]
+        accuracy = [curve["central_accuracy"][i] for i in kept]
+        by_round.plot([curve["round"][i] for i in kept], accuracy, marker="o", label=run["label"])
+        by_time.plot(
+            [curve["elapsed_s"][i] for i in kept], accuracy, marker="o", label=run["label"]
+        )
+    target = comparison["target"]
+    for axes, xlabel in ((by_round, "round"), (by_time, "wall time in rounds (s)")):
+        if target is not None:
+            axes.axhline(
+                target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}"
+            )
+        axes.set(xlabel=xlabel, ylabel="central accuracy", ylim=(0, 1))
+        axes.grid(alpha=0.3)
+    by_round.xaxis.get_major_locator().set_params(integer=True)
+    by_round.set_title("accuracy per round")
+    by_time.set_title("accuracy over wall time")
+    by_time.legend(loc="lower right", fontsize="small")
+    keys = ", ".join(comparison["differing_keys"]) or "nothing"  # type: ignore[arg-type]
+    save_figure(figure, f"runs compared (differ in {keys})", output)
