@@ -14,7 +14,7 @@ from client.hostile import (
     hostile_train_content,
     train_kind,
 )
-from client.shard import NodeData, load_node_data, model_for
+from client.shard import NodeData, load_node_data, model_for, node_partition_id
 from strategies.records import arrays_to_numpy, record_like
 from task import keys
 from task.config import RunConfig, parse_partition_ids, parse_run_config
@@ -103,4 +103,16 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
             keys.EVAL_ACCURACY: result.accuracy,
         }
     )
+    return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)
+
+
+@app.query()
+def query_fn(msg: Message, context: Context) -> Message:
+    """Answer the coordinator's roll call with this node's partition id.
+
+    The coordinator samples nodes and folds their updates in partition order,
+    the same in every run of a configuration (node ids are not).
+    """
+    partition_id = node_partition_id(dict(context.node_config))
+    metrics = MetricRecord({keys.PARTITION_ID: partition_id})
     return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)

@@ -2,7 +2,9 @@
 
 Off by default: the ``faults`` run-config key is ``""``. ``"0=raise,1=sleep,2=nan"``
 makes partition 0 raise during training, partition 1 sleep past the round
-deadline, and partition 2 reply NaN weights.
+deadline, and partition 2 reply NaN weights. ``delay`` makes a straggler: the
+partition waits ``DELAY_S`` seconds (at most a quarter of ``round-timeout``),
+then trains and replies as usual.
 """
 
 from __future__ import annotations
@@ -16,16 +18,21 @@ from task.config import FAULT_KINDS, parse_faults
 __all__ = ["FAULT_KINDS", "InjectedFaultError", "after_training", "before_training", "parse_faults"]
 
 
+DELAY_S = 3.0
+
+
 class InjectedFaultError(RuntimeError):
     """The failure a ``raise`` fault injects."""
 
 
 def before_training(kind: str | None, round_timeout: float) -> None:
-    """Act out a ``raise`` or ``sleep`` fault before local training."""
+    """Act out a ``raise``, ``sleep`` or ``delay`` fault before local training."""
     if kind == "raise":
         raise InjectedFaultError("injected fault: this client raises during training")
     if kind == "sleep":
         time.sleep(round_timeout + 3.0)
+    if kind == "delay":
+        time.sleep(min(DELAY_S, round_timeout / 4))
 
 
 def after_training(kind: str | None, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

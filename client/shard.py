@@ -131,6 +131,19 @@ def load_node_data(config: RunConfig, node_config: dict[str, object]) -> NodeDat
     return _shard(config, partition_id, num_partitions)
 
 
+def node_partition_id(node_config: dict[str, object]) -> int:
+    """This node's partition id, read from its node config only (no data is loaded).
+
+    Raises
+    ------
+    ConfigError
+        As :func:`node_partition` or ``local_partition_id`` do.
+    """
+    if node_config.get(keys.NODE_DATA_PATH):
+        return local_partition_id(node_config)
+    return node_partition(node_config)[0]
+
+
 @lru_cache(maxsize=2)
 def _model(name: str, shape: tuple[int, int, int], classes: int, device: str) -> torch.nn.Module:
     return build_model(name, shape, classes, seed=0).to(device)

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from server.checkpoints import checkpoint_path, files_to_prune, model_hash, save_checkpoint
 from server.control import ControlChannel
 from server.object_pull import pull_deadline
+from server.reply_order import ReplyOrder
 from server.store import RoundRecord, RunStore
 from strategies.records import pack_arrays
 from strategies.replies import ReplyOutcome, check_evaluate_reply, unreadable
@@ -39,6 +40,7 @@ from strategies.strategy import (
     aggregate_evaluate_metrics,
     find_non_finite_model,
 )
+from strategies.validation import find_partition_id_problem
 from task import keys
 from task.config import RunConfig
 
@@ -59,9 +61,10 @@ class PhaseResult:
     """Replies gathered in one phase (train or evaluate) of a round."""
 
     sampled: int
-    replies: list[Message] = field(default_factory=list)
+    received: int = 0  # replies handed over; each is dropped once handled (streaming)
     failed: dict[int, str] = field(default_factory=dict)
     timed_out: list[int] = field(default_factory=list)
+    most_held: int = 0  # most replies held at once to keep the fold order
 
 
 def summarize_error(code: int, reason: str, limit: int = 300) -> str:
@@ -113,6 +116,8 @@ class Coordinator:
         self._last_pull_error = ""
         self.operator_weights = dict(config.parsed_node_weights)
         self.control = ControlChannel(store, self._set_operator_weight)
+        # Node id -> partition id from the roll call (None: asked, no valid answer)
+        self.partitions: dict[int, int | None] = {}
 
     # ------------------------------------------------------------------ run
     def run(self, initial_arrays: NamedArrays, first_round: int = 1) -> NamedArrays:
@@ -131,13 +136,16 @@ class Coordinator:
         self._aggregation_s = 0.0
         # 1. Sample nodes and send them the global model
         node_ids = self.wait_for_nodes()
+        self._roll_call(server_round, node_ids)
         sampled = self.strategy.sample_nodes(
-            node_ids, self.config.fraction_train, self.config.min_train_nodes
+            node_ids, self.config.fraction_train, self.config.min_train_nodes, self._node_key
         )
         self.strategy.begin_round(server_round, arrays)
-        # 2. Fold replies in as they arrive, until all are in or the deadline passes
+        # 2. Fold replies in the sample's order as they come, until all are in or
+        #    the deadline passes
         train_started = time.perf_counter()
-        train = self._run_phase(server_round, "train", sampled, arrays, self._fold_reply)
+        content = self._model_content(server_round, arrays)
+        train = self._run_phase(server_round, "train", sampled, content, self._fold_reply)
         train_s = time.perf_counter() - train_started
         with self._timed_aggregation():
             new_arrays, summary = self.strategy.end_round()
@@ -241,25 +249,34 @@ class Coordinator:
             node_ids = list(self.grid.get_node_ids())
         return node_ids
 
-    def _run_phase(
-        self,
-        server_round: int,
-        message_type: str,
-        node_ids: list[int],
-        arrays: NamedArrays,
-        on_reply: Callable[[int, Message], None],
-    ) -> PhaseResult:
-        """Push one message per node, then pull and hand over replies until done."""
-        content = RecordDict(
+    def _model_content(self, server_round: int, arrays: NamedArrays) -> RecordDict:
+        """A train or evaluate message's content: the global model and the round config."""
+        return RecordDict(
             {
                 keys.ARRAYS: self._serialised(arrays),
                 keys.CONFIG: ConfigRecord(self._round_config(server_round)),
             }
         )
+
+    def _run_phase(
+        self,
+        server_round: int,
+        message_type: str,
+        node_ids: list[int],
+        content: RecordDict,
+        on_reply: Callable[[int, Message], None],
+    ) -> PhaseResult:
+        """Push one message per node, then pull and hand over replies until done.
+
+        Replies are handed over in the order of ``node_ids`` (see
+        :mod:`server.reply_order`), so that a round folds the same updates in
+        the same order whatever order they arrive in.
+        """
         messages = [Message(content, node_id, message_type) for node_id in node_ids]
         message_ids = list(self.grid.push_messages(messages))
         pending = {mid: nid for mid, nid in zip(message_ids, node_ids, strict=True) if mid}
         result = PhaseResult(sampled=len(node_ids))
+        order: ReplyOrder[Message] = ReplyOrder(pending.values())
         deadline = time.monotonic() + self.config.round_timeout
         while pending and time.monotonic() < deadline:
             replies = self._pull(server_round, message_type, pending, deadline)
@@ -267,11 +284,15 @@ class Coordinator:
                 node_id = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node_id is None:
                     continue
-                self._dispatch(server_round, node_id, reply, result, on_reply)
+                for due_node, due_reply in order.arrive(node_id, reply):
+                    self._dispatch(server_round, due_node, due_reply, result, on_reply)
             self._report_progress(message_type, len(node_ids) - len(pending), len(node_ids))
             self.control.check_stop()
             if pending:
                 time.sleep(POLL_INTERVAL_S)
+        for due_node, due_reply in order.drain():
+            self._dispatch(server_round, due_node, due_reply, result, on_reply)
+        result.most_held = order.most_held
         result.timed_out = sorted(pending.values())
         for node_id in result.timed_out:
             reason = f"no {message_type} reply within round-timeout={self.config.round_timeout}s"
@@ -319,7 +340,7 @@ class Coordinator:
             self.store.record_node_fault(node_id, server_round, "failure", reason)
             log(WARNING, "round %s: node %s failed: %s", server_round, node_id, reason)
             return
-        result.replies.append(reply)
+        result.received += 1
         try:
             on_reply(server_round, reply)
         except Exception as error:  # noqa: BLE001 - the trust boundary: one reply, never the run
@@ -377,10 +398,38 @@ class Coordinator:
             )
             return []
         if self.config.fraction_evaluate >= 1.0:
-            return list(node_ids)
+            return sorted(node_ids, key=self._node_key)
         return self.strategy.sample_nodes(
-            node_ids, self.config.fraction_evaluate, self.config.min_evaluate_nodes
+            node_ids, self.config.fraction_evaluate, self.config.min_evaluate_nodes, self._node_key
         )
+
+    def _node_key(self, node_id: int) -> tuple[int, int, int]:
+        """Nodes in partition order, those without a known partition after, by id."""
+        partition = self.partitions.get(node_id)
+        return (0, partition, node_id) if partition is not None else (1, 0, node_id)
+
+    def _roll_call(self, server_round: int, node_ids: list[int]) -> None:
+        """Ask each node not asked before for its partition id (a ``query`` message).
+
+        Simulated nodes get new random ids in every run, so sampling and folding
+        by node id would differ between two runs of one configuration; by
+        partition id they do not. Each node is asked once per run, when it is
+        first seen: no step here is O(nodes) per round. A node that gives no
+        valid answer within ``round-timeout`` is ordered after the others, by id.
+        """
+        unknown = [node_id for node_id in node_ids if node_id not in self.partitions]
+        if not unknown:
+            return
+        self.partitions.update(dict.fromkeys(unknown))
+
+        def learn(_: int, reply: Message) -> None:
+            record = reply.content.metric_records.get(keys.METRICS)
+            value = dict(record).get(keys.PARTITION_ID) if record is not None else None
+            if value is not None and find_partition_id_problem(value) is None:
+                self.partitions[reply.metadata.src_node_id] = int(value)  # type: ignore[call-overload]
+
+        content = RecordDict({keys.CONFIG: ConfigRecord(self._round_config(server_round))})
+        self._run_phase(server_round, "query", sorted(unknown), content, learn)
 
     def _evaluate_federated(
         self, server_round: int, arrays: NamedArrays, node_ids: Iterable[int]
@@ -402,7 +451,8 @@ class Coordinator:
                 collected.append(outcome.metrics)
             self._record_outcome(round_, outcome, joined=False)
 
-        self._run_phase(server_round, "evaluate", node_ids, arrays, keep)
+        content = self._model_content(server_round, arrays)
+        self._run_phase(server_round, "evaluate", node_ids, content, keep)
         averaged = aggregate_evaluate_metrics(collected)
         result = {}
         if keys.EVAL_LOSS in averaged:

@@ -24,8 +24,9 @@ Flower ``Strategy``:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -86,9 +87,18 @@ class FlowerStrategyAdapter:
         self._round = TrainRound(0, {})
         self._accepted: list[tuple[Message, ArrayRecord]] = []
 
-    def sample_nodes(self, node_ids: Iterable[int], fraction: float, minimum: int) -> list[int]:
-        """Sample ``fraction`` of ``node_ids`` (at least ``minimum``), reproducibly."""
-        return self.sampler.sample(node_ids, fraction, minimum)
+    def sample_nodes(
+        self,
+        node_ids: Iterable[int],
+        fraction: float,
+        minimum: int,
+        key: Callable[[int], Any] | None = None,
+    ) -> list[int]:
+        """Sample ``fraction`` of ``node_ids`` (at least ``minimum``), reproducibly.
+
+        See :meth:`strategies.sampling.NodeSampler.sample` for ``key``.
+        """
+        return self.sampler.sample(node_ids, fraction, minimum, key)
 
     def begin_round(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
         """Start collecting replies for ``server_round`` relative to ``global_arrays``."""

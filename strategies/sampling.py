@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -41,11 +42,25 @@ class NodeSampler:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    def sample(self, node_ids: Iterable[int], fraction: float, minimum: int) -> list[int]:
-        """Sample ``ceil(fraction * n)`` of ``node_ids`` (at least ``minimum``, at most n)."""
-        available = sorted(node_ids)
+    def sample(
+        self,
+        node_ids: Iterable[int],
+        fraction: float,
+        minimum: int,
+        key: Callable[[int], Any] | None = None,
+    ) -> list[int]:
+        """Sample ``ceil(fraction * n)`` of ``node_ids`` (at least ``minimum``, at most n).
+
+        The nodes are put in ``key`` order (default: by node id) before sampling
+        and the sample is returned in that order, so the same generator state
+        and the same keys give the same sample whatever order ``node_ids`` come
+        in and whatever the node ids are (the coordinator keys nodes by their
+        partition id: simulated nodes get new random ids in every run).
+        """
+        available = sorted(node_ids, key=key)
         count = min(len(available), max(minimum, math.ceil(fraction * len(available))))
-        return sorted(self.rng.sample(available, count))
+        chosen = set(self.rng.sample(available, count))
+        return [node_id for node_id in available if node_id in chosen]
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The generator's state as ``{"sampler/rng": uint8 array}``."""

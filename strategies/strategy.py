@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -135,9 +136,18 @@ class FedCoordStrategy(Strategy):
         self._scratch: NamedArrays = {}
 
     # ------------------------------------------------------------------ sampling
-    def sample_nodes(self, node_ids: Iterable[int], fraction: float, minimum: int) -> list[int]:
-        """Sample ``fraction`` of ``node_ids`` (at least ``minimum``), reproducibly."""
-        return self.sampler.sample(node_ids, fraction, minimum)
+    def sample_nodes(
+        self,
+        node_ids: Iterable[int],
+        fraction: float,
+        minimum: int,
+        key: Callable[[int], Any] | None = None,
+    ) -> list[int]:
+        """Sample ``fraction`` of ``node_ids`` (at least ``minimum``), reproducibly.
+
+        See :meth:`strategies.sampling.NodeSampler.sample` for ``key``.
+        """
+        return self.sampler.sample(node_ids, fraction, minimum, key)
 
     # -------------------------------------------------------- per-reply interface
     def begin_round(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:

@@ -29,7 +29,7 @@ NODE_WEIGHTS_PATTERN = re.compile(r"^\s*[0-9]+\s*=\s*[-+0-9.eE]+\s*$")
 BYZANTINE_MODES: tuple[str, ...] = ("flip", "noise")
 
 
-FAULT_KINDS: tuple[str, ...] = ("raise", "sleep", "nan")
+FAULT_KINDS: tuple[str, ...] = ("raise", "sleep", "nan", "delay")
 
 # The value of a training key that means "the dataset's default" (the pyproject default).
 DATASET_DEFAULT = "auto"

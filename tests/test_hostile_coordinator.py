@@ -34,10 +34,17 @@ def server_identity() -> Iterator[None]:
 class ReplyingGrid(Grid):
     """A Grid whose nodes reply at once with ``reply_fn``; the first pulls may raise."""
 
-    def __init__(self, node_ids: list[int], reply_fn: ReplyFn, failing_pulls: int = 0) -> None:
+    def __init__(
+        self,
+        node_ids: list[int],
+        reply_fn: ReplyFn,
+        failing_pulls: int = 0,
+        partitions: dict[int, int] | None = None,
+    ) -> None:
         self.node_ids = node_ids
         self.reply_fn = reply_fn
         self.failing_pulls = failing_pulls
+        self.partitions = partitions or {}  # node id -> partition id (default: the node id)
         self.sent: list[Message] = []
         self._replies: dict[str, Message] = {}
 
@@ -61,8 +68,12 @@ class ReplyingGrid(Grid):
             message.metadata.__dict__["_message_id"] = message_id
             self.sent.append(message)
             node_id = message.metadata.dst_node_id
-            received = arrays_to_numpy(message.content.array_records[keys.ARRAYS])
-            content = self.reply_fn(node_id, message.metadata.message_type, received)
+            if message.metadata.message_type == "query":  # the roll call
+                partition = self.partitions.get(node_id, node_id)
+                content = RecordDict({keys.METRICS: MetricRecord({keys.PARTITION_ID: partition})})
+            else:
+                received = arrays_to_numpy(message.content.array_records[keys.ARRAYS])
+                content = self.reply_fn(node_id, message.metadata.message_type, received)
             self._replies[message_id] = Message(content=content, reply_to=message)
             ids.append(message_id)
         return ids
@@ -114,6 +125,7 @@ def test_a_reply_that_raises_anywhere_is_rejected_and_the_round_goes_on(tmp_path
 
     grid = ReplyingGrid([2, 3, 4], reply_fn, failing_pulls=1)
     coordinator = make_coordinator(tmp_path, grid)
+    coordinator.partitions = {2: 2, 3: 3, 4: 4}  # roll call done: the first pull is train's
     add_reply = coordinator.strategy.add_reply
 
     def add_reply_raising_for_node_4(reply: Message):  # noqa: ANN202
@@ -164,8 +176,9 @@ def test_a_non_finite_new_model_is_never_checkpointed_or_sent(tmp_path):
     assert kept is start
     row = coordinator.store.rounds()[0]
     assert row["updated"] == 0 and "new global model is not finite" in row["note"]
-    for message in grid.sent:
+    with_model = [m for m in grid.sent if m.metadata.message_type != "query"]
+    for message in with_model:
         assert all(
             np.isfinite(a).all() for a in arrays_to_numpy(message.content["arrays"]).values()
         )
-    assert len(grid.sent) == 6  # 3 train, 3 evaluate, all of the kept model
+    assert len(with_model) == 6  # 3 train, 3 evaluate, all of the kept model

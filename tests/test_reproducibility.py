@@ -1,0 +1,155 @@
+"""Same configuration and seed, same global models: sampling and folding by partition order."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from flwr.app import MetricRecord, RecordDict
+from test_hostile_coordinator import (  # noqa: F401 - server_identity is an autouse fixture
+    ReplyingGrid,
+    make_coordinator,
+    model,
+    server_identity,
+)
+
+from server.checkpoints import model_hash
+from server.reply_order import ReplyOrder
+from strategies.records import pack_arrays
+from strategies.sampling import NodeSampler
+from task import keys
+
+NamedArrays = dict[str, np.ndarray]
+
+
+# -- ReplyOrder ----------------------------------------------------------------
+
+
+def test_replies_are_released_in_the_given_order_whatever_order_they_arrive_in():
+    order: ReplyOrder[str] = ReplyOrder([5, 2, 9, 7])
+    assert order.arrive(9, "r9") == []
+    assert order.arrive(2, "r2") == []  # 5 is still missing
+    assert order.held == 2
+    assert order.arrive(5, "r5") == [(5, "r5"), (2, "r2"), (9, "r9")]
+    assert order.arrive(7, "r7") == [(7, "r7")]
+    assert order.held == 0 and order.most_held == 2
+
+
+def test_drain_hands_over_the_held_replies_in_order_past_the_missing_ones():
+    order: ReplyOrder[str] = ReplyOrder([1, 2, 3, 4])
+    order.arrive(4, "r4")
+    order.arrive(2, "r2")
+    assert order.drain() == [(2, "r2"), (4, "r4")]
+    assert order.held == 0
+    assert order.arrive(1, "late") == [(1, "late")]  # after the drain: handed over at once
+
+
+def test_an_unknown_or_repeated_node_is_handed_over_at_once():
+    order: ReplyOrder[str] = ReplyOrder([1, 2])
+    assert order.arrive(8, "stranger") == [(8, "stranger")]
+    assert order.arrive(2, "first") == []
+    assert order.arrive(2, "again") == [(2, "again")]
+
+
+# -- sampling by key -----------------------------------------------------------
+
+
+def test_the_sample_follows_the_keys_not_the_node_ids():
+    # Two runs: the same 20 partitions behind different random node ids
+    rng = random.Random(7)
+    partitions = list(range(20))
+    samples = []
+    for _ in range(2):
+        node_of = {p: rng.randrange(1, 2**63) for p in partitions}
+        partition_of = {n: p for p, n in node_of.items()}
+        shuffled = list(node_of.values())
+        rng.shuffle(shuffled)
+        sampler = NodeSampler(seed=3)
+        chosen = sampler.sample(shuffled, 0.3, 2, key=partition_of.__getitem__)
+        samples.append([partition_of[n] for n in chosen])
+    assert samples[0] == samples[1]
+    assert samples[0] == sorted(samples[0]) and len(samples[0]) == 6
+
+
+# -- the coordinator -------------------------------------------------------------
+
+
+class ShuffledGrid(ReplyingGrid):
+    """Replies come back a few at a time, in a random order of its own seed."""
+
+    def __init__(self, partitions: dict[int, int], seed: int) -> None:
+        super().__init__(list(partitions), make_reply_fn(partitions), partitions=partitions)
+        self.rng = random.Random(seed)
+        self.arrival: list[int] = []
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        ready = [mid for mid in message_ids if mid in self._replies]
+        self.rng.shuffle(ready)
+        replies = [self._replies.pop(mid) for mid in ready[: self.rng.randint(1, 3)]]
+        self.arrival += [r.metadata.src_node_id for r in replies]
+        return replies
+
+
+def make_reply_fn(partitions: dict[int, int]):  # noqa: ANN201
+    def reply(node_id: int, message_type: str, received: NamedArrays) -> RecordDict:
+        partition = partitions[node_id]
+        if message_type == "evaluate":
+            metrics = {keys.NUM_EXAMPLES: 10 + partition, keys.EVAL_ACCURACY: 0.5}
+            return RecordDict({keys.METRICS: MetricRecord(metrics)})
+        rng = np.random.default_rng(partition)
+        trained = {
+            name: value + rng.standard_normal(value.shape).astype(np.float32) * np.float32(0.1)
+            for name, value in received.items()
+        }
+        metrics = {keys.NUM_EXAMPLES: 7 + 13 * partition, keys.PARTITION_ID: partition}
+        return RecordDict({keys.ARRAYS: pack_arrays(trained), keys.METRICS: MetricRecord(metrics)})
+
+    return reply
+
+
+def run_three_rounds(tmp_path, seed: int) -> tuple[list[str], list[int], list[int]]:  # noqa: ANN001
+    """Three rounds of 12 partitions behind random node ids: hashes, sampled, arrival order."""
+    rng = random.Random(seed)
+    partition_of = {rng.randrange(1, 2**63): p for p in range(12)}
+    grid = ShuffledGrid(partition_of, seed)
+    coordinator = make_coordinator(tmp_path, grid, **{"fraction-train": 0.5, "seed": 11})
+    arrays = model()
+    hashes = []
+    for server_round in (1, 2, 3):
+        arrays = coordinator.run_round(server_round, arrays)
+        hashes.append(model_hash(arrays))
+    sampled = [
+        partition_of[m.metadata.dst_node_id]
+        for m in grid.sent
+        if m.metadata.message_type == "train"
+    ]
+    arrival = [partition_of[n] for n in grid.arrival]
+    return hashes, sampled, arrival
+
+
+def test_two_runs_with_other_node_ids_and_arrival_orders_make_identical_models(tmp_path):
+    first = run_three_rounds(tmp_path / "a", seed=1)
+    second = run_three_rounds(tmp_path / "b", seed=2)
+    assert first[2] != second[2]  # replies did arrive in other orders
+    assert first[1] == second[1]  # the same partitions trained
+    assert first[0] == second[0]  # and the global models are bit-identical
+    assert len(set(first[0])) == 3
+
+
+def test_folding_in_arrival_order_would_differ():
+    """The control: updates of these magnitudes do not sum to the same bits in any order."""
+    rng = np.random.default_rng(0)
+    values = [rng.standard_normal(5).astype(np.float32) * np.float32(0.1) for _ in range(6)]
+    forward = sum(values, np.zeros(5, np.float32))
+    backward = sum(reversed(values), np.zeros(5, np.float32))
+    assert not np.array_equal(forward, backward)
+
+
+@pytest.mark.parametrize("bad", [-5, 2**40, 1.5])
+def test_a_bad_roll_call_answer_orders_the_node_last(tmp_path, bad):  # noqa: ANN001
+    grid = ReplyingGrid([3, 4], make_reply_fn({3: 0, 4: 1}), partitions={3: bad, 4: 1})  # type: ignore[dict-item]
+    coordinator = make_coordinator(tmp_path, grid)
+    coordinator.run_round(1, model())
+    assert coordinator.partitions == {3: None, 4: 1}
+    assert sorted([3, 4], key=coordinator._node_key) == [4, 3]
