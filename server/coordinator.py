@@ -174,6 +174,7 @@ class Coordinator:
             "seconds-aggregation": self._aggregation_s,
             "seconds-central-eval": federated_started - central_started,
             "seconds-federated-eval": federated_s,
+            "replies-held": train.most_held,  # most held at once to keep the fold order
         }
         checkpoint = save_checkpoint(
             self.store.run_dir,

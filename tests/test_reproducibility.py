@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import sqlite3
 
 import numpy as np
 import pytest
@@ -153,3 +155,36 @@ def test_a_bad_roll_call_answer_orders_the_node_last(tmp_path, bad):  # noqa: AN
     coordinator.run_round(1, model())
     assert coordinator.partitions == {3: None, 4: 1}
     assert sorted([3, 4], key=coordinator._node_key) == [4, 3]
+
+
+@pytest.mark.slow
+def test_two_simulations_of_one_configuration_give_identical_models(simulate):
+    # Execute: the same configuration twice; partition 0 is a straggler (3 s late),
+    # so its reply comes after the others and is folded first all the same
+    settings = {
+        "num-server-rounds": 2,
+        "fraction-train": 0.75,
+        "local-epochs": 1,
+        "seed": 5,
+        "faults": "0=delay",
+        "round-timeout": 60.0,
+    }
+    runs = [simulate(4, f"twin-{k}", **settings) for k in (1, 2)]
+
+    # Assert: every round's global model and metrics are bit-identical
+    rows = []
+    for run in runs:
+        assert run.returncode == 0, run.output[-3000:]
+        with sqlite3.connect(run.run_dir / "run.db") as db:
+            rows.append(
+                db.execute(
+                    "SELECT round, model_hash, central_accuracy, metrics_json FROM rounds "
+                    "ORDER BY round"
+                ).fetchall()
+            )
+            joined = dict(db.execute("SELECT partition_id, rounds_joined FROM nodes"))
+        assert joined[0] >= 1, joined  # the straggler was sampled and folded in
+    hashes = [[(r[0], r[1], r[2]) for r in run_rows] for run_rows in rows]
+    assert hashes[0] == hashes[1] and len({h[1] for h in hashes[0]}) == 3
+    train_loss = [[json.loads(r[3]).get("train-loss") for r in run_rows] for run_rows in rows]
+    assert train_loss[0] == train_loss[1]
