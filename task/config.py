@@ -7,6 +7,7 @@ the valid options named in the error.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -14,6 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from task.names import (
     DATASET_NAMES,
@@ -51,6 +53,15 @@ PARTITION_LIMIT = 2**31
 MAX_OPERATOR_WEIGHT = 1e6
 INT64_LIMIT = 2**63
 SEED_LIMIT = 2**32
+
+# MLflow tracking (tracking-uri): the forms accepted, and where a relative path goes.
+TRACKING_FORMS = (
+    "'' (off), sqlite:///PATH.db, a folder PATH or file:///PATH (MLflow's file store), "
+    "http(s)://HOST[:PORT]; a relative PATH is under $FEDCOORD_HOME"
+)
+MLFLOW_EXTRA_HINT = "pip install 'fedcoord[mlflow]'"
+DEFAULT_EXPERIMENT = "fedcoord"
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 class ConfigError(ValueError):
@@ -122,6 +133,10 @@ class RunConfig:
     min_evaluate_nodes: int = 2
     # Federated evaluation every k rounds, and at the last round.
     evaluate_every: int = 1
+    # MLflow tracking store (see TRACKING_FORMS); "" = no tracking.
+    tracking_uri: str = ""
+    # MLflow experiment that holds the run; "" = "fedcoord".
+    tracking_experiment: str = ""
     # Training keys (of TRAINING_KEYS) that took the dataset's default, in that order.
     dataset_defaults: tuple[str, ...] = field(default=TRAINING_KEYS, compare=False)
     # Extra keys that a strategy reads (e.g. Flower built-ins' parameters).
@@ -140,6 +155,16 @@ class RunConfig:
         if self.data_dir:
             return Path(self.data_dir).expanduser().resolve()
         return fedcoord_home() / "data"
+
+    @property
+    def resolved_tracking_uri(self) -> str:
+        """The MLflow tracking URI of ``tracking-uri`` ("" = off), relative paths resolved."""
+        return resolve_tracking_uri(self.tracking_uri)
+
+    @property
+    def experiment_name(self) -> str:
+        """The MLflow experiment of the run: ``tracking-experiment`` or ``fedcoord``."""
+        return self.tracking_experiment or DEFAULT_EXPERIMENT
 
     @property
     def federated_evaluation(self) -> bool:
@@ -209,6 +234,47 @@ def parse_node_weights(text: str) -> dict[int, float]:
             raise ConfigError(f"node-weights: partition {partition} must be in [0, 2^31)")
         weights[int(partition)] = weight
     return weights
+
+
+def resolve_tracking_uri(text: str) -> str:
+    """The URI MLflow is given for ``tracking-uri``; ``""`` stays ``""`` (off).
+
+    The ServerApp runs in a folder of Flower's, so a relative path is taken under
+    ``$FEDCOORD_HOME``: ``sqlite:///mlruns.db`` -> ``sqlite:////home/u/.fedcoord/mlruns.db``.
+    A folder path or ``file:`` URI becomes ``file:///ABS`` (MLflow's file store);
+    ``http(s)://`` (a tracking server) is kept as given.
+
+    Raises
+    ------
+    ConfigError
+        For any other scheme, a server URI without a host, or a path without a name.
+    """
+    if not text:
+        return ""
+    refused = f"tracking-uri {text[:100]!r} is not supported; valid: {TRACKING_FORMS}"
+    if text.startswith(("http://", "https://")):
+        _require(bool(urlparse(text).hostname), refused)
+        return text
+    if text.startswith("sqlite:///"):
+        return "sqlite:///" + str(_tracking_path(text.removeprefix("sqlite:///"), refused))
+    if text.startswith("file:"):
+        parsed = urlparse(text)
+        _require(parsed.netloc in ("", "localhost") and not parsed.query, refused)
+        return _tracking_path(unquote(parsed.path), refused).as_uri()
+    _require(not _URI_SCHEME.match(text), refused)
+    return _tracking_path(text, refused).as_uri()
+
+
+def _tracking_path(text: str, refused: str) -> Path:
+    """``text`` as an absolute path: ``~`` expanded, a relative one under ``$FEDCOORD_HOME``."""
+    _require(bool(text.strip()) and text.isprintable(), refused)
+    path = _expanded("tracking-uri", text)
+    return path if path.is_absolute() else fedcoord_home() / path
+
+
+def mlflow_installed() -> bool:
+    """Whether the ``mlflow`` extra is installed (checked without importing it: slow)."""
+    return importlib.util.find_spec("mlflow") is not None
 
 
 def parse_partition_ids(key: str, text: str) -> frozenset[int]:
@@ -359,6 +425,22 @@ def validate_config(config: RunConfig) -> None:
         "resume=true needs run-name='NAME' of the run to continue",
     )
     parse_node_weights(config.node_weights)
+    _validate_tracking(config)
+
+
+def _validate_tracking(config: RunConfig) -> None:
+    """Refuse a tracking store MLflow cannot be given, or tracking without MLflow."""
+    _require(
+        len(config.tracking_experiment) <= 200 and config.tracking_experiment.isprintable(),
+        f"tracking-experiment must be printable and at most 200 characters, "
+        f"got {config.tracking_experiment[:100]!r}",
+    )
+    if not config.resolved_tracking_uri:
+        return
+    _require(
+        mlflow_installed(),
+        f"tracking-uri needs MLflow, which is not installed: {MLFLOW_EXTRA_HINT}",
+    )
 
 
 def _validate_strategy_options(config: RunConfig) -> None:
