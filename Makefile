@@ -47,6 +47,7 @@ bench: setup
 	$(BIN)/python bench/demo_breakdown.py
 	$(BIN)/python bench/coordinator_round_time.py
 	$(BIN)/python bench/deployment.py
+	$(BIN)/python bench/scale.py
 
 dashboard: setup
 	$(BIN)/fedcoord dashboard
