@@ -18,6 +18,7 @@ from server.compare import (
     resolve_compared,
     validate_target,
 )
+from server.event_files import write_round_events
 from server.operations import request_command, request_weight
 from server.results import plot_rounds, strict_json, write_rows
 from server.runs import (
@@ -198,12 +199,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write the round rows as CSV or JSON lines."""
+    """Write the round rows as CSV or JSON lines, or as TensorBoard event files."""
+    if args.format == "tensorboard" and not args.output:
+        print(
+            "fedcoord: --format tensorboard needs -o DIR, the TensorBoard logdir", file=sys.stderr
+        )
+        return 2
     store = _open_store(args)
     try:
-        rows = store.rounds()
+        rows, run = store.rounds(), store.run_row()
     finally:
         store.close()
+    if args.format == "tensorboard":
+        created_at = float(run["created_at"])  # type: ignore[arg-type]
+        path = write_round_events(rows, str(run["run_name"]), created_at, Path(args.output))
+        print(f"wrote {len(rows)} rounds to {path}")
+        return 0
     output = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
     try:
         write_rows(rows, args.format, output)
@@ -330,10 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="print one JSON object")
     compare.add_argument("--runs-dir", default=argparse.SUPPRESS, help="folder of run directories")
     compare.set_defaults(func=cmd_compare)
-    export = sub.add_parser("export", help="round rows as CSV or JSON lines")
+    export = sub.add_parser("export", help="round rows as CSV, JSON lines or TensorBoard events")
     export.add_argument("run", nargs="?", help="run name (default: the newest run)")
-    export.add_argument("--format", choices=("csv", "jsonl"), default="csv")
-    export.add_argument("-o", "--output", help="file to write (default: stdout)")
+    export.add_argument("--format", choices=("csv", "jsonl", "tensorboard"), default="csv")
+    export.add_argument(
+        "-o", "--output", help="file to write (default: stdout); tensorboard: the logdir"
+    )
     export.set_defaults(func=cmd_export)
     verify = sub.add_parser("verify", help="are checkpoints and the round hash chain intact?")
     verify.add_argument("run", nargs="?", help="run name (default: the newest run)")

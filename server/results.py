@@ -1,10 +1,11 @@
-"""Round results out of the run store: CSV / JSON lines export and a PNG plot."""
+"""Round results out of the run store: CSV / JSON lines export, scalars and a PNG plot."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -27,6 +28,9 @@ EXPORT_COLUMNS = (
     "chain_hash",
     "note",
 )
+
+# Columns of a round row that are numbers of the round besides its metrics.
+ROUND_COUNTS = ("sampled", "accepted", "rejected", "failed", "updated")
 
 
 def finite_or_none(value: object) -> object:
@@ -52,6 +56,24 @@ def stored_metrics(metrics_json: object) -> object:
     except (ValueError, RecursionError):
         return None
     return metrics if isinstance(metrics, dict) else None
+
+
+def round_scalars(row: Mapping[str, object]) -> dict[str, float]:
+    """A round row's numbers by name, as MLflow and TensorBoard get them.
+
+    The round's metrics under their own names (``central-accuracy``,
+    ``federated-loss``, ``train-loss``, ``seconds-*``, ...), the reply counts
+    (``sampled``, ``accepted``, ``rejected``, ``failed``), ``updated`` (1 or 0) and
+    ``duration-s``. Values that are not finite numbers are left out.
+    """
+    metrics = stored_metrics(row.get("metrics_json")) or {}
+    values: dict[str, object] = {**metrics, **{key: row.get(key) for key in ROUND_COUNTS}}
+    values["duration-s"] = row.get("duration_s")
+    return {
+        str(key): float(value)
+        for key, value in values.items()
+        if isinstance(value, int | float) and math.isfinite(value)
+    }
 
 
 def write_rows(rows: list[dict[str, object]], fmt: str, output: TextIO) -> None:
