@@ -368,6 +368,17 @@ def _finite_block(difference: np.ndarray, client: np.ndarray) -> bool:
     return bool(np.isfinite(client).all())
 
 
+def check_finite(arrays: NDArrays) -> None:
+    """Raise :class:`NonFiniteUpdateError` for the first float array with NaN or infinities."""
+    for index, array in enumerate(arrays):
+        if array.dtype.kind != "f":
+            continue
+        flat = array.reshape(-1)
+        for part in _blocks(flat.size, max(1, _FOLD_BLOCK_BYTES // flat.itemsize)):
+            if not _finite_block(flat[part], flat[part]):
+                raise NonFiniteUpdateError(index)
+
+
 def difference_norm(clients: NDArrays, references: NDArrays) -> float:
     """L2 norm of ``clients - references`` over the float arrays, in blocks in cache.
 
@@ -476,6 +487,8 @@ class WeightedMeanAggregator(_StreamingAggregatorBase):
             self._streaming_sum().fold_difference(arrays, list(references), relative, ratio)
             self._total_relative_weight *= ratio
             self._reference_weight = reference_weight
+        else:  # weight 0: nothing to fold, but a malformed update is still refused
+            check_finite(arrays)
         self._total_relative_weight += relative
         self._count += 1
 

@@ -837,3 +837,14 @@ def test_add_difference_refuses_a_layout_that_differs() -> None:
     with pytest.raises(ValueError, match="shape"):
         aggregator.add_difference([client[0][:10], *client[1:]], global_arrays)
     assert aggregator.count == 1
+
+
+def test_add_difference_refuses_a_non_finite_update_of_weight_zero() -> None:
+    """An operator weight of 0 folds nothing in, yet a NaN update is still refused."""
+    aggregator = make_aggregator("weighted")
+    client, global_arrays = client_and_global(0)
+    aggregator.add_difference(client, global_arrays, 1.0)
+    client[1][3, 4] = np.nan
+    with pytest.raises(NonFiniteUpdateError) as caught:
+        aggregator.add_difference(client, global_arrays, 0.0)
+    assert caught.value.index == 1 and aggregator.count == 1
