@@ -20,6 +20,7 @@ from server.coordinator import Coordinator, EvaluateFn, NamedArrays, NodeShortag
 from server.preflight import check_resumable_exists, check_run_name_free
 from server.runs import effective_state
 from server.store import RunStore, RunStoreError
+from server.tracking import start_tracking
 from server.verify import load_verified_checkpoint
 from strategies.registry import build_strategy
 from task.config import (
@@ -206,10 +207,13 @@ def main(grid: Grid, context: Context) -> None:
         config.training_summary,
     )
     heartbeat = store.start_heartbeat()
+    tracker = start_tracking(config, store.run_dir)
     try:
         outcome = run_training(grid, config, store, strategy)
     finally:
         heartbeat.set()
+        if tracker is not None:
+            tracker.finish()
     store.close()
     log(INFO, "%s", outcome)
 

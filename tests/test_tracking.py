@@ -1,0 +1,354 @@
+"""MLflow tracking against real local stores, and the TensorBoard export read back."""
+
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import task.config
+from server import tracking
+from server.checkpoints import model_hash, save_checkpoint
+from server.store import RoundRecord, RunStore
+from server.tracking import TRACKING_FILE, start_tracking
+from task.config import TRACKING_FORMS, ConfigError, parse_run_config
+from tests.conftest import APP_DIR, fedcoord
+
+ACCURACIES = (0.1, 0.5, 0.8, 0.9)
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite store for the module: creating one runs MLflow's migrations (seconds)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"
+
+
+@pytest.fixture(autouse=True)
+def quick_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracking, "SYNC_INTERVAL_S", 0.05)
+
+
+def arrays_of(server_round: int) -> dict[str, np.ndarray]:
+    return {"w": np.full((2, 3), server_round, dtype=np.float32)}
+
+
+def record_round(store: RunStore, server_round: int) -> None:
+    arrays = arrays_of(server_round)
+    checkpoint = save_checkpoint(store.run_dir, server_round, arrays, {}, {})
+    metrics = {"central-accuracy": ACCURACIES[server_round], "central-loss": 2.0 - server_round}
+    if server_round > 0:
+        metrics |= {"train-loss": 1.0 / server_round, "federated-accuracy": 0.7, "x": float("nan")}
+    store.record_round(
+        RoundRecord(
+            round=server_round,
+            started_at=1000.0 + server_round,
+            ended_at=1000.5 + server_round,
+            sampled=3 if server_round else 0,
+            accepted=2 if server_round else 0,
+            rejected=1 if server_round else 0,
+            failed=0,
+            updated=server_round > 0,
+            metrics=metrics,
+            model_hash=model_hash(arrays),
+        ),
+        checkpoint=checkpoint,
+    )
+
+
+def make_run(tmp_path: Path, name: str, rounds: int, **run_config: object) -> RunStore:
+    config = parse_run_config({"run-name": name, "runs-dir": str(tmp_path), **run_config})
+    store = RunStore.create(tmp_path / name, name, {}, config.num_server_rounds)
+    for server_round in range(rounds + 1):
+        record_round(store, server_round)
+    return store
+
+
+def track(store: RunStore, state: str, **run_config: object) -> str:
+    """Mirror the run as the ServerApp does, with the run in ``state`` at the end."""
+    settings = {"run-name": store.run_dir.name, "runs-dir": str(store.run_dir.parent)}
+    config = parse_run_config({**settings, **run_config})
+    tracker = start_tracking(config, store.run_dir)
+    assert tracker is not None
+    store.update_run(state=state)
+    tracker.finish(timeout_s=60)
+    return json.loads((store.run_dir / TRACKING_FILE).read_text())["run-id"]
+
+
+def mlflow_client(uri: str):  # noqa: ANN201 - MLflow is imported when used: it is slow to import
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, round(m.value, 6)) for m in client.get_metric_history(run_id, key)]
+
+
+def test_run_config_params_round_metrics_tags_and_artifacts(tmp_path, tracking_uri):
+    # Prepare
+    store = make_run(tmp_path, "tracked", rounds=2, **{"tracking-uri": tracking_uri})
+
+    # Execute
+    run_id = track(store, "completed", **{"tracking-uri": tracking_uri, "strategy": "median"})
+
+    # Assert: one finished MLflow run, named after the run, in experiment "fedcoord"
+    client = mlflow_client(tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
+    assert client.get_experiment(run.info.experiment_id).name == "fedcoord"
+    # params: the run-config
+    params = run.data.params
+    assert params["strategy"] == "median" and params["num-server-rounds"] == "5"
+    assert params["resume"] == "false" and params["tracking-uri"] == tracking_uri
+    assert params["dataset-defaults"] == "local-epochs,batch-size,lr,momentum"
+    # metrics: every round at step=round, round 0 the initial model; NaN left out
+    assert history(client, run_id, "central-accuracy") == [(0, 0.1), (1, 0.5), (2, 0.8)]
+    assert history(client, run_id, "train-loss") == [(1, 1.0), (2, 0.5)]
+    assert history(client, run_id, "federated-accuracy") == [(1, 0.7), (2, 0.7)]
+    assert history(client, run_id, "accepted") == [(0, 0.0), (1, 2.0), (2, 2.0)]
+    assert history(client, run_id, "rejected") == [(0, 0.0), (1, 1.0), (2, 1.0)]
+    assert history(client, run_id, "duration-s") == [(0, 0.5), (1, 0.5), (2, 0.5)]
+    assert "x" not in run.data.metrics
+    # tags: run name, the final model's hash, the state
+    tags = run.data.tags
+    assert tags["fedcoord.run-name"] == "tracked"
+    assert tags["fedcoord.model-hash"] == model_hash(arrays_of(2))
+    assert tags["fedcoord.chain-hash"] == str(store.rounds()[-1]["chain_hash"])
+    assert tags["fedcoord.state"] == "completed"
+    # artifacts: the final checkpoint (the same bytes) and the plot, beside the database
+    assert {a.path for a in client.list_artifacts(run_id)} == {"checkpoints", "rounds.png"}
+    checkpoint = Path(
+        client.download_artifacts(run_id, "checkpoints/round-00002.safetensors", str(tmp_path))
+    )
+    original = store.run_dir / "checkpoints" / "round-00002.safetensors"
+    assert hashlib.sha256(checkpoint.read_bytes()).digest() == (
+        hashlib.sha256(original.read_bytes()).digest()
+    )
+    plot = Path(client.download_artifacts(run_id, "rounds.png", str(tmp_path)))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    assert run.info.artifact_uri.startswith((database.parent / "mlartifacts").as_uri())
+
+
+def test_resumed_run_continues_the_same_mlflow_run(tmp_path, tracking_uri):
+    # Prepare: a run stopped after round 2, mirrored
+    store = make_run(tmp_path, "resumed", rounds=2)
+    settings = {"tracking-uri": tracking_uri, "num-server-rounds": 2}
+    first_id = track(store, "stopped", **settings)
+    client = mlflow_client(tracking_uri)
+    assert client.get_run(first_id).info.status == "KILLED"
+
+    # Execute: resumed to 3 rounds
+    record_round(store, 3)
+    run_id = track(store, "completed", **{**settings, "num-server-rounds": 3, "resume": True})
+
+    # Assert: the same MLflow run, each round once, the changed keys as tags
+    assert run_id == first_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert history(client, run_id, "central-accuracy") == [(0, 0.1), (1, 0.5), (2, 0.8), (3, 0.9)]
+    assert run.data.params["num-server-rounds"] == "2" and run.data.params["resume"] == "false"
+    assert run.data.tags["fedcoord.config.num-server-rounds"] == "3"
+    assert run.data.tags["fedcoord.config.resume"] == "true"
+    assert run.data.tags["fedcoord.model-hash"] == model_hash(arrays_of(3))
+    checkpoints = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    assert "checkpoints/round-00003.safetensors" in checkpoints
+
+
+def test_a_folder_is_mlflows_file_store_opted_in(tmp_path, monkeypatch):
+    # Prepare: MLflow 3 refuses its file store unless asked; fedcoord asks for it
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    store = make_run(tmp_path, "folder", rounds=1)
+
+    # Execute
+    run_id = track(store, "completed", **{"tracking-uri": str(tmp_path / "mlruns")})
+
+    # Assert
+    client = mlflow_client((tmp_path / "mlruns").as_uri())
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert history(client, run_id, "central-accuracy") == [(0, 0.1), (1, 0.5)]
+    assert {a.path for a in client.list_artifacts(run_id)} == {"checkpoints", "rounds.png"}
+
+
+def tracking_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.getMessage().startswith("tracking:")
+    ]
+
+
+def test_unreachable_store_is_one_warning_and_never_raises(tmp_path, caplog):
+    # Prepare: the database's folder is a file; syncs fail again and again
+    (tmp_path / "not-a-folder").write_text("")
+    uri = f"sqlite:///{tmp_path / 'not-a-folder' / 'mlruns.db'}"
+    store = make_run(tmp_path, "unreachable", rounds=1)
+    config = parse_run_config({"run-name": "unreachable", "runs-dir": str(tmp_path)})
+    tracker = tracking.RunTracker(store.run_dir, uri, "fedcoord", tracking.tracked_params(config))
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        tracker.start()
+        time.sleep(0.5)
+        record_round(store, 2)
+        tracker.finish(timeout_s=30)
+
+    # Assert: the failure said once, in one line; the tracker ended; nothing recorded
+    warnings = tracking_warnings(caplog)
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "the run goes on" in warnings[0]
+    assert not tracker._thread.is_alive()
+    assert not (store.run_dir / TRACKING_FILE).exists()
+
+
+def test_store_damaged_during_the_run_is_a_warning_and_the_tracker_ends(tmp_path, caplog):
+    # Prepare: a store that works for the first rounds
+    database = tmp_path / "damaged.db"
+    store = make_run(tmp_path, "damaged", rounds=1)
+    config = parse_run_config({"run-name": "damaged", "runs-dir": str(tmp_path)})
+    tracker = tracking.RunTracker(
+        store.run_dir, f"sqlite:///{database}", "fedcoord", tracking.tracked_params(config)
+    )
+    tracker.start()
+    deadline = time.monotonic() + 60
+    while tracker._logged_through < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tracker._logged_through == 1
+
+    # Execute: the database is overwritten (as by a full disk's or another program's damage)
+    with caplog.at_level(logging.WARNING):
+        database.write_bytes(b"\x00not a database" * 4096)
+        record_round(store, 2)
+        store.update_run(state="completed")
+        tracker.finish(timeout_s=30)
+
+    # Assert
+    warnings = tracking_warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert not tracker._thread.is_alive()
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["postgresql://db/mlflow", "s3://bucket/mlruns", "http://", "sqlite://x.db", "sqlite:///"],
+)
+def test_unsupported_tracking_uri_is_refused_at_start(uri):
+    with pytest.raises(ConfigError) as error:
+        parse_run_config({"tracking-uri": uri})
+    assert str(error.value) == f"tracking-uri {uri!r} is not supported; valid: {TRACKING_FORMS}"
+
+
+def test_tracking_without_the_extra_is_refused_naming_the_install(monkeypatch):
+    monkeypatch.setattr(task.config, "mlflow_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"pip install 'fedcoord\[mlflow\]'"):
+        parse_run_config({"tracking-uri": "sqlite:///mlruns.db"})
+    assert parse_run_config({}).tracking_uri == ""  # off: MLflow is not needed
+
+
+def test_relative_paths_go_under_fedcoord_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDCOORD_HOME", str(tmp_path))
+    resolved = {
+        text: parse_run_config({"tracking-uri": text}).resolved_tracking_uri
+        for text in ("sqlite:///mlruns.db", "mlruns", "file:///abs/mlruns", "http://h:5000")
+    }
+    assert resolved == {
+        "sqlite:///mlruns.db": f"sqlite:///{tmp_path}/mlruns.db",
+        "mlruns": (tmp_path / "mlruns").as_uri(),
+        "file:///abs/mlruns": "file:///abs/mlruns",
+        "http://h:5000": "http://h:5000",
+    }
+
+
+def test_launcher_refuses_a_bad_tracking_uri_before_starting(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "server.simulation", "--flwr-home", str(tmp_path / "flwr")]
+        + ["--run-config", "tracking-uri='ftp://host/x'"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=APP_DIR,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"fedcoord: tracking-uri 'ftp://host/x' is not supported; valid: {TRACKING_FORMS}"
+    ]
+    assert not (tmp_path / "flwr").exists()
+
+
+def test_tensorboard_export_reads_back_with_tensorboard(tmp_path):
+    # Prepare
+    store = make_run(tmp_path / "runs", "tb", rounds=2)
+    logdir = tmp_path / "logs"
+
+    # Execute: twice, as a user re-exporting a run
+    for _ in range(2):
+        result = fedcoord(
+            tmp_path / "runs", "export", "tb", "--format", "tensorboard", "-o", logdir
+        )
+    assert result.stdout.startswith("wrote 3 rounds to ")
+
+    # Assert: one event file, every round's scalars at step=round
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list((logdir / "tb").iterdir())
+    assert [f.name.startswith("events.out.tfevents.") for f in files] == [True]
+    events = EventAccumulator(str(logdir / "tb"))
+    events.Reload()
+    scalars = {
+        t: [(e.step, round(e.value, 6)) for e in events.Scalars(t)]
+        for t in events.Tags()["scalars"]
+    }
+    assert scalars["central-accuracy"] == [(0, 0.1), (1, 0.5), (2, 0.8)]
+    assert scalars["train-loss"] == [(1, 1.0), (2, 0.5)]
+    assert scalars["accepted"] == [(0, 0.0), (1, 2.0), (2, 2.0)]
+    assert [e.wall_time for e in events.Scalars("central-loss")] == [1000.5, 1001.5, 1002.5]
+    assert "x" not in scalars
+    assert store.rounds()[0]["round"] == 0
+
+    # Assert: without -o, one line and exit 2
+    refused = fedcoord(tmp_path / "runs", "export", "tb", "--format", "tensorboard", check=False)
+    assert refused.returncode == 2
+    assert refused.stderr == "fedcoord: --format tensorboard needs -o DIR, the TensorBoard logdir\n"
+
+
+@pytest.mark.slow
+def test_simulation_is_tracked_and_a_failing_store_does_not_fail_it(simulate, tmp_path):
+    # Execute: a real run tracked in a SQLite store, and one whose store cannot open
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlruns.db'}"
+    settings = {"num-server-rounds": 2, "local-epochs": 1, "tracking-experiment": "sim"}
+    run = simulate(2, "tracked-sim", **settings, **{"tracking-uri": uri})
+    (tmp_path / "a-file").write_text("")
+    broken = f"sqlite:///{tmp_path / 'a-file' / 'mlruns.db'}"
+    failing = simulate(
+        2, "broken-sim", **{**settings, "num-server-rounds": 1, "tracking-uri": broken}
+    )
+
+    # Assert: the tracked run, read back from MLflow
+    assert run.returncode == 0, run.output[-3000:]
+    client = mlflow_client(uri)
+    run_id = json.loads((run.run_dir / TRACKING_FILE).read_text())["run-id"]
+    mlflow_run = client.get_run(run_id)
+    assert mlflow_run.info.status == "FINISHED"
+    assert client.get_experiment(mlflow_run.info.experiment_id).name == "sim"
+    accuracy = history(client, run_id, "central-accuracy")
+    assert [step for step, _ in accuracy] == [0, 1, 2]
+    assert [step for step, _ in history(client, run_id, "federated-accuracy")] == [1, 2]
+    assert [value for _, value in history(client, run_id, "accepted")] == [0.0, 2.0, 2.0]
+    status = run.status()
+    assert accuracy[-1][1] == pytest.approx(status["metrics"]["central_accuracy"], abs=1e-6)
+    newest = RunStore(run.run_dir, readonly=True).rounds()[-1]
+    assert mlflow_run.data.tags["fedcoord.model-hash"] == newest["model_hash"]
+    assert mlflow_run.data.params["local-epochs"] == "1"
+    artifacts = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/round-00002.safetensors"}
+
+    # Assert: the failing store cost one WARNING line, not the run
+    assert failing.returncode == 0, failing.output[-3000:]
+    assert failing.status()["state"] == "completed"
+    assert failing.output.count("tracking: ") == 1, failing.output[-3000:]
