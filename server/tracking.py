@@ -134,7 +134,7 @@ class RunTracker:
             self._attempt(self._close)
 
     def _attempt(self, step: Callable[[], None]) -> bool:
-        """Run ``step``; a failure is one WARNING line (not repeated) and False."""
+        """Run ``step``; a failure is one WARNING line (not repeated while it lasts) and False."""
         try:
             step()
         except Exception as error:  # noqa: BLE001 - tracking must never end the run
@@ -144,6 +144,9 @@ class RunTracker:
                 self._last_warning = warning
                 log(WARNING, "%s; the run goes on, tracking retries", warning)
             return False
+        if self._last_warning:
+            self._last_warning = ""
+            log(INFO, "tracking: MLflow answers again; the rounds it missed are logged")
         return True
 
     def _sync(self) -> None:
