@@ -250,6 +250,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run every combination of a grid in simulation, then compare the runs."""
+    from server.sweep import run_sweep  # imports Flower: only when sweeping
+
+    return run_sweep(args)
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     """Redraw a progress line every second until the run ends."""
     run_dir = resolve_run_dir(Path(args.runs_dir), args.run)
@@ -341,6 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="print one JSON object")
     compare.add_argument("--runs-dir", default=argparse.SUPPRESS, help="folder of run directories")
     compare.set_defaults(func=cmd_compare)
+    sweep = sub.add_parser("sweep", help="every combination of a grid of run-config values")
+    sweep.add_argument("--grid", required=True, help='e.g. "strategy=fedavg,median seed=1,2,3"')
+    sweep.add_argument("--run-config", default="", help="settings of every run, as flwr run's")
+    sweep.add_argument("--supernodes", type=int, default=10, help="simulated nodes of each run")
+    sweep.add_argument("--parallel", type=int, default=1, help="runs at a time (default: 1)")
+    sweep.add_argument("--name", help="sweep name, the prefix of its runs (default: the time)")
+    sweep.add_argument("--resume", action="store_true", help="run only what did not complete")
+    sweep.add_argument("--target", type=float, help="accuracy in [0, 1] for the comparison")
+    sweep.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per simulated node")
+    sweep.add_argument("--app", help="the Flower app folder (default: fedcoord's own)")
+    sweep.add_argument("--flwr-home", help="FLWR_HOME of its SuperLink (default: a temp dir)")
+    sweep.add_argument("--runs-dir", default=argparse.SUPPRESS, help="folder of run directories")
+    sweep.set_defaults(func=cmd_sweep)
     export = sub.add_parser("export", help="round rows as CSV, JSON lines or TensorBoard events")
     export.add_argument("run", nargs="?", help="run name (default: the newest run)")
     export.add_argument("--format", choices=("csv", "jsonl", "tensorboard"), default="csv")

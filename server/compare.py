@@ -259,7 +259,8 @@ def seed_summaries(
     groups: dict[str, list[Mapping[str, object]]] = {}
     for run in runs:
         differs = run["differs"]
-        groups.setdefault(label_of(differs, others), []).append(run)  # type: ignore[arg-type]
+        label = label_of(differs, others) or "all runs"  # type: ignore[arg-type]
+        groups.setdefault(label, []).append(run)
     if all(len(group) == 1 for group in groups.values()):
         return []
     return [_seed_summary(label, group) for label, group in groups.items()]
@@ -361,7 +362,7 @@ def format_seed_table(summaries: Sequence[Mapping[str, object]], target: object)
     rows = []
     for summary in summaries:
         row = [
-            str(summary["label"]) or "-",
+            str(summary["label"]),
             str(summary["runs"]),
             _fmt_mean_std(summary["final_accuracy"]),
             _fmt_mean_std(summary["best_accuracy"]),
