@@ -7,6 +7,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.byzantine import byzantine_arrays
+from client.delay import parse_client_delay, sleep_before_training
 from client.faults import after_training, before_training, parse_faults
 from client.hostile import (
     evaluate_kind,
@@ -49,6 +50,10 @@ def train_fn(msg: Message, context: Context) -> Message:
     load_numpy_into(model, received)
     fault = parse_faults(config.faults).get(data.partition_id)
     before_training(fault, config.round_timeout)
+    delay = parse_client_delay(config.client_delay)
+    sleep_before_training(
+        delay, config.seed, data.partition_id, _server_round(round_config), config.round_timeout
+    )
     seed = config.seed + _server_round(round_config) * 1000 + data.partition_id
     result = train(
         model,

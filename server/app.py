@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import RunNotRunningException
 
 from server import lifecycle, object_pull
+from server.async_rounds import AsyncCoordinator
 from server.checkpoints import CheckpointError
 from server.control import StopRequestedError
 from server.coordinator import Coordinator, EvaluateFn, NamedArrays, NodeShortageError
@@ -231,7 +232,8 @@ def run_training(grid: Grid, config: RunConfig, store: RunStore, strategy: objec
                 "resumed", f"resumed from the checkpoint of round {start.first_round - 1}"
             )
             log(INFO, "resuming from the checkpoint of round %d", start.first_round - 1)
-        coordinator = Coordinator(
+        coordinator_class = AsyncCoordinator if config.mode == "async" else Coordinator
+        coordinator = coordinator_class(
             grid,
             strategy,
             store,

@@ -85,11 +85,21 @@ class ControlChannel:
     def between_rounds(self) -> None:
         """Apply queued commands; block while paused; raise on stop."""
         while True:
-            for command in self.store.pending_commands():
-                self._apply(command)
+            self.apply_pending()
             if self.state != lifecycle.PAUSED:
                 return
             time.sleep(PAUSE_POLL_S)
+
+    def apply_pending(self) -> None:
+        """Apply queued commands without blocking (async mode: while trainings are in flight).
+
+        Raises
+        ------
+        StopRequestedError
+            If a stop is queued.
+        """
+        for command in self.store.pending_commands():
+            self._apply(command)
 
     def _apply(self, command: dict[str, object]) -> None:
         name, command_id = str(command["command"]), int(command["id"])  # type: ignore[call-overload]

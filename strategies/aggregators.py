@@ -580,12 +580,19 @@ class ClippedMeanAggregator(_StreamingAggregatorBase):
         self._count += 1
 
     def add_difference(
-        self, clients: Sequence[np.ndarray], references: Sequence[np.ndarray], weight: float = 1.0
+        self,
+        clients: Sequence[np.ndarray],
+        references: Sequence[np.ndarray],
+        weight: float = 1.0,
+        *,
+        scale: float = 1.0,
     ) -> None:
         """Clip the update ``clients - references`` and fold it in, without materialising it.
 
         Two blocked passes per array: the norm (which also checks the clients'
         float values), then the scaled fold. ``weight`` is ignored, as in :meth:`add`.
+        ``scale`` in [0, 1] multiplies the clipped float arrays (FedBuff's staleness
+        weight); at most 1, it keeps each update's norm within ``clip_norm``.
 
         Raises
         ------
@@ -594,6 +601,8 @@ class ClippedMeanAggregator(_StreamingAggregatorBase):
         ValueError
             For arrays that do not match the first update's layout.
         """
+        if not 0.0 <= scale <= 1.0:
+            raise ValueError(f"scale must be in [0, 1], got {scale}")
         arrays = self._accept(clients)
         layout = self._require_layout()
         layout.validate(_to_arrays(references))
@@ -602,7 +611,7 @@ class ClippedMeanAggregator(_StreamingAggregatorBase):
         if norm > self.clip_norm:
             float_scale = self.clip_norm / norm
             self._num_clipped += 1
-        scales = [float_scale if is_float else 1.0 for is_float in layout.is_float]
+        scales = [float_scale * scale if is_float else 1.0 for is_float in layout.is_float]
         self._streaming_sum().fold_scaled_difference(arrays, list(references), scales)
         self._count += 1
 

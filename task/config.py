@@ -33,6 +33,15 @@ BYZANTINE_MODES: tuple[str, ...] = ("flip", "noise")
 
 FAULT_KINDS: tuple[str, ...] = ("raise", "sleep", "nan", "delay")
 
+# Asynchronous mode (FedBuff, issue 14): the strategies that stream, the staleness weights.
+MODES: tuple[str, ...] = ("sync", "async")
+ASYNC_STRATEGIES: tuple[str, ...] = ("fedavg", "mean", "weighted", "clipped")
+STALENESS_WEIGHTS: tuple[str, ...] = ("constant", "polynomial")
+CLIENT_DELAY_FORMS = (
+    "'' (off), lognormal:SIGMA (median 1 s), or PARTITION=SECONDS,... (*=SECONDS: the rest)"
+)
+MAX_DELAY_SIGMA = 5.0
+
 # The value of a training key that means "the dataset's default" (the pyproject default).
 DATASET_DEFAULT = "auto"
 # Local training defaults per dataset, for the keys a run leaves at "auto" (or unset).
@@ -133,6 +142,19 @@ class RunConfig:
     min_evaluate_nodes: int = 2
     # Federated evaluation every k rounds, and at the last round.
     evaluate_every: int = 1
+    # sync: rounds; async: FedBuff, num-server-rounds counts model versions.
+    mode: str = "sync"
+    # async: trainings in flight (K).
+    concurrency: int = 8
+    # async: accepted updates per new model version (B).
+    buffer_size: int = 4
+    # async: updates trained from a version older than this many versions are rejected.
+    max_staleness: int = 8
+    # async: constant, or polynomial (1 + staleness) ** -staleness-exponent.
+    staleness_weight: str = "polynomial"
+    staleness_exponent: float = 0.5
+    # Test/bench only: simulated client slowness (CLIENT_DELAY_FORMS); "" = none.
+    client_delay: str = ""
     # MLflow tracking store (see TRACKING_FORMS); "" = no tracking.
     tracking_uri: str = ""
     # MLflow experiment that holds the run; "" = "fedcoord".
@@ -426,6 +448,7 @@ def validate_config(config: RunConfig) -> None:
     )
     parse_node_weights(config.node_weights)
     _validate_tracking(config)
+    _validate_async(config)
 
 
 def _validate_tracking(config: RunConfig) -> None:
@@ -441,6 +464,85 @@ def _validate_tracking(config: RunConfig) -> None:
         mlflow_installed(),
         f"tracking-uri needs MLflow, which is not installed: {MLFLOW_EXTRA_HINT}",
     )
+
+
+def _validate_async(config: RunConfig) -> None:
+    """Refuse a mode, buffer or staleness setting FedBuff cannot use."""
+    _require_choice("mode", config.mode, MODES)
+    _require_choice("staleness-weight", config.staleness_weight, STALENESS_WEIGHTS)
+    _require(config.concurrency >= 1, f"concurrency must be >= 1, got {config.concurrency}")
+    _require(config.buffer_size >= 1, f"buffer-size must be >= 1, got {config.buffer_size}")
+    _require(config.max_staleness >= 0, f"max-staleness must be >= 0, got {config.max_staleness}")
+    _require(
+        0 <= config.staleness_exponent <= 10,
+        f"staleness-exponent must be in [0, 10], got {config.staleness_exponent}",
+    )
+    _require(
+        config.mode != "async" or config.strategy in ASYNC_STRATEGIES,
+        f"strategy {config.strategy!r} cannot run in mode='async': FedBuff folds each update "
+        "as it arrives, against the version it was trained from, which needs a streaming "
+        f"aggregator; valid in async mode: {', '.join(ASYNC_STRATEGIES)}",
+    )
+    parse_client_delay(config.client_delay)
+
+
+@dataclass(frozen=True)
+class ClientDelay:
+    """A parsed ``client-delay``: lognormal seconds, or fixed seconds by partition."""
+
+    sigma: float | None = None
+    seconds: Mapping[int, float] = field(default_factory=dict)
+    default_s: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        """Whether any partition is slowed down."""
+        return self.sigma is not None or self.default_s > 0 or any(self.seconds.values())
+
+
+def parse_client_delay(text: str) -> ClientDelay:
+    """Parse ``client-delay``: ``lognormal:1.0`` or ``"*=0.5,3=2.5"``; ``""`` is none.
+
+    Raises
+    ------
+    ConfigError
+        For any other form, a negative or infinite delay, or sigma outside [0, 5].
+    """
+    text = text.strip()
+    refused = f"client-delay {text[:100]!r} is malformed; valid: {CLIENT_DELAY_FORMS}"
+    if not text:
+        return ClientDelay()
+    if text.startswith("lognormal:"):
+        sigma = _finite_number(text.removeprefix("lognormal:"), refused)
+        _require(
+            0 <= sigma <= MAX_DELAY_SIGMA,
+            f"client-delay sigma must be in [0, {MAX_DELAY_SIGMA:g}], got {sigma:g}",
+        )
+        return ClientDelay(sigma=sigma)
+    seconds: dict[int, float] = {}
+    default_s = 0.0
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        partition, separator, value = (part.strip() for part in entry.partition("="))
+        _require(bool(separator) and (partition == "*" or _is_ascii_digits(partition)), refused)
+        delay = _finite_number(value, refused)
+        _require(delay >= 0, f"client-delay: {delay:g} seconds for {partition} must be >= 0")
+        if partition == "*":
+            default_s = delay
+        else:
+            _require(
+                int(partition) < PARTITION_LIMIT, f"client-delay: partition {partition} >= 2^31"
+            )
+            seconds[int(partition)] = delay
+    return ClientDelay(seconds=seconds, default_s=default_s)
+
+
+def _finite_number(text: str, refused: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(refused) from None
+    _require(math.isfinite(value), refused)
+    return value
 
 
 def _validate_strategy_options(config: RunConfig) -> None:

@@ -9,6 +9,8 @@ INFO = "info"
 # ConfigRecord entries sent by the server
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"
+# async mode: the model version a training starts from (server-round: the node's k-th training)
+MODEL_VERSION = "model-version"
 BYZANTINE = "byzantine"
 
 # MetricRecord entries sent back by clients
