@@ -85,7 +85,7 @@ def validate_target(target: float | None) -> float | None:
     if target is None:
         return None
     if not 0.0 <= target <= 1.0:
-        raise CompareError(f"--target is an accuracy in [0, 1], got {target}; e.g. --target 0.9")
+        raise CompareError(f"target must be an accuracy in [0, 1], got {target}; e.g. 0.9")
     return float(target)
 
 
@@ -241,8 +241,13 @@ def summarize_run(
         "target_time_s": reached_s,
         "wall_time_s": last.elapsed_s if last else 0.0,
         "rejected": sum(p.rejected for p in record.points),
-        "epsilon": epsilons[-1] if epsilons else None,
+        "epsilon": _epsilon_value(epsilons[-1]) if epsilons else None,
     }
+
+
+def _epsilon_value(epsilon: float) -> float | str:
+    """Epsilon for JSON too: ``"inf"`` (no noise, no privacy claimed) is not left blank."""
+    return "inf" if math.isinf(epsilon) else epsilon
 
 
 def seed_summaries(

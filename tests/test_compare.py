@@ -175,6 +175,8 @@ def test_target_never_reached_is_a_dash_and_epsilon_is_shown_when_recorded(tmp_p
     dp, nodp = (line.split() for line in out.splitlines()[1:])
     assert dp[7:] == ["-", "-", "0", "2.25"]
     assert nodp[7:] == ["2", "30.0s", "0", "inf"]
+    data = compare_run_dirs([runs / "dp", runs / "nodp"])
+    assert [run["epsilon"] for run in data["runs"]] == [2.25, "inf"]  # JSON has no infinity
 
 
 def test_compare_json_and_png(runs_dir, tmp_path, capsys):
@@ -198,8 +200,8 @@ def test_compare_json_and_png(runs_dir, tmp_path, capsys):
         (["avg", "avg"], "run 'avg' is named twice; name each run once"),
         (["avg", "nope"], "no run 'nope' in"),
         (["avg", "../avg"], "invalid run name '../avg'"),
-        (["avg", "med", "--target", "1.5"], "--target is an accuracy in [0, 1], got 1.5"),
-        (["avg", "med", "--target", "nan"], "--target is an accuracy in [0, 1], got nan"),
+        (["avg", "med", "--target", "1.5"], "target must be an accuracy in [0, 1], got 1.5"),
+        (["avg", "med", "--target", "nan"], "target must be an accuracy in [0, 1], got nan"),
         (["avg", "med", "-o", "x.txt"], "-o x.txt: name a .png file"),
         (["avg", "broken"], "run 'broken' is unreadable: run.db is empty; leave broken out"),
     ],

@@ -180,6 +180,55 @@ def test_stream_of_a_live_run_follows_it_until_its_time_is_up(runs_dir):
     assert json.loads(events[-1].split("data: ", 1)[1])["status"]["state"] == "running"
 
 
+def test_compare_answers_the_table_and_both_charts(runs_dir):
+    # Prepare
+    client = local_client(runs_dir)
+    query = [("run", "live"), ("run", "done"), ("target", "0.5")]
+
+    # Execute
+    data = client.get("/api/compare", params=query).json()
+    charts = {
+        axis: client.get(f"/api/compare/{axis}.svg", params=query) for axis in ("round", "time")
+    }
+
+    # Assert: the table of `fedcoord compare --json`; one line a run in each chart
+    assert [run["run_name"] for run in data["runs"]] == ["live", "done"]
+    live = data["runs"][0]
+    assert (live["target_round"], live["target_time_s"], live["rejected"]) == (2, 6.0, 3)
+    assert live["final_accuracy"] == pytest.approx(0.6) and data["target"] == 0.5
+    for axis, x_label in (("round", ">round</text>"), ("time", ">seconds in rounds</text>")):
+        svg = charts[axis].text
+        assert charts[axis].headers["content-type"].startswith("image/svg+xml")
+        assert x_label in svg and ">live</text>" in svg and ">done</text>" in svg
+        assert svg.count("<polyline") == 2 and "<script" not in svg
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "status", "error"),
+    [
+        ("/api/compare", [("run", "live")], 400, "compare needs at least two runs"),
+        ("/api/compare", [("run", "live"), ("run", "live")], 400, "'live' is named twice"),
+        ("/api/compare", [("run", "live"), ("run", "../done")], 400, "invalid run name"),
+        ("/api/compare", [("run", "live"), ("run", "nope")], 404, "no run 'nope'"),
+        ("/api/compare", [("run", "live"), ("run", "broken")], 409, "run 'broken' is unreadable"),
+        ("/api/compare", [("run", "live"), ("run", "done"), ("target", "2")], 400, "in [0, 1]"),
+        ("/api/compare", [("run", "live"), ("run", "done"), ("target", "x")], 400, "got 'x'"),
+        ("/api/compare/loss.svg", [("run", "live"), ("run", "done")], 404, "unknown chart"),
+        ("/api/compare/time.svg", [("run", "live")], 400, "compare needs at least two runs"),
+    ],
+)
+def test_compare_refuses_bad_input_with_a_json_error(runs_dir, path, query, status, error):
+    # Prepare: a run whose run.db is random bytes
+    (runs_dir / "broken").mkdir()
+    (runs_dir / "broken" / "run.db").write_bytes(b"\x13 not a database " * 300)
+
+    # Execute
+    response = local_client(runs_dir).get(path, params=query)
+
+    # Assert
+    assert response.status_code == status and error in response.json()["error"]
+
+
 # ---------------------------------------------------------------- actions
 def test_pause_queues_the_command_and_says_what_happens(runs_dir):
     # Execute

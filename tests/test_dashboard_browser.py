@@ -106,6 +106,20 @@ def dashboard(runs_dir: Path, log_path: Path) -> Iterator[str]:
                 process.wait()
 
 
+@contextmanager
+def browser_page(runs_dir: Path, log_name: str, **options: object) -> Iterator[tuple[object, str]]:
+    """A Chromium page and the URL of a dashboard of ``runs_dir``; both stopped on the way out."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with dashboard(runs_dir, ARTIFACTS / log_name) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(**options), url
+        finally:
+            browser.close()
+
+
 def round_shown_above(page, value: int) -> None:
     page.wait_for_function(
         "n => Number(document.getElementById('round-current').textContent) > n",
@@ -185,7 +199,7 @@ def test_dashboard_follows_and_controls_a_live_run(simulate, tmp_path):
 
 def test_dashboard_shows_unreadable_runs(tmp_path):
     require_browser()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from tests.test_dashboard import make_run
 
@@ -194,35 +208,65 @@ def test_dashboard_shows_unreadable_runs(tmp_path):
     make_run(runs_dir, "live").close()
     (runs_dir / "broken").mkdir()
     (runs_dir / "broken" / "run.db").write_bytes(b"\x13 not a database " * 300)
-    ARTIFACTS.mkdir(exist_ok=True)
-    with (
-        dashboard(runs_dir, ARTIFACTS / "dashboard-unreadable.log") as url,
-        sync_playwright() as playwright,
-    ):
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
+    with browser_page(runs_dir, "dashboard-unreadable.log") as (page, url):
+        # Execute / Assert: listed as unreadable with the reason, beside the good run
+        page.goto(f"{url}/")
+        row = page.locator("#runs-body tr", has_text="broken")
+        expect(row.locator(".badge")).to_have_text("unreadable", timeout=UI_TIMEOUT_MS)
+        expect(row).to_contain_text("run 'broken' is unreadable: ")
+        expect(page.locator("#runs-body tr", has_text="live")).to_contain_text("running")
 
-            # Execute / Assert: listed as unreadable with the reason, beside the good run
-            page.goto(f"{url}/")
-            row = page.locator("#runs-body tr", has_text="broken")
-            expect(row.locator(".badge")).to_have_text("unreadable", timeout=UI_TIMEOUT_MS)
-            expect(row).to_contain_text("run 'broken' is unreadable: ")
-            expect(page.locator("#runs-body tr", has_text="live")).to_contain_text("running")
+        # its page says so
+        page.goto(f"{url}/runs/broken")
+        expect(page.locator("h1")).to_have_text("Unreadable run")
+        expect(page.locator("main")).to_contain_text("run 'broken' is unreadable: ")
 
-            # its page says so
-            page.goto(f"{url}/runs/broken")
-            expect(page.locator("h1")).to_have_text("Unreadable run")
-            expect(page.locator("main")).to_contain_text("run 'broken' is unreadable: ")
+        # a run followed live whose run.db is overwritten: the page stops and says why
+        page.goto(f"{url}/runs/live")
+        expect(page.locator("#state-badge")).to_have_text("running", timeout=UI_TIMEOUT_MS)
+        for path in runs_dir.glob("live/run.db*"):
+            path.write_bytes(b"overwritten " * 300)
+        expect(page.locator("#state-badge")).to_have_text("unreadable", timeout=UI_TIMEOUT_MS)
+        expect(page.locator("#run-message")).to_contain_text("run 'live' is unreadable: ")
+        expect(page.locator("#live")).to_contain_text("unreadable")
+        expect(page.locator("#btn-pause")).to_be_disabled()
 
-            # a run followed live whose run.db is overwritten: the page stops and says why
-            page.goto(f"{url}/runs/live")
-            expect(page.locator("#state-badge")).to_have_text("running", timeout=UI_TIMEOUT_MS)
-            for path in runs_dir.glob("live/run.db*"):
-                path.write_bytes(b"overwritten " * 300)
-            expect(page.locator("#state-badge")).to_have_text("unreadable", timeout=UI_TIMEOUT_MS)
-            expect(page.locator("#run-message")).to_contain_text("run 'live' is unreadable: ")
-            expect(page.locator("#live")).to_contain_text("unreadable")
-            expect(page.locator("#btn-pause")).to_be_disabled()
-        finally:
-            browser.close()
+
+def test_dashboard_compares_the_runs_ticked_on_the_runs_page(tmp_path):
+    require_browser()
+    from playwright.sync_api import expect
+
+    from tests.test_compare import make_run
+
+    # Prepare: two runs of different strategies, and one that cannot be read
+    runs_dir = tmp_path / "runs"
+    make_run(runs_dir, "avg", [0.1, 0.5, 0.8, 0.9])
+    make_run(runs_dir, "med", [0.1, 0.4, 0.6, 0.7], duration_s=20.0, strategy="median")
+    (runs_dir / "broken").mkdir()
+    (runs_dir / "broken" / "run.db").write_bytes(b"\x13 not a database " * 300)
+    viewport = {"width": 1360, "height": 1100}
+    with browser_page(runs_dir, "dashboard-compare.log", viewport=viewport) as (page, url):
+        page.goto(f"{url}/")
+
+        # Execute: tick both readable runs (the unreadable one cannot be ticked)
+        expect(page.get_by_label("compare broken")).to_be_disabled(timeout=UI_TIMEOUT_MS)
+        page.get_by_label("compare avg").check()
+        expect(page.locator("#compare-hint")).to_be_visible()
+        page.get_by_label("compare med").check()
+
+        # Assert: the table, by strategy, and both charts
+        rows = page.locator("#compare-body tr")
+        expect(rows).to_have_count(2, timeout=UI_TIMEOUT_MS)
+        expect(rows.nth(1)).to_contain_text("median")
+        expect(rows.nth(0)).to_contain_text("0.9000")
+        for axis in ("round", "time"):
+            width = f"document.getElementById('compare-{axis}').naturalWidth"
+            wait_until(lambda width=width: page.evaluate(width) > 0, 30, f"the {axis} chart")
+
+        # a target adds the round and time it was reached ('–' when never)
+        page.fill("#compare-target", "0.8")
+        page.press("#compare-target", "Enter")
+        expect(page.locator("#compare-head")).to_contain_text("Round @0.8")
+        expect(rows.nth(0)).to_contain_text("30s")
+        expect(rows.nth(1)).to_contain_text("–")
+        page.screenshot(path=str(ARTIFACTS / "dashboard-compare.png"), full_page=True)

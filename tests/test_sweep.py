@@ -83,7 +83,7 @@ def test_grid_values_become_run_config_text():
         (["--grid", "seed=1,2", "--run-config", "seed=3"], "seed is in both --grid and"),
         (["--grid", "seed=1,2", "--resume"], "--resume needs --name SWEEP"),
         (["--grid", "seed=1,2", "--parallel", "0"], "--parallel and --supernodes must be"),
-        (["--grid", "seed=1,2", "--target", "2"], "--target is an accuracy in [0, 1]"),
+        (["--grid", "seed=1,2", "--target", "2"], "target must be an accuracy in [0, 1]"),
         (["--grid", "seed=1,2", "--name", "x" * 99], "choose a shorter --name"),
     ],
 )

@@ -10,9 +10,15 @@ GET    ``/api/runs``                    every run's summary (JSON)
 GET    ``/api/runs/NAME``               one run: status, rounds, nodes, rejections, events
 GET    ``/api/runs/NAME/stream``        the same, as server-sent events while it changes
 GET    ``/api/runs/NAME/charts/C.svg``  chart ``accuracy``, ``loss`` or ``clients``
+GET    ``/api/compare?run=A&run=B``     runs compared, as ``fedcoord compare --json``
+GET    ``/api/compare/X.svg?run=A&...`` their accuracy against ``round`` or ``time``
 POST   ``/api/runs/NAME/pause``         also ``resume`` and ``stop``: queue the command
 POST   ``/api/runs/NAME/weight``        ``{"partition": P, "weight": W}``
 ====== ================================ ==============================================
+
+A comparison names each run in its own ``run`` parameter (a run name may hold a
+comma), optionally with ``target=0.9``; too few or too many runs, a run named
+twice or a target outside [0, 1] answers 400 with the reason.
 
 Actions go through :mod:`server.operations`, the CLI's own validation: a refused
 one answers 409 with the reason and changes nothing. A body that is not the JSON
@@ -48,7 +54,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from server import lifecycle
-from server.dashboard.charts import CHARTS, render_chart
+from server.compare import CompareError, validate_target
+from server.dashboard.charts import CHARTS, COMPARISON_AXES, comparison_chart, render_chart
 from server.dashboard.security import (
     TOKEN_COOKIE,
     GuardMiddleware,
@@ -66,6 +73,7 @@ from server.dashboard.views import (
     UNREADABLE,
     RunNameError,
     RunUnreadableError,
+    compare_view,
     find_run,
     list_runs,
     read_run,
@@ -130,6 +138,8 @@ def create_app(settings: DashboardSettings) -> Starlette:
         Route("/api/runs/{name}", api_run),
         Route("/api/runs/{name}/stream", api_stream),
         Route("/api/runs/{name}/charts/{chart}.svg", api_chart),
+        Route("/api/compare", api_compare),
+        Route("/api/compare/{axis}.svg", api_compare_chart),
         Route("/api/runs/{name}/weight", api_weight, methods=["POST"]),
         Route("/api/runs/{name}/{command}", api_command, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
@@ -211,6 +221,36 @@ def api_chart(request: Request) -> Response:
         raise HTTPException(404, f"unknown chart {chart!r}; charts: {', '.join(CHARTS)}")
     svg = read_run(lambda run_dir: render_chart(chart, *round_rows(run_dir)), _run_dir(request))
     return Response(svg, media_type="image/svg+xml", headers=NO_STORE)
+
+
+def api_compare(request: Request) -> Response:
+    """Runs side by side: what differs, accuracy, time to the target, rejected, epsilon."""
+    return _json(_comparison(request))
+
+
+def api_compare_chart(request: Request) -> Response:
+    """Central accuracy of the compared runs against ``round`` or wall ``time``, as SVG."""
+    axis = request.path_params["axis"]
+    if axis not in COMPARISON_AXES:
+        raise HTTPException(404, f"unknown chart {axis!r}; charts: {', '.join(COMPARISON_AXES)}")
+    x_key = "round" if axis == "round" else "elapsed_s"
+    curves = []
+    for run in _comparison(request)["runs"]:  # type: ignore[attr-defined]
+        curve = run["curve"]
+        points = zip(curve[x_key], curve["central_accuracy"], strict=True)
+        curves.append((run["label"], [(x, acc) for x, acc in points if acc is not None]))
+    return Response(comparison_chart(axis, curves), media_type="image/svg+xml", headers=NO_STORE)
+
+
+def _comparison(request: Request) -> dict[str, object]:
+    """The comparison the query asks for: ``run`` (repeated) and ``target``."""
+    text = request.query_params.get("target", "").strip()
+    try:
+        target = float(text) if text else None
+    except ValueError:
+        raise CompareError(f"target must be a number in [0, 1], got {text[:40]!r}") from None
+    names = request.query_params.getlist("run")
+    return compare_view(_settings(request).runs_dir, names, validate_target(target))
 
 
 async def api_stream(request: Request) -> Response:
@@ -312,6 +352,7 @@ async def _internal_error(request: Request, error: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     HTTPException: _error_handler(500),
     BodyError: _error_handler(400),
+    CompareError: _error_handler(400),
     RunNameError: _error_handler(400),
     RunNotFoundError: _error_handler(404),
     lifecycle.InvalidTransitionError: _error_handler(409),

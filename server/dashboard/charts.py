@@ -3,7 +3,8 @@
 Three charts, by name: ``accuracy`` (central and federated), ``loss`` (central,
 federated and train) and ``clients`` (accepted / rejected / failed replies per
 round, stacked). Every chart has a title, labelled axes with round-number ticks
-and a legend; each point carries a ``<title>`` tooltip.
+and a legend; each point carries a ``<title>`` tooltip. :func:`comparison_chart`
+draws one line per compared run, against round or wall time, its legend below.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ FONT = "-apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif"
 BLUE, GREEN, AMBER, RED, GREY = "#2563eb", "#16a34a", "#d97706", "#dc2626", "#9ca3af"
 CHARTS = ("accuracy", "loss", "clients")
 MAX_MARKED_POINTS = 60
+# One colour per compared run (cycled); the first ones are the single-run colours.
+PALETTE = (BLUE, GREEN, AMBER, RED, "#7c3aed", "#0891b2", "#db2777", "#65a30d", "#4b5563")
+LEGEND_ROW = 16
+# Comparison charts: x axis -> (title, axis label, tooltip unit).
+COMPARISON_AXES = {
+    "round": ("Central accuracy per round", "round", "round"),
+    "time": ("Central accuracy over wall time", "seconds in rounds", "s"),
+}
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,34 @@ def clients_chart(rows: Sequence[dict[str, object]], num_rounds: int) -> str:
     return _svg("Clients per round", parts)
 
 
+def comparison_chart(axis: str, curves: Sequence[tuple[str, Sequence[tuple[float, float]]]]) -> str:
+    """Central accuracy of compared runs against ``round`` or wall ``time``; legend below.
+
+    ``curves`` holds one ``(label, [(x, accuracy), ...])`` per run, in the order
+    of the comparison table, whose colours follow :data:`PALETTE`.
+    """
+    title, x_label, unit = COMPARISON_AXES[axis]
+    series = [
+        Series(label, PALETTE[i % len(PALETTE)], tuple(points))
+        for i, (label, points) in enumerate(curves)
+    ]
+    height = HEIGHT + 10 + LEGEND_ROW * len(series)
+    x_high = max((x for line in series for x, _ in line.points), default=0.0)
+    x_max = max(x_high, 1.0) if axis == "round" else nice_ticks(max(x_high, 1.0), 6)[-1]
+    frame = Frame(x_max, 0.0, 1.0)
+    parts = _axes(frame, nice_ticks(1.0, 6), title, "central accuracy", x_label)
+    for row, line in enumerate(series):
+        y = HEIGHT + 10 + LEGEND_ROW * row
+        parts.append(
+            f'<rect x="{LEFT}" y="{y - 9}" width="10" height="10" rx="2" fill="{line.color}"/>'
+        )
+        parts.append(f'<text x="{LEFT + 14}" y="{y}" class="legend">{escape(line.label)}</text>')
+        parts.extend(_polyline(frame, line, unit))
+    if not any(line.points for line in series):
+        parts.append(_empty_note())
+    return _svg(title, parts, height)
+
+
 def _series(
     rows: Sequence[dict[str, object]], keys: Sequence[tuple[str, str, str]]
 ) -> list[Series]:
@@ -136,15 +173,19 @@ def _series(
     return lines
 
 
-def _axes(frame: Frame, y_ticks: list[float], title: str, y_label: str) -> list[str]:
+def _axes(
+    frame: Frame, y_ticks: list[float], title: str, y_label: str, x_label: str = "round"
+) -> list[str]:
     bottom, right = HEIGHT - BOTTOM, WIDTH - RIGHT
     parts = [f'<text x="{LEFT}" y="20" class="title">{escape(title)}</text>']
     for tick in y_ticks:
         y = frame.y(tick)
         parts.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" class="grid"/>')
         parts.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" class="tick end">{_label(tick)}</text>')
-    for tick in nice_ticks(frame.x_max - (frame.x_max % 1), 8, integer=True):
-        if tick <= frame.x_max:
+    rounds = x_label == "round"
+    x_ticks = nice_ticks(frame.x_max - (frame.x_max % 1 if rounds else 0), 8, integer=rounds)
+    for tick in x_ticks:
+        if tick <= frame.x_max + 1e-9:
             x = frame.x(tick)
             parts.append(
                 f'<line x1="{x:.1f}" y1="{bottom}" x2="{x:.1f}" y2="{bottom + 4}" class="axis"/>'
@@ -153,7 +194,9 @@ def _axes(frame: Frame, y_ticks: list[float], title: str, y_label: str) -> list[
     parts.append(f'<line x1="{LEFT}" y1="{bottom}" x2="{right}" y2="{bottom}" class="axis"/>')
     parts.append(f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{bottom}" class="axis"/>')
     middle_x, middle_y = (LEFT + right) / 2, (TOP + bottom) / 2
-    parts.append(f'<text x="{middle_x:.1f}" y="{HEIGHT - 6}" class="label mid">round</text>')
+    parts.append(
+        f'<text x="{middle_x:.1f}" y="{HEIGHT - 6}" class="label mid">{escape(x_label)}</text>'
+    )
     parts.append(
         f'<text x="14" y="{middle_y:.1f}" class="label mid" '
         f'transform="rotate(-90 14 {middle_y:.1f})">{escape(y_label)}</text>'
@@ -171,7 +214,7 @@ def _legend(entries: Sequence[tuple[str, str]]) -> list[str]:
     return parts
 
 
-def _polyline(frame: Frame, line: Series) -> list[str]:
+def _polyline(frame: Frame, line: Series, x_unit: str = "round") -> list[str]:
     if not line.points:
         return []
     coords = " ".join(f"{frame.x(x):.1f},{frame.y(y):.1f}" for x, y in line.points)
@@ -180,10 +223,14 @@ def _polyline(frame: Frame, line: Series) -> list[str]:
     for x, y in line.points:
         parts.append(
             f'<circle cx="{frame.x(x):.1f}" cy="{frame.y(y):.1f}" r="{radius}" '
-            f'fill="{line.color}"><title>round {x:.0f}: {escape(line.label)} {y:.4f}</title>'
+            f'fill="{line.color}"><title>{_x_text(x, x_unit)}: {escape(line.label)} {y:.4f}</title>'
             "</circle>"
         )
     return parts
+
+
+def _x_text(x: float, unit: str) -> str:
+    return f"round {x:.0f}" if unit == "round" else f"{x:.1f} {unit}"
 
 
 def _empty_note() -> str:
@@ -191,7 +238,7 @@ def _empty_note() -> str:
     return f'<text x="{x:.1f}" y="{y:.1f}" class="label mid">no rounds yet</text>'
 
 
-def _svg(title: str, parts: list[str]) -> str:
+def _svg(title: str, parts: list[str], height: float = HEIGHT) -> str:
     style = (
         f"text{{font-family:{FONT};fill:#374151}}"
         ".title{font-size:13px;font-weight:600;fill:#111827}"
@@ -201,10 +248,10 @@ def _svg(title: str, parts: list[str]) -> str:
     )
     body = "\n".join(parts)
     return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" '
-        f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{escape(title)}">\n'
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {height:g}" '
+        f'width="{WIDTH}" height="{height:g}" role="img" aria-label="{escape(title)}">\n'
         f"<title>{escape(title)}</title><style>{style}</style>\n"
-        f'<rect width="{WIDTH}" height="{HEIGHT}" fill="#ffffff"/>\n{body}\n</svg>\n'
+        f'<rect width="{WIDTH}" height="{height:g}" fill="#ffffff"/>\n{body}\n</svg>\n'
     )
 
 

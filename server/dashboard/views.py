@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from server.compare import compare_records, read_run_record, validate_run_names
 from server.lifecycle import InvalidTransitionError
 from server.runs import RunNotFoundError, list_run_dirs, resolve_run_dir, run_status
 from server.store import RunStore, RunStoreError
@@ -185,6 +186,22 @@ def run_detail(run_dir: Path) -> dict[str, object]:
             for command in pending
         ],
     }
+
+
+def compare_view(runs_dir: Path, names: list[str], target: float | None) -> dict[str, object]:
+    """The comparison of runs ``names`` of ``runs_dir``, as ``fedcoord compare --json`` prints it.
+
+    Raises
+    ------
+    server.compare.CompareError
+        For fewer than two runs, more than 20, or one named twice.
+    RunNameError, RunNotFoundError, RunUnreadableError
+        As :func:`find_run` and :func:`read_run` do, for the first such run.
+    """
+    run_dirs = [find_run(runs_dir, name) for name in validate_run_names(names)]
+    now = time.time()
+    records = [read_run(lambda d: read_run_record(d, now), run_dir) for run_dir in run_dirs]
+    return compare_records(records, target)
 
 
 def round_rows(run_dir: Path) -> tuple[list[dict[str, object]], int]:
