@@ -95,7 +95,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"run        {status['run_name']}  ({status['run_dir']})")
     print(f"state      {status['state']}" + (f"  {status['message']}" if status["message"] else ""))
     print(
-        f"round      {status['current_round']}/{status['num_rounds']}"
+        f"{status['step']!s:<10} {status['current_round']}/{status['num_rounds']}"
         f"  ({100 * float(status['progress']):.0f}%)"  # type: ignore[arg-type]
         f"  phase {status['phase'] or '-'}"
         f"  replies {status['replies_received']}/{status['replies_expected']}"
@@ -290,7 +290,7 @@ def progress_line(status: dict[str, object], width: int = 30) -> str:
     filled = int(round(progress * width))
     metrics = status["metrics"] if isinstance(status["metrics"], dict) else {}
     return (
-        f"[{'#' * filled}{'.' * (width - filled)}] round {status['current_round']}/"
+        f"[{'#' * filled}{'.' * (width - filled)}] {status['step']} {status['current_round']}/"
         f"{status['num_rounds']}  replies {status['replies_received']}/"
         f"{status['replies_expected']}  acc {_fmt(metrics.get('central_accuracy'))}  "
         f"ETA {_fmt_seconds(status['eta_s'])}  {status['state']:<12}"

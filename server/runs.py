@@ -123,6 +123,8 @@ def run_status(run_dir: Path) -> dict[str, object]:
         "stored_state": run["state"],
         "current_round": current,
         "num_rounds": num_rounds,
+        "mode": (mode := _config(run["config_json"]).get("mode", "sync")),
+        "step": "version" if mode == "async" else "round",
         "progress": min(1.0, current / num_rounds) if num_rounds else 0.0,
         "phase": run["phase"],
         "replies_received": run["replies_received"],
@@ -144,13 +146,19 @@ def run_status(run_dir: Path) -> dict[str, object]:
     }
 
 
-def _training(config_json: object) -> dict[str, object]:
-    """The run's local training keys, which took the dataset's default, and evaluation."""
+def _config(config_json: object) -> dict[str, object]:
+    """The run's stored config; {} if it cannot be read (checked elsewhere, not ours to fail)."""
     try:
         config = json.loads(str(config_json))
-    except (ValueError, RecursionError):  # the record is checked elsewhere; not ours to fail
+    except (ValueError, RecursionError):
         return {}
-    if not isinstance(config, dict):
+    return config if isinstance(config, dict) else {}
+
+
+def _training(config_json: object) -> dict[str, object]:
+    """The run's local training keys, which took the dataset's default, and evaluation."""
+    config = _config(config_json)
+    if not config:
         return {}
     training: dict[str, object] = {
         key: config.get(key) for key in ("dataset", "local-epochs", "batch-size", "lr", "momentum")
