@@ -82,14 +82,17 @@ async function refreshRuns() {
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const data = await response.json();
     $("runs-dir").textContent = data.runs_dir;
+    keepSelectable(data.runs);
     fillTable("runs-body", data.runs, runCells, "runs-empty");
     setLive("live", "live");
+    refreshCompare(data.runs);
   } catch (error) {
     setLive("offline", `offline (${error.message})`);
   }
 }
 
 function runCells(run) {
+  const pick = pickCell(run);
   const name = document.createElement("td");
   const link = document.createElement("a");
   link.href = `/runs/${encodeURIComponent(run.run_name)}`;
@@ -104,7 +107,7 @@ function runCells(run) {
     // Its run.db cannot be read: the reason takes the place of the numbers.
     const why = cell(run.message, "reason");
     why.colSpan = 6;
-    return [name, state, why];
+    return [pick, name, state, why];
   }
   const progress = document.createElement("td");
   progress.textContent = run.num_rounds ? `${run.current_round}/${run.num_rounds}` : "–";
@@ -117,6 +120,7 @@ function runCells(run) {
     progress.append(bar);
   }
   return [
+    pick,
     name,
     state,
     progress,
@@ -126,6 +130,127 @@ function runCells(run) {
     cell(FINAL_STATES.includes(run.state) ? "–" : duration(run.eta_s), "num"),
     cell(duration(run.age_s), "num"),
   ];
+}
+
+// ------------------------------------------------------- runs page: compare
+// Runs ticked for comparison, kept across the list's refreshes.
+const compare = { selected: new Set(), key: "", runs: [] };
+
+function pickCell(run) {
+  const td = cell("", "pick");
+  const box = document.createElement("input");
+  box.type = "checkbox";
+  box.value = run.run_name;
+  box.checked = compare.selected.has(run.run_name);
+  box.disabled = run.state === "unreadable";
+  box.setAttribute("aria-label", `compare ${run.run_name}`);
+  box.addEventListener("change", () => {
+    if (box.checked) compare.selected.add(run.run_name);
+    else compare.selected.delete(run.run_name);
+    refreshCompare(compare.runs);
+  });
+  td.append(box);
+  return td;
+}
+
+// A run that is gone, or cannot be read, leaves the comparison.
+function keepSelectable(runs) {
+  const readable = new Set(runs.filter((r) => r.state !== "unreadable").map((r) => r.run_name));
+  for (const name of [...compare.selected]) if (!readable.has(name)) compare.selected.delete(name);
+}
+
+function compareQuery() {
+  const params = new URLSearchParams();
+  for (const name of compare.selected) params.append("run", name);
+  const target = $("compare-target").value.trim();
+  if (target) params.set("target", target);
+  return params.toString();
+}
+
+// Ask again only when the selection, the target or a selected run's progress changed.
+async function refreshCompare(runs) {
+  compare.runs = runs;
+  const names = [...compare.selected];
+  $("compare").hidden = names.length === 0;
+  $("compare-hint").hidden = names.length !== 1;
+  if (names.length < 2) {
+    $("compare-result").hidden = true;
+    $("compare-error").hidden = true;
+    compare.key = "";
+    return;
+  }
+  const query = compareQuery();
+  const progress = runs.filter((r) => compare.selected.has(r.run_name)).map((r) => `${r.current_round}${r.state}`);
+  const key = `${query}|${progress.join(",")}`;
+  if (key === compare.key) return;
+  compare.key = key;
+  try {
+    const response = await fetch(`/api/compare?${query}`, { cache: "no-store" });
+    const data = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(data.error || `HTTP ${response.status}`);
+    renderComparison(data, query, key);
+  } catch (error) {
+    compare.key = "";
+    $("compare-result").hidden = true;
+    $("compare-error").hidden = false;
+    $("compare-error").textContent = error.message;
+  }
+}
+
+function renderComparison(data, query, key) {
+  $("compare-error").hidden = true;
+  $("compare-result").hidden = false;
+  const target = data.target;
+  const hasTarget = typeof target === "number";
+  const others = data.differing_keys.filter((k) => k !== "strategy");
+  const head = ["Run", "State", "Strategy", "Config", "Rounds", "Final", "Best"];
+  if (hasTarget) head.push(`Round @${target}`, `Time @${target}`);
+  head.push("Rejected", "Epsilon");
+  fillHead("compare-head", head);
+  fillTable("compare-body", data.runs, (run) => {
+    const cells = [
+      cell(run.run_name),
+      cell(run.state),
+      cell(run.strategy),
+      cell(others.map((k) => `${k}=${run.differs[k]}`).join(" ") || "–"),
+      cell(`${run.rounds}/${run.num_rounds}`, "num"),
+      cell(fmt(run.final_accuracy), "num"),
+      cell(fmt(run.best_accuracy), "num"),
+    ];
+    if (hasTarget) cells.push(cell(run.target_round ?? "–", "num"), cell(duration(run.target_time_s), "num"));
+    const epsilon = typeof run.epsilon === "number" ? fmt(run.epsilon, 2) : run.epsilon;
+    cells.push(cell(run.rejected, "num"), cell(epsilon ?? "–", "num"));
+    return cells;
+  });
+  renderSeeds(data.over_seeds, hasTarget ? target : null);
+  for (const axis of ["round", "time"]) {
+    $(`compare-${axis}`).src = `/api/compare/${axis}.svg?${query}&v=${encodeURIComponent(key)}`;
+  }
+}
+
+function renderSeeds(summaries, target) {
+  $("compare-seeds").hidden = summaries.length === 0;
+  const meanStd = (s, show) => (s.mean === null ? "–" : show(s.mean) + (s.std === null ? "" : ` ± ${show(s.std)}`));
+  const head = ["Over seeds", "Runs", "Final", "Best"];
+  if (target !== null) head.push(`Reached ${target}`, `Time @${target}`);
+  head.push("Wall time");
+  fillHead("compare-seeds-head", head);
+  fillTable("compare-seeds-body", summaries, (s) => {
+    const cells = [cell(s.label), cell(s.runs, "num"), cell(meanStd(s.final_accuracy, fmt), "num"), cell(meanStd(s.best_accuracy, fmt), "num")];
+    if (target !== null) cells.push(cell(`${s.reached_target}/${s.runs}`, "num"), cell(meanStd(s.target_time_s, duration), "num"));
+    cells.push(cell(meanStd(s.wall_time_s, duration), "num"));
+    return cells;
+  });
+}
+
+function fillHead(rowId, labels) {
+  $(rowId).replaceChildren(
+    ...labels.map((label) => {
+      const th = document.createElement("th");
+      th.textContent = label;
+      return th;
+    }),
+  );
 }
 
 // ----------------------------------------------------------------- run page
@@ -374,5 +499,6 @@ document.addEventListener("DOMContentLoaded", () => {
   } else {
     refreshRuns();
     window.setInterval(refreshRuns, 2000);
+    $("compare-target").addEventListener("change", () => refreshCompare(compare.runs));
   }
 });
