@@ -48,6 +48,7 @@ bench: setup
 	$(BIN)/python bench/coordinator_round_time.py
 	$(BIN)/python bench/deployment.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/async.py
 
 dashboard: setup
 	$(BIN)/fedcoord dashboard

@@ -16,7 +16,9 @@ from client.delay import delay_seconds
 from server import async_rounds, lifecycle
 from server.async_rounds import AsyncCoordinator
 from server.checkpoints import checkpoint_path, load_checkpoint
+from server.cli import progress_line
 from server.control import StopRequestedError
+from server.runs import run_status
 from server.store import RunStore
 from server.verify import verify_run
 from strategies.aggregators import ClippedMeanAggregator, compute_update_norm
@@ -29,7 +31,7 @@ from strategies.fedbuff import (
 from strategies.records import pack_arrays
 from strategies.registry import build_strategy
 from task import keys
-from task.config import ConfigError, parse_client_delay, parse_run_config
+from task.config import ConfigError, config_to_dict, parse_client_delay, parse_run_config
 
 # ---------------------------------------------------------------- pure math
 
@@ -221,7 +223,8 @@ def make_async(tmp_path, grid: Grid, **run_config: object) -> AsyncCoordinator: 
     config = parse_run_config(settings)
     store = RunStore(tmp_path / "run") if (tmp_path / "run").exists() else None
     if store is None:
-        store = RunStore.create(tmp_path / "run", "run", {}, config.num_server_rounds)
+        stored = config_to_dict(config)
+        store = RunStore.create(tmp_path / "run", "run", stored, config.num_server_rounds)
     coordinator = AsyncCoordinator(
         grid, build_strategy(config), store, config, lambda arrays: (0.1, 0.9)
     )
@@ -230,8 +233,8 @@ def make_async(tmp_path, grid: Grid, **run_config: object) -> AsyncCoordinator: 
     return coordinator
 
 
-def rows(tmp_path) -> list[sqlite3.Row]:  # noqa: ANN001
-    with sqlite3.connect(tmp_path / "run" / "run.db") as db:
+def rows(tmp_path, name: str = "run") -> list[sqlite3.Row]:  # noqa: ANN001
+    with sqlite3.connect(tmp_path / name / "run.db") as db:
         db.row_factory = sqlite3.Row
         return db.execute("SELECT * FROM rounds ORDER BY round").fetchall()
 
@@ -266,6 +269,9 @@ def test_a_version_is_published_exactly_every_buffer_size_accepted_updates(tmp_p
         int(m.content.config_records[keys.CONFIG][keys.MODEL_VERSION]) for m in train_messages
     ]
     assert versions == sorted(versions) and versions[0] == 0
+    status = run_status(tmp_path / "run")
+    assert (status["mode"], status["step"]) == ("async", "version")
+    assert "version 5/5" in progress_line(status)
 
 
 def test_stale_updates_are_weighted_down_or_rejected_with_the_reason(tmp_path):
@@ -370,3 +376,41 @@ def test_an_error_reply_or_a_bad_update_never_ends_the_run(tmp_path):
     reasons = " ".join(r[2] for r in rejections(tmp_path))
     assert "NaN" in reasons and "arrays" in reasons
     assert all(np.isfinite(v).all() for v in final.values())
+
+
+# ------------------------------------------------------- a real simulation
+
+
+@pytest.mark.slow
+def test_async_simulation_with_a_straggler_then_resume_continues_the_versions(simulate):
+    # Prepare: 3 nodes, partition 0 two seconds late every time
+    settings = {
+        "mode": "async",
+        "num-server-rounds": 3,
+        "concurrency": 3,
+        "buffer-size": 2,
+        "client-delay": "0=2.0",
+        "local-epochs": 1,
+        "fraction-evaluate": 0.0,
+    }
+
+    # Execute: a run of 3 versions, then resume=true to 4
+    run = simulate(3, "fedbuff", **settings)
+    resumed = simulate(3, "fedbuff", resume=True, **{**settings, "num-server-rounds": 4})
+
+    # Assert
+    assert run.returncode == 0, run.output[-3000:]
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    assert "version 3/3" in run.output
+    status = resumed.status()
+    assert (status["state"], status["step"], status["current_round"]) == (
+        "completed",
+        "version",
+        4,
+    )
+    recorded = rows(run.run_dir.parent, "fedbuff")
+    assert [row["round"] for row in recorded] == [0, 1, 2, 3, 4]
+    assert all(row["accepted"] == 2 and row["updated"] for row in recorded[1:])
+    assert recorded[-1]["central_accuracy"] > recorded[0]["central_accuracy"]
+    assert "staleness-mean" in recorded[1]["metrics_json"]
+    assert resumed.cli("verify", "fedbuff").returncode == 0
