@@ -27,6 +27,7 @@ from server.runs import (
     list_run_dirs,
     resolve_run_dir,
     run_status,
+    run_step,
 )
 from server.store import CorruptRunError, RunStore, RunStoreError
 from server.verify import verify_run
@@ -95,7 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"run        {status['run_name']}  ({status['run_dir']})")
     print(f"state      {status['state']}" + (f"  {status['message']}" if status["message"] else ""))
     print(
-        f"{status['step']!s:<10} {status['current_round']}/{status['num_rounds']}"
+        f"{status.get('step', 'round')!s:<10} {status['current_round']}/{status['num_rounds']}"
         f"  ({100 * float(status['progress']):.0f}%)"  # type: ignore[arg-type]
         f"  phase {status['phase'] or '-'}"
         f"  replies {status['replies_received']}/{status['replies_expected']}"
@@ -228,10 +229,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     """Plot accuracy and loss per round to a PNG."""
     store = _open_store(args)
     try:
-        rows, name = store.rounds(), str(store.run_row()["run_name"])
+        run = store.run_row()
+        rows, name = store.rounds(), str(run["run_name"])
     finally:
         store.close()
-    plot_rounds(rows, name, Path(args.output))
+    plot_rounds(rows, name, Path(args.output), run_step(run["config_json"]))
     print(f"wrote {args.output}")
     return 0
 
@@ -289,8 +291,9 @@ def progress_line(status: dict[str, object], width: int = 30) -> str:
     progress = float(status["progress"])  # type: ignore[arg-type]
     filled = int(round(progress * width))
     metrics = status["metrics"] if isinstance(status["metrics"], dict) else {}
+    step = status.get("step", "round")
     return (
-        f"[{'#' * filled}{'.' * (width - filled)}] {status['step']} {status['current_round']}/"
+        f"[{'#' * filled}{'.' * (width - filled)}] {step} {status['current_round']}/"
         f"{status['num_rounds']}  replies {status['replies_received']}/"
         f"{status['replies_expected']}  acc {_fmt(metrics.get('central_accuracy'))}  "
         f"ETA {_fmt_seconds(status['eta_s'])}  {status['state']:<12}"

@@ -108,8 +108,10 @@ def save_figure(figure: object, title: str, output: Path) -> None:
     figure_pyplot().close(figure)
 
 
-def plot_rounds(rows: list[dict[str, object]], run_name: str, output: Path) -> None:
-    """Central and federated accuracy, losses and clients per round, as one PNG."""
+def plot_rounds(
+    rows: list[dict[str, object]], run_name: str, output: Path, step: str = "round"
+) -> None:
+    """Central and federated accuracy, losses and clients per round (or version), as one PNG."""
     plt = figure_pyplot()
 
     def series(key: str) -> tuple[list[int], list[float]]:
@@ -119,7 +121,7 @@ def plot_rounds(rows: list[dict[str, object]], run_name: str, output: Path) -> N
     figure, (accuracy, loss, clients) = plt.subplots(1, 3, figsize=(15, 4))
     for key, label in (("central_accuracy", "central"), ("federated_accuracy", "federated")):
         accuracy.plot(*series(key), marker="o", label=label)
-    accuracy.set(title="accuracy", xlabel="round", ylim=(0, 1))
+    accuracy.set(title="accuracy", xlabel=step, ylim=(0, 1))
     accuracy.legend()
     for key, label in (
         ("central_loss", "central"),
@@ -127,7 +129,7 @@ def plot_rounds(rows: list[dict[str, object]], run_name: str, output: Path) -> N
         ("train_loss", "train"),
     ):
         loss.plot(*series(key), marker="o", label=label)
-    loss.set(title="loss", xlabel="round")
+    loss.set(title="loss", xlabel=step)
     loss.legend()
     trained = [r for r in rows if int(r["round"]) > 0]  # type: ignore[call-overload]
     rounds = [int(r["round"]) for r in trained]  # type: ignore[call-overload]
@@ -138,6 +140,6 @@ def plot_rounds(rows: list[dict[str, object]], run_name: str, output: Path) -> N
         bottom=[int(r["accepted"]) for r in trained],
         label="rejected / failed",  # type: ignore[call-overload]
     )
-    clients.set(title="clients per round", xlabel="round")
+    clients.set(title=f"clients per {step}", xlabel=step)
     clients.legend()
     save_figure(figure, run_name, output)

@@ -123,8 +123,8 @@ def run_status(run_dir: Path) -> dict[str, object]:
         "stored_state": run["state"],
         "current_round": current,
         "num_rounds": num_rounds,
-        "mode": (mode := _config(run["config_json"]).get("mode", "sync")),
-        "step": "version" if mode == "async" else "round",
+        "mode": _config(run["config_json"]).get("mode", "sync"),
+        "step": run_step(run["config_json"]),
         "progress": min(1.0, current / num_rounds) if num_rounds else 0.0,
         "phase": run["phase"],
         "replies_received": run["replies_received"],
@@ -153,6 +153,11 @@ def _config(config_json: object) -> dict[str, object]:
     except (ValueError, RecursionError):
         return {}
     return config if isinstance(config, dict) else {}
+
+
+def run_step(config_json: object) -> str:
+    """What the run counts: ``version`` (``mode='async'``, FedBuff) or ``round``."""
+    return "version" if _config(config_json).get("mode") == "async" else "round"
 
 
 def _training(config_json: object) -> dict[str, object]:

@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from test_hostile_coordinator import ReplyingGrid, honest, model, server_identity  # noqa: F401
 
 from client.delay import delay_seconds
-from server import async_rounds, lifecycle
+from server import async_rounds, cli, lifecycle, results
 from server.async_rounds import AsyncCoordinator
 from server.checkpoints import checkpoint_path, load_checkpoint
 from server.cli import progress_line
@@ -244,7 +244,7 @@ def rejections(tmp_path) -> list[tuple[int, str, str]]:  # noqa: ANN001
         return db.execute("SELECT round, kind, reason FROM rejections ORDER BY id").fetchall()
 
 
-def test_a_version_is_published_exactly_every_buffer_size_accepted_updates(tmp_path):
+def test_a_version_is_published_exactly_every_buffer_size_accepted_updates(tmp_path, monkeypatch):
     # Prepare: 4 nodes, 3 in flight, 2 updates per version; node 4 is slow
     grid = ScriptedGrid([1, 2, 3, 4], ticks={4: 3})
     coordinator = make_async(
@@ -272,6 +272,16 @@ def test_a_version_is_published_exactly_every_buffer_size_accepted_updates(tmp_p
     status = run_status(tmp_path / "run")
     assert (status["mode"], status["step"]) == ("async", "version")
     assert "version 5/5" in progress_line(status)
+    labels: list[str] = []
+    monkeypatch.setattr(
+        results,
+        "save_figure",
+        lambda figure, title, output: labels.extend(axis.get_xlabel() for axis in figure.axes),
+    )
+    assert (
+        cli.main(["--runs-dir", str(tmp_path), "plot", "run", "-o", str(tmp_path / "p.png")]) == 0
+    )
+    assert labels == ["version"] * 3
 
 
 def test_stale_updates_are_weighted_down_or_rejected_with_the_reason(tmp_path):
