@@ -23,6 +23,7 @@ from server.runs import effective_state
 from server.store import RunStore, RunStoreError
 from server.tracking import start_tracking
 from server.verify import load_verified_checkpoint
+from strategies.privacy import PrivacyBudgetReachedError, accounted
 from strategies.registry import build_strategy
 from task.config import (
     ConfigError,
@@ -187,7 +188,7 @@ def main(grid: Grid, context: Context) -> None:
     install_one_line_errors()
     config = parse_run_config(context.run_config)
     object_pull.install()
-    strategy = build_strategy(config)
+    strategy = accounted(build_strategy(config), config)  # with its privacy ledger
     run_name = config.run_name or make_run_name()
     store = open_resumed_run(config) if config.resume else open_new_run(config, run_name)
     store.update_run(
@@ -221,6 +222,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_training(grid: Grid, config: RunConfig, store: RunStore, strategy: object) -> str:
     """Run the rounds and record how the run ended; return the closing log line."""
+    budget = ""  # why a privacy budget ended the run early
     try:
         data = load_dataset(config.dataset, config.resolved_data_dir, config.seed)
         start = restore_start_point(store, config, strategy) if config.resume else None
@@ -242,6 +244,10 @@ def run_training(grid: Grid, config: RunConfig, store: RunStore, strategy: objec
         )
         coordinator.run(start.arrays, start.first_round)
         check_some_round_updated(store, start.first_round)
+    except PrivacyBudgetReachedError as error:  # the run is complete: no more can be spent
+        budget = str(error)
+        store.add_event("privacy-budget", budget)
+        log(INFO, "%s", budget)
     except (StopRequestedError, RunNotRunningException, KeyboardInterrupt, SystemExit) as error:
         reason = "flwr stop" if isinstance(error, RunNotRunningException) else str(error)
         store.update_run(state=lifecycle.STOPPED, phase="stopped", message=reason)
@@ -253,7 +259,7 @@ def run_training(grid: Grid, config: RunConfig, store: RunStore, strategy: objec
         if not isinstance(error, ONE_LINE_ERRORS):
             log(ERROR, "run failed: %s", error)
         raise
-    store.update_run(state=lifecycle.COMPLETED, phase="done")
+    store.update_run(state=lifecycle.COMPLETED, phase="done", message=budget)
     rounds = store.rounds()
     accuracy = float(rounds[-1]["central_accuracy"]) if rounds else float("nan")  # type: ignore[arg-type]
     store.add_event("completed", f"final accuracy {accuracy:.4f}")

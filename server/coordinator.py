@@ -32,6 +32,7 @@ from server.control import ControlChannel
 from server.object_pull import pull_deadline
 from server.reply_order import ReplyOrder
 from server.store import RoundRecord, RunStore
+from strategies.privacy import EPSILON_METRIC, accounted
 from strategies.records import pack_arrays
 from strategies.replies import ReplyOutcome, check_evaluate_reply, unreadable
 from strategies.strategy import (
@@ -106,7 +107,7 @@ class Coordinator:
         evaluate_fn: EvaluateFn,
     ) -> None:
         self.grid = grid
-        self.strategy = strategy
+        self.strategy = accounted(strategy, config)  # sampling and privacy accounting
         self.store = store
         self.config = config
         self.evaluate_fn = evaluate_fn
@@ -136,10 +137,9 @@ class Coordinator:
         self._aggregation_s = 0.0
         # 1. Sample nodes and send them the global model
         node_ids = self.wait_for_nodes()
+        self.strategy.check_budget(server_round, len(node_ids))  # may end the run
         self._roll_call(server_round, node_ids)
-        sampled = self.strategy.sample_nodes(
-            node_ids, self.config.fraction_train, self.config.min_train_nodes, self._node_key
-        )
+        sampled = self.strategy.sample_train_nodes(node_ids, self._node_key)
         self.strategy.begin_round(server_round, arrays)
         # 2. Fold replies in the sample's order as they come, until all are in or
         #    the deadline passes
@@ -175,6 +175,7 @@ class Coordinator:
             "seconds-central-eval": federated_started - central_started,
             "seconds-federated-eval": federated_s,
             "replies-held": train.most_held,  # most held at once to keep the fold order
+            EPSILON_METRIC: self.strategy.epsilon,  # after this round; inf without noise
         }
         checkpoint = save_checkpoint(
             self.store.run_dir,

@@ -541,6 +541,14 @@ class ClippedMeanAggregator(_StreamingAggregatorBase):
     Integer arrays are averaged unclipped and without noise, so they are outside
     any privacy guarantee (``num_batches_tracked`` reveals local step counts).
 
+    With a ``denominator`` the sum is divided by it instead of by ``n``, and the
+    noise std is ``noise_multiplier * clip_norm / denominator``: the fixed-denominator
+    estimator of DP-FedAvg (McMahan et al. 2018, https://arxiv.org/abs/1710.06963),
+    with the expected number of participants under Poisson sampling. Neither the
+    scale of the result nor its noise then depends on how many updates came in,
+    which amplification by sampling needs. After :meth:`expect`, a round with no
+    update at all returns the noise alone.
+
     Parameters
     ----------
     clip_norm : float
@@ -550,14 +558,25 @@ class ClippedMeanAggregator(_StreamingAggregatorBase):
     seed : int or None
         Seed of the noise generator. One aggregator serves one round; derive a
         fresh seed per round (re-using one repeats the noise), or pass None.
+    denominator : float or None
+        Fixed divisor of the sum of clipped updates (> 0); None divides by ``n``.
     """
 
     def __init__(
-        self, clip_norm: float = 1.0, noise_multiplier: float = 0.0, seed: int | None = None
+        self,
+        clip_norm: float = 1.0,
+        noise_multiplier: float = 0.0,
+        seed: int | None = None,
+        denominator: float | None = None,
     ) -> None:
         super().__init__()
         self.clip_norm = _require_number("clip_norm", clip_norm, minimum=0.0, inclusive=False)
         self.noise_multiplier = _require_number("noise_multiplier", noise_multiplier, minimum=0.0)
+        self.denominator = (
+            None
+            if denominator is None
+            else _require_number("denominator", denominator, minimum=0.0, inclusive=False)
+        )
         self._rng = np.random.default_rng(_require_seed(seed))
         self._num_clipped = 0
 
@@ -615,18 +634,39 @@ class ClippedMeanAggregator(_StreamingAggregatorBase):
         self._streaming_sum().fold_scaled_difference(arrays, list(references), scales)
         self._count += 1
 
+    def expect(self, references: Sequence[np.ndarray]) -> None:
+        """Take the layout of the updates from ``references`` before any update comes.
+
+        With a ``denominator``, :meth:`result` then works with no update at all
+        (zeros plus the noise), so whether any node took part does not decide
+        whether the round releases a model.
+
+        Raises
+        ------
+        ValueError
+            Without a ``denominator``, or when updates were already added.
+        """
+        if self.denominator is None or self._count:
+            raise ValueError("expect() needs a denominator and comes before any update")
+        self._accept(references)
+        self._streaming_sum()
+
     def result(self) -> NDArrays:
         """Return the average of the clipped updates, plus noise if configured."""
-        layout = self._require_updates()
+        fixed = self.denominator is not None
+        layout = self._require_layout() if fixed else self._require_updates()
         if self._sum is None:
             raise ValueError("no updates to aggregate")
-        averages = self._sum.averages(float(self._count))
+        averages = self._sum.averages(self._divisor())
         if self.noise_multiplier > 0.0:
             self._add_noise(averages, layout)
         return layout.restore(averages)
 
+    def _divisor(self) -> float:
+        return float(self._count) if self.denominator is None else self.denominator
+
     def _add_noise(self, averages: NDArrays, layout: _UpdateLayout) -> None:
-        std = self.noise_multiplier * self.clip_norm / self._count
+        std = self.noise_multiplier * self.clip_norm / self._divisor()
         for average, is_float in zip(averages, layout.is_float, strict=True):
             if not is_float:
                 continue
@@ -890,7 +930,7 @@ _OPTIONS: dict[str, frozenset[str]] = {
     "mean": frozenset(),
     "weighted": frozenset(),
     "fedavg": frozenset(),
-    "clipped": frozenset({"clip_norm", "noise_multiplier", "seed"}),
+    "clipped": frozenset({"clip_norm", "noise_multiplier", "seed", "denominator"}),
     "median": frozenset(),
     "trimmed-mean": frozenset({"beta"}),
     "krum": frozenset({"num_malicious", "num_selected"}),
@@ -906,9 +946,10 @@ def make_aggregator(name: str, **options: Any) -> Aggregator:
         One of ``AGGREGATOR_NAMES``.
     **options
         ``clipped``: ``clip_norm`` (> 0, default 1.0), ``noise_multiplier``
-        (>= 0, default 0.0), ``seed`` (int or None). ``trimmed-mean``: ``beta``
-        (in [0, 0.5), default 0.1). ``krum``: ``num_malicious`` (default 0),
-        ``num_selected`` (default 1). The others take none.
+        (>= 0, default 0.0), ``seed`` (int or None), ``denominator`` (> 0 or
+        None). ``trimmed-mean``: ``beta`` (in [0, 0.5), default 0.1). ``krum``:
+        ``num_malicious`` (default 0), ``num_selected`` (default 1). The others
+        take none.
 
     Raises
     ------

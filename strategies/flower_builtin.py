@@ -51,6 +51,10 @@ from task import keys
 
 _DP_WRAPPERS = (DifferentialPrivacyFixedClippingBase, DifferentialPrivacyAdaptiveBase)
 DP_NORM_KEY = "dp/clipping-norm"
+# A metric of 1 in every reply handed to Flower's strategy: FedAvg(weighted_by_key=it)
+# averages with equal weights, the sensitivity clip-norm / n that the DP wrappers'
+# noise is calibrated to (Flower's own accounted mode requires equal weights too).
+UNIT_WEIGHT_KEY = "fedcoord.unit-weight"
 
 
 class FlowerStrategyAdapter:
@@ -167,6 +171,7 @@ class FlowerStrategyAdapter:
                 k: v for k, v in outcome.metrics.items() if k in shared
             }
             metrics[keys.NUM_EXAMPLES] = outcome.num_examples
+            metrics[UNIT_WEIGHT_KEY] = 1
             content = RecordDict({keys.ARRAYS: arrays, keys.METRICS: MetricRecord(metrics)})
             # Keep the reply's metadata (node id, round): the public constructors
             # would need the ServerApp's TaskIdentity or make a reply to the reply.
@@ -230,6 +235,12 @@ def prepare_flower_round(strategy: Strategy, global_arrays: NamedArrays) -> None
             layer.current_arrays = dict(global_arrays)
         elif isinstance(layer, FedAvgM | DPServerSideFixedClipping | DPServerSideAdaptiveClipping):
             layer.current_arrays = numpy_to_arrays(global_arrays)
+
+
+def dp_layer(strategy: Strategy) -> Strategy | None:
+    """The DP wrapper among the strategy's layers (fixed or adaptive clipping), or None."""
+    layers = (layer for layer in strategy_layers(strategy) if isinstance(layer, _DP_WRAPPERS))
+    return next(layers, None)
 
 
 def set_num_sampled_clients(strategy: Strategy, count: int) -> None:

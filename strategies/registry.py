@@ -29,7 +29,8 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from strategies.flower_builtin import FlowerStrategyAdapter
+from strategies.flower_builtin import UNIT_WEIGHT_KEY, FlowerStrategyAdapter
+from strategies.privacy import check_accountable
 from strategies.strategy import (
     FedCoordStrategy,
     OperatorWeights,
@@ -175,7 +176,7 @@ def _fedavgm(config: RunConfig) -> Strategy:
 
 def _dp_fixed_clipping(config: RunConfig) -> Strategy:
     return DifferentialPrivacyServerSideFixedClipping(
-        FedAvg(min_train_nodes=config.min_train_nodes),
+        FedAvg(min_train_nodes=config.min_train_nodes, weighted_by_key=UNIT_WEIGHT_KEY),
         noise_multiplier=config.noise_multiplier,
         clipping_norm=config.clip_norm,
         num_sampled_clients=config.min_train_nodes,  # set to the replies' count each round
@@ -191,7 +192,7 @@ def _dp_adaptive_clipping(config: RunConfig) -> Strategy:
             f"number of clients / 20), e.g. dp-clipped-count-stddev={noise:g}"
         )
     return DifferentialPrivacyServerSideAdaptiveClipping(
-        FedAvg(min_train_nodes=config.min_train_nodes),
+        FedAvg(min_train_nodes=config.min_train_nodes, weighted_by_key=UNIT_WEIGHT_KEY),
         noise_multiplier=noise,
         num_sampled_clients=config.min_train_nodes,  # set to the replies' count each round
         initial_clipping_norm=config.clip_norm,
@@ -252,9 +253,12 @@ def build_strategy(config: RunConfig) -> CoordinatedStrategy:
     Raises
     ------
     ConfigError
-        If the name is unknown (the message lists the valid names) or its
-        parameters cannot be used.
+        If the name is unknown (the message lists the valid names), its
+        parameters cannot be used, or its privacy cannot be accounted
+        (``strategies.privacy.check_accountable``).
     """
+    if config.strategy in STRATEGY_NAMES:
+        check_accountable(config)
     if config.strategy in OWN_STRATEGIES:
         return build_own_strategy(config)
     if config.strategy in FLOWER_BUILDERS:

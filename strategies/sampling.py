@@ -58,9 +58,30 @@ class NodeSampler:
         partition id: simulated nodes get new random ids in every run).
         """
         available = sorted(node_ids, key=key)
-        count = min(len(available), max(minimum, math.ceil(fraction * len(available))))
+        count = self.sample_size(len(available), fraction, minimum)
         chosen = set(self.rng.sample(available, count))
         return [node_id for node_id in available if node_id in chosen]
+
+    @staticmethod
+    def sample_size(available: int, fraction: float, minimum: int) -> int:
+        """``ceil(fraction * available)``, at least ``minimum``, at most ``available``."""
+        return min(available, max(minimum, math.ceil(fraction * available)))
+
+    def sample_poisson(
+        self,
+        node_ids: Iterable[int],
+        probability: float,
+        key: Callable[[int], Any] | None = None,
+    ) -> list[int]:
+        """Each node joins independently with ``probability`` (Poisson sampling).
+
+        One draw per node, in ``key`` order, from the same generator as
+        :meth:`sample` (its state is checkpointed), so a seed gives the same
+        samples whatever the node ids. The sample may be empty: it is never
+        topped up, which amplification by sampling needs.
+        """
+        available = sorted(node_ids, key=key)
+        return [node_id for node_id in available if self.rng.random() < probability]
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The generator's state as ``{"sampler/rng": uint8 array}``."""

@@ -24,7 +24,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.aggregators import Aggregator, NonFiniteUpdateError, make_aggregator
+from strategies.aggregators import (
+    Aggregator,
+    ClippedMeanAggregator,
+    NonFiniteUpdateError,
+    make_aggregator,
+)
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
 from strategies.replies import (
     ReplyOutcome,
@@ -133,6 +138,7 @@ class FedCoordStrategy(Strategy):
         self.sampler = NodeSampler(seed)
         self._aggregator: Aggregator = make_aggregator(aggregator, **self.aggregator_options)
         self._round = TrainRound(0, {})
+        self._fixed_denominator = False
         self._scratch: NamedArrays = {}
 
     # ------------------------------------------------------------------ sampling
@@ -150,10 +156,29 @@ class FedCoordStrategy(Strategy):
         return self.sampler.sample(node_ids, fraction, minimum, key)
 
     # -------------------------------------------------------- per-reply interface
-    def begin_round(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
-        """Start folding replies for ``server_round`` relative to ``global_arrays``."""
+    def begin_round(
+        self,
+        server_round: int,
+        global_arrays: Mapping[str, np.ndarray],
+        *,
+        denominator: float | None = None,
+    ) -> None:
+        """Start folding replies for ``server_round`` relative to ``global_arrays``.
+
+        ``denominator`` (``clipped`` only) fixes the divisor of the sum of clipped
+        updates (``ClippedMeanAggregator``): the round then releases a new model
+        however many updates come in, none included, and ``min-train-nodes``
+        does not apply, since a decision on the count would reveal it.
+        """
         self._round = TrainRound(server_round, global_arrays)
-        self._aggregator = make_aggregator(self.aggregator_name, **self._round_options())
+        options = self._round_options()
+        if denominator is not None:
+            options["denominator"] = denominator
+        self._aggregator = make_aggregator(self.aggregator_name, **options)
+        self._fixed_denominator = False
+        if denominator is not None and isinstance(self._aggregator, ClippedMeanAggregator):
+            self._aggregator.expect(list(self._round.global_arrays.values()))
+            self._fixed_denominator = True
         if not hasattr(self._aggregator, "add_difference"):
             self._scratch = reuse_buffers(self._scratch, self._round.global_arrays)
 
@@ -199,7 +224,7 @@ class FedCoordStrategy(Strategy):
 
     def end_round(self) -> tuple[NamedArrays | None, RoundSummary]:
         """Close the round: the new global arrays (None if unchanged) and a summary."""
-        shortfall = self._round.shortfall(self.min_train_nodes)
+        shortfall = None if self._fixed_denominator else self._round.shortfall(self.min_train_nodes)
         if shortfall is not None:
             return None, self._round.summary(False, shortfall)
         try:

@@ -29,6 +29,11 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DEVICE_FORMS = "auto, cpu, mps, cuda, cuda:N"
 NODE_WEIGHTS_PATTERN = re.compile(r"^\s*[0-9]+\s*=\s*[-+0-9.eE]+\s*$")
 BYZANTINE_MODES: tuple[str, ...] = ("flip", "noise")
+# How training nodes are drawn each round, and the privacy accounting that matches it
+# (strategies/privacy.py): no amplification claimed, Poisson, fixed size without replacement.
+SAMPLING_METHODS: tuple[str, ...] = ("fraction", "poisson", "fixed")
+# The strategies whose noise-multiplier adds Gaussian noise calibrated to clipped updates.
+NOISY_STRATEGIES: tuple[str, ...] = ("clipped", "dp-fixed-clipping", "dp-adaptive-clipping")
 
 
 FAULT_KINDS: tuple[str, ...] = ("raise", "sleep", "nan", "delay")
@@ -159,6 +164,12 @@ class RunConfig:
     tracking_uri: str = ""
     # MLflow experiment that holds the run; "" = "fedcoord".
     tracking_experiment: str = ""
+    # Node sampling each round: fraction (no amplification claimed), poisson, fixed.
+    sampling: str = "fraction"
+    # Delta of the (epsilon, delta) client-level DP guarantee reported per round.
+    target_delta: float = 1e-5
+    # Privacy budget: the run ends before a round would pass it; 0 = no budget.
+    target_epsilon: float = 0.0
     # Training keys (of TRAINING_KEYS) that took the dataset's default, in that order.
     dataset_defaults: tuple[str, ...] = field(default=TRAINING_KEYS, compare=False)
     # Extra keys that a strategy reads (e.g. Flower built-ins' parameters).
@@ -449,6 +460,21 @@ def validate_config(config: RunConfig) -> None:
     parse_node_weights(config.node_weights)
     _validate_tracking(config)
     _validate_async(config)
+    _validate_privacy(config)
+
+
+def _validate_privacy(config: RunConfig) -> None:
+    """Refuse privacy keys out of range (which strategies can be accounted: the registry)."""
+    _require_choice("sampling", config.sampling, SAMPLING_METHODS)
+    _require(
+        0 < config.target_delta < 1,
+        f"target-delta must be in (0, 1), e.g. 1e-5 (below 1 / number of nodes), "
+        f"got {config.target_delta}",
+    )
+    _require(
+        config.target_epsilon >= 0,
+        f"target-epsilon must be >= 0 (0 = no privacy budget), got {config.target_epsilon}",
+    )
 
 
 def _validate_tracking(config: RunConfig) -> None:
