@@ -354,6 +354,27 @@ def test_three_rounds_with_three_nodes_one_on_its_own_data(cluster):
     assert status(run_dir)["metrics"]["central_accuracy"] > 0.6
 
 
+def test_an_async_run_with_one_slow_node(cluster):
+    # Execute: FedBuff, partition 0 four seconds late every time
+    settings = {
+        "mode": "async",
+        "num-server-rounds": 3,
+        "concurrency": 3,
+        "buffer-size": 2,
+        "min-train-nodes": 3,
+        "client-delay": "0=4.0",
+        "fraction-evaluate": 0.0,
+    }
+    result, run_dir = submit(cluster, "fedbuff", stream=True, **settings)
+
+    # Assert: three versions of two updates each, the slow node's late ones weighted or folded
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    state = status(run_dir)
+    assert (state["state"], state["step"], state["current_round"]) == ("completed", "version", 3)
+    assert [(r, a) for r, a, _ in rounds(run_dir)] == [(1, 2), (2, 2), (3, 2)]
+    assert fedcoord(run_dir.parent, "verify", run_dir.name, check=False).returncode == 0
+
+
 def test_lifecycle_and_a_killed_node_on_a_deployed_run(cluster):
     # Prepare: a long run whose rounds close at an 8 s deadline with 2 of 3 replies
     result, run_dir = submit(
