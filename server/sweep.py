@@ -51,6 +51,7 @@ from server.simulation import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    FINAL_STATES,
     PlannedRun,
     flwr_run_command,
     local_superlink,
@@ -359,17 +360,19 @@ class SweepRunner:
                 self.say(f"[{launched.number}/{total}] {line} ({took}; log: {log})")
 
     def _stop_in_flight(self) -> None:
-        """Ask each run in flight to stop, wait for its ``flwr run`` to end, stop the rest by PID.
+        """Ask each run in flight to stop, wait until it has, then stop its processes by PID.
 
         A run whose ServerApp has not created its run store yet is asked again
-        on each poll until it has; a second Ctrl-C skips the wait.
+        on each poll until it has. Once its store records a final state, the rest
+        (``flwr run`` streaming, the simulation's teardown) is stopped by PID
+        rather than waited for. A second Ctrl-C skips the wait.
         """
         if self.in_flight:
             self.say(f"stopping {len(self.in_flight)} runs in flight (Ctrl-C again: at once)")
         deadline = time.monotonic() + STOP_GRACE_S
         try:
             while time.monotonic() < deadline:
-                alive = [item for item in self.in_flight if item.process.poll() is None]
+                alive = [item for item in self.in_flight if not _ended(item)]
                 if not alive:
                     break
                 for launched in alive:
@@ -379,6 +382,16 @@ class SweepRunner:
             for launched in self.in_flight:
                 stop_process(launched.process)
                 self.say(f"[{launched.number}] stopped {launched.step.combination.run_name}")
+
+
+def _ended(launched: Launched) -> bool:
+    """Whether the run's ``flwr run`` exited or its store records a final state."""
+    if launched.process.poll() is not None:
+        return True
+    try:
+        return run_status(launched.step.planned.run_dir)["state"] in FINAL_STATES
+    except (RunStoreError, sqlite3.Error):
+        return False
 
 
 def _ask_to_stop(launched: Launched) -> bool:
