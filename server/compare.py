@@ -12,6 +12,8 @@ spent in rounds (the sum of their durations, round 0's central evaluation
 included): time paused, or down before a resume, is left out, so that a run
 interrupted and resumed is measured like one that was not. Runs that differ only
 in ``seed`` are also summarised as mean and sample standard deviation over seeds.
+Epsilon is infinite for a run without noise: ``inf`` in text, and in strict JSON,
+which has no infinity, ``null`` beside ``epsilon_text`` ``"inf"``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.results import figure_pyplot, save_figure, strict_json
+from server.results import figure_pyplot, save_figure
 from server.runs import effective_state, resolve_run_dir
 from server.store import RunStore, RunStoreError
 
@@ -241,13 +243,9 @@ def summarize_run(
         "target_time_s": reached_s,
         "wall_time_s": last.elapsed_s if last else 0.0,
         "rejected": sum(p.rejected for p in record.points),
-        "epsilon": _epsilon_value(epsilons[-1]) if epsilons else None,
+        "epsilon": epsilons[-1] if epsilons else None,
+        "epsilon_text": _fmt(epsilons[-1], 2) if epsilons else "-",
     }
-
-
-def _epsilon_value(epsilon: float) -> float | str:
-    """Epsilon for JSON too: ``"inf"`` (no noise, no privacy claimed) is not left blank."""
-    return "inf" if math.isinf(epsilon) else epsilon
 
 
 def seed_summaries(
@@ -349,7 +347,7 @@ def format_comparison(comparison: Mapping[str, object]) -> list[str]:
         ]
         if target is not None:
             row += [_fmt(run["target_round"]), fmt_seconds(run["target_time_s"])]
-        row += [str(run["rejected"]), _fmt(run["epsilon"], 2)]
+        row += [str(run["rejected"]), str(run["epsilon_text"])]
         rows.append(row)
     lines = format_table(headers, rows)
     summaries = comparison["over_seeds"]
@@ -426,11 +424,6 @@ def _show(value: object) -> str:
     if isinstance(value, float):
         return repr(value)
     return str(value)
-
-
-def comparison_json(comparison: Mapping[str, object]) -> str:
-    """The comparison as strict JSON (an infinite epsilon becomes ``null``)."""
-    return strict_json(comparison)
 
 
 def plot_comparison(comparison: Mapping[str, object], output: Path) -> None:

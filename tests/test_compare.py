@@ -176,7 +176,7 @@ def test_target_never_reached_is_a_dash_and_epsilon_is_shown_when_recorded(tmp_p
     assert dp[7:] == ["-", "-", "0", "2.25"]
     assert nodp[7:] == ["2", "30.0s", "0", "inf"]
     data = compare_run_dirs([runs / "dp", runs / "nodp"])
-    assert [run["epsilon"] for run in data["runs"]] == [2.25, "inf"]  # JSON has no infinity
+    assert [run["epsilon_text"] for run in data["runs"]] == ["2.25", "inf"]  # JSON: no infinity
 
 
 def test_compare_json_and_png(runs_dir, tmp_path, capsys):

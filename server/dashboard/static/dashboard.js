@@ -218,8 +218,7 @@ function renderComparison(data, query, key) {
       cell(fmt(run.best_accuracy), "num"),
     ];
     if (hasTarget) cells.push(cell(run.target_round ?? "–", "num"), cell(duration(run.target_time_s), "num"));
-    const epsilon = typeof run.epsilon === "number" ? fmt(run.epsilon, 2) : run.epsilon;
-    cells.push(cell(run.rejected, "num"), cell(epsilon ?? "–", "num"));
+    cells.push(cell(run.rejected, "num"), cell(run.epsilon_text === "-" ? "–" : run.epsilon_text, "num"));
     return cells;
   });
   renderSeeds(data.over_seeds, hasTarget ? target : null);
