@@ -20,6 +20,7 @@ from server.compare import (
 )
 from server.event_files import write_round_events
 from server.operations import request_command, request_weight
+from server.privacy_report import privacy_line
 from server.results import plot_rounds, strict_json, write_rows
 from server.runs import (
     RunNotFoundError,
@@ -117,6 +118,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             + (f" ({training.get('dataset')} defaults: {', '.join(defaults)})" if defaults else "")
         )
         print(f"evaluation central every round; federated {training.get('federated-evaluation')}")
+    privacy = status.get("privacy")
+    if isinstance(privacy, dict):
+        print(f"privacy    {privacy_line(privacy)}")
     print(f"nodes      {status['nodes']}")
     print(f"eta        {_fmt_seconds(status['eta_s'])}")
     print(
@@ -287,16 +291,18 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def progress_line(status: dict[str, object], width: int = 30) -> str:
-    """``[#####.....] round 3/10  replies 4/10  acc 0.9123  ETA 1m05s  running``."""
+    """``[#####.....] round 3/10  replies 4/10  acc 0.9123  eps 1.25  ETA 1m05s  running``."""
     progress = float(status["progress"])  # type: ignore[arg-type]
     filled = int(round(progress * width))
     metrics = status["metrics"] if isinstance(status["metrics"], dict) else {}
     step = status.get("step", "round")
+    privacy = status.get("privacy")
+    epsilon = f"eps {privacy.get('epsilon_text')}  " if isinstance(privacy, dict) else ""
     return (
         f"[{'#' * filled}{'.' * (width - filled)}] {step} {status['current_round']}/"
         f"{status['num_rounds']}  replies {status['replies_received']}/"
         f"{status['replies_expected']}  acc {_fmt(metrics.get('central_accuracy'))}  "
-        f"ETA {_fmt_seconds(status['eta_s'])}  {status['state']:<12}"
+        f"{epsilon}ETA {_fmt_seconds(status['eta_s'])}  {status['state']:<12}"
     )
 
 

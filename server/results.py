@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
+from server.privacy_report import round_epsilon
+
 EXPORT_COLUMNS = (
     "round",
     "started_at",
@@ -24,6 +26,7 @@ EXPORT_COLUMNS = (
     "central_accuracy",
     "federated_loss",
     "federated_accuracy",
+    "epsilon",
     "model_hash",
     "chain_hash",
     "note",
@@ -77,7 +80,12 @@ def round_scalars(row: Mapping[str, object]) -> dict[str, float]:
 
 
 def write_rows(rows: list[dict[str, object]], fmt: str, output: TextIO) -> None:
-    """Write round rows as ``csv`` (one header line) or ``jsonl`` (one strict object a line)."""
+    """Write round rows as ``csv`` (one header line) or ``jsonl`` (one strict object a line).
+
+    ``epsilon`` is the round's cumulative epsilon: ``inf`` in CSV for a run without
+    noise, ``null`` in JSON (which has no infinity); empty when not recorded.
+    """
+    rows = [{**row, "epsilon": round_epsilon(row)} for row in rows]
     if fmt == "csv":
         writer = csv.DictWriter(output, fieldnames=EXPORT_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -118,7 +126,7 @@ def plot_rounds(
         points = [(int(r["round"]), float(r[key])) for r in rows if r[key] is not None]  # type: ignore[call-overload, arg-type]
         return [p[0] for p in points], [p[1] for p in points]
 
-    figure, (accuracy, loss, clients) = plt.subplots(1, 3, figsize=(15, 4))
+    figure, (accuracy, loss, clients, privacy) = plt.subplots(1, 4, figsize=(20, 4))
     for key, label in (("central_accuracy", "central"), ("federated_accuracy", "federated")):
         accuracy.plot(*series(key), marker="o", label=label)
     accuracy.set(title="accuracy", xlabel=step, ylim=(0, 1))
@@ -142,4 +150,26 @@ def plot_rounds(
     )
     clients.set(title=f"clients per {step}", xlabel=step)
     clients.legend()
+    plot_privacy(privacy, rows)
     save_figure(figure, run_name, output)
+
+
+def plot_privacy(axes: object, rows: list[dict[str, object]]) -> None:
+    """Central accuracy against the cumulative epsilon of each round (``inf``: said so).
+
+    The initial model (round 0) cost nothing: it is drawn at epsilon 0.
+    """
+    points = [
+        (0.0 if row["round"] == 0 else epsilon, float(row["central_accuracy"]))  # type: ignore[arg-type]
+        for row in rows
+        if ((epsilon := round_epsilon(row)) is not None or row["round"] == 0)
+        and row["central_accuracy"] is not None
+    ]
+    finite = [(e, a) for e, a in points if e is not None and math.isfinite(e)]
+    if len(finite) > 1 or (finite and len(points) == 1):
+        axes.plot(*zip(*finite, strict=True), marker="o")  # type: ignore[attr-defined]
+        axes.set(ylim=(0, 1))  # type: ignore[attr-defined]
+    else:
+        why = "epsilon = inf: no noise,\nnot differentially private" if points else "no epsilon"
+        axes.text(0.5, 0.5, why, ha="center", va="center", transform=axes.transAxes)  # type: ignore[attr-defined]
+    axes.set(title="accuracy against epsilon", xlabel="epsilon", ylabel="central accuracy")  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+from server.privacy_report import privacy_summary
 from server.store import DB_NAME, RunStore, RunStoreError
 from task.config import fedcoord_home
 from task.names import RunNameError, find_run_dir_problem
@@ -143,6 +144,7 @@ def run_status(run_dir: Path) -> dict[str, object]:
         "run_dir": str(run_dir),
         "created_at": run["created_at"],
         "training": _training(run["config_json"]),
+        "privacy": privacy_summary(_config(run["config_json"]), rounds),
     }
 
 

@@ -496,3 +496,81 @@ def test_a_configuration_that_cannot_be_accounted_is_refused_at_start(settings, 
 def test_bad_privacy_values_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_run_config(settings)
+
+
+# ---------------------------------------------------------------------------
+# status, watch, export, plot and the dashboard
+# ---------------------------------------------------------------------------
+
+
+def run_cli(capsys, *args: object) -> tuple[int, str]:  # noqa: ANN001
+    from server import cli
+
+    code = cli.main([*map(str, args)])
+    return code, capsys.readouterr().out
+
+
+def test_status_watch_export_plot_and_dashboard_show_epsilon(tmp_path, capsys):
+    import csv
+    import io
+    import json
+
+    from test_dashboard import local_client
+
+    from server import cli
+
+    # Prepare: a noisy run (Poisson, budget 50) and a run without noise
+    start_run(tmp_path / "a", **{"num-server-rounds": 2, "target-epsilon": 50.0})
+    plain = {"strategy": "fedavg", "noise-multiplier": 0.0, "sampling": "fraction"}
+    start_run(tmp_path / "b", **{"num-server-rounds": 1, **plain})
+    epsilons = [m["epsilon"] for m in rounds_metrics(tmp_path / "a" / "dp")]
+
+    # Execute / Assert: status --json (strict: infinity is null, its text "inf")
+    _, out = run_cli(capsys, "--runs-dir", tmp_path / "a", "status", "dp", "--json")
+    privacy = json.loads(out)["privacy"]
+    assert privacy["epsilon"] == pytest.approx(epsilons[-1]) and privacy["private"]
+    assert (privacy["sampling"], privacy["delta"], privacy["target_epsilon"]) == (
+        "poisson",
+        1e-5,
+        50.0,
+    )
+    _, out = run_cli(capsys, "--runs-dir", tmp_path / "b", "status", "dp", "--json")
+    privacy = json.loads(out)["privacy"]
+    assert privacy["epsilon"] is None and privacy["epsilon_text"] == "inf"
+    assert not privacy["private"]
+
+    # status (text) and the watch line
+    _, out = run_cli(capsys, "--runs-dir", tmp_path / "a", "status", "dp")
+    assert f"privacy    epsilon {epsilons[-1]:.2f} at delta 1e-05 (poisson sampling" in out
+    assert "budget 50" in out
+    _, out = run_cli(capsys, "--runs-dir", tmp_path / "b", "status", "dp")
+    assert "privacy    epsilon inf: no noise, not differentially private" in out
+    line = cli.progress_line(run_status(tmp_path / "a" / "dp"))
+    assert f"eps {epsilons[-1]:.2f}" in line
+
+    # export: CSV has the column (inf for no noise), JSON lines null
+    _, out = run_cli(capsys, "--runs-dir", tmp_path / "a", "export", "dp", "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [r["epsilon"] for r in rows] == ["", *(repr(e) for e in epsilons)]
+    _, out = run_cli(capsys, "--runs-dir", tmp_path / "b", "export", "dp", "--format", "csv")
+    assert [r["epsilon"] for r in csv.DictReader(io.StringIO(out))] == ["", "inf"]
+    _, out = run_cli(capsys, "--runs-dir", tmp_path / "b", "export", "dp", "--format", "jsonl")
+    assert [json.loads(line)["epsilon"] for line in out.splitlines()] == [None, None]
+
+    # plot: accuracy against epsilon is a fourth panel
+    for run in ("a", "b"):
+        target = tmp_path / f"{run}.png"
+        code, _ = run_cli(capsys, "--runs-dir", tmp_path / run, "plot", "dp", "-o", target)
+        assert code == 0 and target.read_bytes()[:4] == b"\x89PNG"
+
+    # the dashboard: status, each round's epsilon and the privacy chart
+    client = local_client(tmp_path / "a")
+    detail = client.get("/api/runs/dp").json()
+    assert detail["status"]["privacy"]["epsilon_text"] == f"{epsilons[-1]:.2f}"
+    assert [r["epsilon_text"] for r in detail["rounds"]] == ["-", *(f"{e:.2f}" for e in epsilons)]
+    svg = client.get("/api/runs/dp/charts/privacy.svg").text
+    assert svg.startswith("<svg") and ">epsilon</text>" in svg and "no rounds yet" not in svg
+    rounds = local_client(tmp_path / "b").get("/api/runs/dp").json()["rounds"]
+    assert rounds[-1]["epsilon_text"] == "inf" and rounds[-1]["epsilon"] is None
+    svg = local_client(tmp_path / "b").get("/api/runs/dp/charts/privacy.svg").text
+    assert "epsilon = inf: no noise, not differentially private" in svg

@@ -9,7 +9,7 @@ GET    ``/login?code=CODE``             one-time sign-in: sets the token cookie
 GET    ``/api/runs``                    every run's summary (JSON)
 GET    ``/api/runs/NAME``               one run: status, rounds, nodes, rejections, events
 GET    ``/api/runs/NAME/stream``        the same, as server-sent events while it changes
-GET    ``/api/runs/NAME/charts/C.svg``  chart ``accuracy``, ``loss`` or ``clients``
+GET    ``/api/runs/NAME/charts/C.svg``  chart ``accuracy``, ``loss``, ``clients`` or ``privacy``
 GET    ``/api/compare?run=A&run=B``     runs compared, as ``fedcoord compare --json``
 GET    ``/api/compare/X.svg?run=A&...`` their accuracy against ``round`` or ``time``
 POST   ``/api/runs/NAME/pause``         also ``resume`` and ``stop``: queue the command

@@ -1,10 +1,11 @@
 """Charts of a run's rounds as self-contained SVG, drawn in Python (no JS library).
 
-Three charts, by name: ``accuracy`` (central and federated), ``loss`` (central,
-federated and train) and ``clients`` (accepted / rejected / failed replies per
-round, stacked). Every chart has a title, labelled axes with round-number ticks
-and a legend; each point carries a ``<title>`` tooltip. :func:`comparison_chart`
-draws one line per compared run, against round or wall time, its legend below.
+Four charts, by name: ``accuracy`` (central and federated), ``loss`` (central,
+federated and train), ``clients`` (accepted / rejected / failed replies per
+round, stacked) and ``privacy`` (the cumulative epsilon after each round).
+Every chart has a title, labelled axes with round-number ticks and a legend;
+each point carries a ``<title>`` tooltip. :func:`comparison_chart` draws one
+line per compared run, against round or wall time, its legend below.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ WIDTH, HEIGHT = 420, 250
 LEFT, RIGHT, TOP, BOTTOM = 52, 14, 38, 42
 FONT = "-apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif"
 BLUE, GREEN, AMBER, RED, GREY = "#2563eb", "#16a34a", "#d97706", "#dc2626", "#9ca3af"
-CHARTS = ("accuracy", "loss", "clients")
+CHARTS = ("accuracy", "loss", "clients", "privacy")
 MAX_MARKED_POINTS = 60
 # One colour per compared run (cycled); the first ones are the single-run colours.
 PALETTE = (BLUE, GREEN, AMBER, RED, "#7c3aed", "#0891b2", "#db2777", "#65a30d", "#4b5563")
@@ -86,6 +87,8 @@ def render_chart(name: str, rows: Sequence[dict[str, object]], num_rounds: int) 
         return line_chart("Loss", "loss", _series(rows, keys), num_rounds)
     if name == "clients":
         return clients_chart(rows, num_rounds)
+    if name == "privacy":
+        return privacy_chart(rows, num_rounds)
     raise ValueError(f"unknown chart {name!r}; charts: {', '.join(CHARTS)}")
 
 
@@ -129,6 +132,22 @@ def clients_chart(rows: Sequence[dict[str, object]], num_rounds: int) -> str:
     if not trained:
         parts.append(_empty_note())
     return _svg("Clients per round", parts)
+
+
+def privacy_chart(rows: Sequence[dict[str, object]], num_rounds: int) -> str:
+    """The run's cumulative epsilon after each round; a note when it is infinite (no noise)."""
+    epsilons = [(row["round"], row.get("epsilon")) for row in rows]
+    points = tuple(
+        (float(_int(r)), float(e))  # type: ignore[arg-type]
+        for r, e in epsilons
+        if _int(r) > 0 and isinstance(e, int | float) and math.isfinite(e)
+    )
+    title = "Privacy spent (epsilon)"
+    svg = line_chart(title, "epsilon", [Series("epsilon", RED, points)], num_rounds)
+    if points or not any(isinstance(e, float) and math.isinf(e) for _, e in epsilons):
+        return svg
+    note = "epsilon = inf: no noise, not differentially private"
+    return svg.replace("no rounds yet", escape(note))
 
 
 def comparison_chart(axis: str, curves: Sequence[tuple[str, Sequence[tuple[float, float]]]]) -> str:

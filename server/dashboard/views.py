@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from server.compare import compare_records, read_run_record, validate_run_names
 from server.lifecycle import InvalidTransitionError
+from server.privacy_report import format_epsilon, round_epsilon
 from server.runs import RunNotFoundError, list_run_dirs, resolve_run_dir, run_status
 from server.store import RunStore, RunStoreError
 from task.names import RunNameError as RunNameError  # re-exported for server.dashboard.app
@@ -177,7 +178,7 @@ def run_detail(run_dir: Path) -> dict[str, object]:
         "now": time.time(),
         "status": status,
         "config": _config_summary(str(run["config_json"])),
-        "rounds": [{key: row[key] for key in ROUND_COLUMNS} for row in rounds],
+        "rounds": [round_view(row) for row in rounds],
         "nodes": [{key: node[key] for key in NODE_COLUMNS} for node in nodes],
         "rejections": [{key: row[key] for key in REJECTION_COLUMNS} for row in rejected],
         "events": [{key: event[key] for key in EVENT_COLUMNS} for event in events],
@@ -212,7 +213,14 @@ def round_rows(run_dir: Path) -> tuple[list[dict[str, object]], int]:
         num_rounds = int(store.run_row()["num_rounds"])  # type: ignore[call-overload]
     finally:
         store.close()
-    return [{key: row[key] for key in ROUND_COLUMNS} for row in rows], num_rounds
+    return [round_view(row) for row in rows], num_rounds
+
+
+def round_view(row: dict[str, object]) -> dict[str, object]:
+    """A round row's shown columns, with its epsilon (``epsilon_text``: ``inf`` as text)."""
+    epsilon = round_epsilon(row)
+    view = {key: row[key] for key in ROUND_COLUMNS}
+    return {**view, "epsilon": epsilon, "epsilon_text": format_epsilon(epsilon)}
 
 
 def _config_summary(config_json: str) -> dict[str, object]:

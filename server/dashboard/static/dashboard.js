@@ -365,6 +365,12 @@ function renderKpis(detail, status) {
   const rejected = detail.rounds.reduce((sum, r) => sum + (r.rejected || 0), 0);
   const failed = detail.rounds.reduce((sum, r) => sum + (r.failed || 0), 0);
   $("kpi-faults").textContent = `${rejected} / ${failed}`;
+  const privacy = status.privacy || {};
+  $("kpi-epsilon").textContent = privacy.epsilon_text || "–";
+  $("kpi-epsilon").title = privacy.private
+    ? `delta ${privacy.delta}, ${privacy.sampling} sampling, noise multiplier ${privacy.noise_multiplier}` +
+      (privacy.target_epsilon > 0 ? `, budget ${privacy.target_epsilon}` : "")
+    : "no noise: not differentially private";
 }
 
 function renderCharts(detail, status) {
@@ -428,6 +434,7 @@ function roundCells(row) {
     cell(fmt(row.central_loss), "num"),
     cell(fmt(row.train_loss), "num"),
     cell(row.round === 0 ? "–" : clients, "num"),
+    cell(row.round === 0 ? "–" : row.epsilon_text, "num"),
     cell(row.round === 0 ? "–" : `${fmt(row.duration_s, 1)}s`, "num"),
     cell(row.note || ""),
   ];
