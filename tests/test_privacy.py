@@ -574,3 +574,39 @@ def test_status_watch_export_plot_and_dashboard_show_epsilon(tmp_path, capsys):
     assert rounds[-1]["epsilon_text"] == "inf" and rounds[-1]["epsilon"] is None
     svg = local_client(tmp_path / "b").get("/api/runs/dp/charts/privacy.svg").text
     assert "epsilon = inf: no noise, not differentially private" in svg
+
+
+# ---------------------------------------------------------------------------
+# A real simulation
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_simulation_with_clipped_noise_and_poisson_sampling_records_a_growing_epsilon(
+    simulate,
+):
+    # Prepare: 4 supernodes, each joins a round with probability 0.5
+    settings = {
+        "strategy": "clipped",
+        "clip-norm": 2.0,
+        "noise-multiplier": 1.0,
+        "sampling": "poisson",
+        "fraction-train": 0.5,
+        "min-train-nodes": 1,
+        "num-server-rounds": 3,
+        "local-epochs": 1,
+        "fraction-evaluate": 0.0,
+    }
+
+    # Execute
+    run = simulate(4, "dp-sim", **settings)
+
+    # Assert: completed; epsilon after each round as dp-accounting computes it, growing
+    assert run.returncode == 0, run.output[-3000:]
+    status = run.status()
+    assert status["state"] == "completed" and status["current_round"] == 3
+    epsilons = [m["epsilon"] for m in rounds_metrics(run.run_dir)]
+    event = dp_event.PoissonSampledDpEvent(0.5, dp_event.GaussianDpEvent(1.0))
+    assert epsilons == [pytest.approx(library_epsilon(event, k, 1e-5)) for k in (1, 2, 3)]
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2] < math.inf
+    assert status["privacy"]["epsilon"] == pytest.approx(epsilons[-1])
