@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from flwr.common.logger import log
 
@@ -58,9 +59,21 @@ RUN_STATUS = {
 }
 
 
+def without_credentials(uri: str) -> str:
+    """``uri`` with any ``user:password@`` removed, for showing it to others."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def tracked_params(config: RunConfig) -> dict[str, str]:
-    """The run-config as MLflow params: every key the run store keeps, as text."""
+    """The run-config as MLflow params: every key the run store keeps, as text.
+
+    A ``tracking-uri`` is logged without its credentials (``user:password@``).
+    """
     stored = {**config_to_dict(config), "dataset-defaults": ",".join(config.dataset_defaults)}
+    stored["tracking-uri"] = without_credentials(str(stored.get("tracking-uri", "")))
     return {
         key: (str(value).lower() if isinstance(value, bool) else str(value))[:MAX_PARAM_LENGTH]
         for key, value in stored.items()

@@ -381,3 +381,12 @@ def test_simulation_is_tracked_and_a_failing_store_does_not_fail_it(simulate, tm
     assert failing.returncode == 0, failing.output[-3000:]
     assert failing.status()["state"] == "completed"
     assert failing.output.count("tracking: ") == 1, failing.output[-3000:]
+
+
+def test_a_tracking_uri_is_logged_without_its_credentials():
+    from server.tracking import without_credentials
+
+    assert without_credentials("https://ann:s3cret@mlflow.example:5000/x") == (
+        "https://mlflow.example:5000/x"
+    )
+    assert without_credentials("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
