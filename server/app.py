@@ -152,6 +152,13 @@ def open_resumed_run(config: RunConfig) -> RunStore:
             f"run {config.run_name!r} already completed {run['current_round']} rounds; "
             "raise num-server-rounds to continue it"
         )
+    dropped = store.drop_pending_commands()
+    if dropped:
+        store.add_event(
+            "dropped",
+            f"{len(dropped)} command(s) queued for the previous server dropped on resume: "
+            + ", ".join(dropped[:10]),
+        )
     return store
 
 

@@ -536,6 +536,17 @@ class RunStore:
         )
         return int(cursor.lastrowid or 0)
 
+    def drop_pending_commands(self) -> list[str]:
+        """Consume every queued command without acting on it; return their names.
+
+        On resume: commands queued for a server that is gone (a ``stop`` that
+        came after it died) must not act on the resumed run.
+        """
+        dropped = self.pending_commands()
+        for command in dropped:
+            self.consume_command(int(command["id"]))  # type: ignore[call-overload]
+        return [str(command["command"]) for command in dropped]
+
     def consume_command(self, command_id: int) -> None:
         """Mark a command as acted on."""
         self._db.execute(
