@@ -509,6 +509,11 @@ def _validate_async(config: RunConfig) -> None:
         "as it arrives, against the version it was trained from, which needs a streaming "
         f"aggregator; valid in async mode: {', '.join(ASYNC_STRATEGIES)}",
     )
+    _require(
+        config.mode != "async" or (config.target_epsilon == 0 and config.sampling == "fraction"),
+        "target-epsilon and sampling are not accounted in mode='async' (FedBuff samples "
+        "whichever node is idle); use mode='sync' for a privacy budget",
+    )
     parse_client_delay(config.client_delay)
 
 
