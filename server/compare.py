@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.results import figure_pyplot, save_figure
-from server.runs import effective_state, resolve_run_dir
+from server.runs import effective_state, resolve_run_dir, stored_config
 from server.store import RunStore, RunStoreError
 
 # Keys that name, place or track a run but do not change what it trains.
@@ -153,15 +153,6 @@ def read_run_record(run_dir: Path, now: float | None = None) -> RunRecord:
         config=stored_config(run["config_json"]),
         points=tuple(round_points(rows)),
     )
-
-
-def stored_config(config_json: object) -> dict[str, object]:
-    """The run's stored config, or {} when it is not a JSON object."""
-    try:
-        config = json.loads(str(config_json))
-    except (ValueError, RecursionError):
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 def round_points(rows: Iterable[Mapping[str, object]]) -> list[RoundPoint]:

@@ -124,7 +124,7 @@ def run_status(run_dir: Path) -> dict[str, object]:
         "stored_state": run["state"],
         "current_round": current,
         "num_rounds": num_rounds,
-        "mode": _config(run["config_json"]).get("mode", "sync"),
+        "mode": stored_config(run["config_json"]).get("mode", "sync"),
         "step": run_step(run["config_json"]),
         "progress": min(1.0, current / num_rounds) if num_rounds else 0.0,
         "phase": run["phase"],
@@ -144,11 +144,11 @@ def run_status(run_dir: Path) -> dict[str, object]:
         "run_dir": str(run_dir),
         "created_at": run["created_at"],
         "training": _training(run["config_json"]),
-        "privacy": privacy_summary(_config(run["config_json"]), rounds),
+        "privacy": privacy_summary(stored_config(run["config_json"]), rounds),
     }
 
 
-def _config(config_json: object) -> dict[str, object]:
+def stored_config(config_json: object) -> dict[str, object]:
     """The run's stored config; {} if it cannot be read (checked elsewhere, not ours to fail)."""
     try:
         config = json.loads(str(config_json))
@@ -159,12 +159,12 @@ def _config(config_json: object) -> dict[str, object]:
 
 def run_step(config_json: object) -> str:
     """What the run counts: ``version`` (``mode='async'``, FedBuff) or ``round``."""
-    return "version" if _config(config_json).get("mode") == "async" else "round"
+    return "version" if stored_config(config_json).get("mode") == "async" else "round"
 
 
 def _training(config_json: object) -> dict[str, object]:
     """The run's local training keys, which took the dataset's default, and evaluation."""
-    config = _config(config_json)
+    config = stored_config(config_json)
     if not config:
         return {}
     training: dict[str, object] = {
