@@ -15,9 +15,11 @@ from test_hostile_coordinator import (  # noqa: F401 - server_identity is an aut
     model,
     server_identity,
 )
+from test_tracking import history, mlflow_client
 
 from server.checkpoints import model_hash
 from server.reply_order import ReplyOrder
+from server.tracking import TRACKING_FILE
 from strategies.records import pack_arrays
 from strategies.sampling import NodeSampler
 from task import keys
@@ -158,9 +160,15 @@ def test_a_bad_roll_call_answer_orders_the_node_last(tmp_path, bad):  # noqa: AN
 
 
 @pytest.mark.slow
-def test_two_simulations_of_one_configuration_give_identical_models(simulate):
-    # Execute: the same configuration twice; partition 0 is a straggler (3 s late),
-    # so its reply comes after the others and is folded first all the same
+def test_two_simulations_of_one_configuration_give_identical_models(simulate, tmp_path):
+    """One pair of real runs checks reproducibility and MLflow tracking at once.
+
+    The same configuration twice; partition 0 is a straggler (3 s late), so its
+    reply comes after the others and is folded first all the same. The first run
+    is tracked in a SQLite MLflow store, the second in a store that cannot open:
+    tracking changes nothing in the model, and a failing store fails nothing.
+    """
+    # Execute
     settings = {
         "num-server-rounds": 2,
         "fraction-train": 0.75,
@@ -168,8 +176,15 @@ def test_two_simulations_of_one_configuration_give_identical_models(simulate):
         "seed": 5,
         "faults": "0=delay",
         "round-timeout": 60.0,
+        "tracking-experiment": "twins",
     }
-    runs = [simulate(4, f"twin-{k}", **settings) for k in (1, 2)]
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlruns.db'}"
+    (tmp_path / "a-file").write_text("")
+    broken = f"sqlite:///{tmp_path / 'a-file' / 'mlruns.db'}"
+    runs = [
+        simulate(4, f"twin-{k}", **settings, **{"tracking-uri": store})
+        for k, store in ((1, uri), (2, broken))
+    ]
 
     # Assert: every round's global model and metrics are bit-identical
     rows = []
@@ -187,4 +202,23 @@ def test_two_simulations_of_one_configuration_give_identical_models(simulate):
     hashes = [[(r[0], r[1], r[2]) for r in run_rows] for run_rows in rows]
     assert hashes[0] == hashes[1] and len({h[1] for h in hashes[0]}) == 3
     train_loss = [[json.loads(r[3]).get("train-loss") for r in run_rows] for run_rows in rows]
-    assert train_loss[0] == train_loss[1]
+    assert train_loss[0] == train_loss[1] and None not in train_loss[0][1:]
+
+    # Assert: the first run, read back from MLflow
+    client = mlflow_client(uri)
+    run_id = json.loads((runs[0].run_dir / TRACKING_FILE).read_text())["run-id"]
+    mlflow_run = client.get_run(run_id)
+    assert mlflow_run.info.status == "FINISHED"
+    assert client.get_experiment(mlflow_run.info.experiment_id).name == "twins"
+    accuracy = history(client, run_id, "central-accuracy")
+    assert accuracy == [(r[0], pytest.approx(r[2], abs=1e-6)) for r in rows[0]]
+    assert [step for step, _ in history(client, run_id, "federated-accuracy")] == [1, 2]
+    assert [value for _, value in history(client, run_id, "accepted")] == [0.0, 3.0, 3.0]
+    assert mlflow_run.data.tags["fedcoord.model-hash"] == rows[0][-1][1]
+    assert mlflow_run.data.params["local-epochs"] == "1"
+    artifacts = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/round-00002.safetensors"}
+
+    # Assert: the failing store cost one WARNING line, not the run
+    assert runs[1].status()["state"] == "completed"
+    assert runs[1].output.count("tracking: ") == 1, runs[1].output[-3000:]

@@ -346,43 +346,6 @@ def test_tensorboard_export_reads_back_with_tensorboard(tmp_path):
     assert refused.stderr == "fedcoord: --format tensorboard needs -o DIR, the TensorBoard logdir\n"
 
 
-@pytest.mark.slow
-def test_simulation_is_tracked_and_a_failing_store_does_not_fail_it(simulate, tmp_path):
-    # Execute: a real run tracked in a SQLite store, and one whose store cannot open
-    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlruns.db'}"
-    settings = {"num-server-rounds": 2, "local-epochs": 1, "tracking-experiment": "sim"}
-    run = simulate(2, "tracked-sim", **settings, **{"tracking-uri": uri})
-    (tmp_path / "a-file").write_text("")
-    broken = f"sqlite:///{tmp_path / 'a-file' / 'mlruns.db'}"
-    failing = simulate(
-        2, "broken-sim", **{**settings, "num-server-rounds": 1, "tracking-uri": broken}
-    )
-
-    # Assert: the tracked run, read back from MLflow
-    assert run.returncode == 0, run.output[-3000:]
-    client = mlflow_client(uri)
-    run_id = json.loads((run.run_dir / TRACKING_FILE).read_text())["run-id"]
-    mlflow_run = client.get_run(run_id)
-    assert mlflow_run.info.status == "FINISHED"
-    assert client.get_experiment(mlflow_run.info.experiment_id).name == "sim"
-    accuracy = history(client, run_id, "central-accuracy")
-    assert [step for step, _ in accuracy] == [0, 1, 2]
-    assert [step for step, _ in history(client, run_id, "federated-accuracy")] == [1, 2]
-    assert [value for _, value in history(client, run_id, "accepted")] == [0.0, 2.0, 2.0]
-    status = run.status()
-    assert accuracy[-1][1] == pytest.approx(status["metrics"]["central_accuracy"], abs=1e-6)
-    newest = RunStore(run.run_dir, readonly=True).rounds()[-1]
-    assert mlflow_run.data.tags["fedcoord.model-hash"] == newest["model_hash"]
-    assert mlflow_run.data.params["local-epochs"] == "1"
-    artifacts = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
-    assert artifacts == {"checkpoints/round-00002.safetensors"}
-
-    # Assert: the failing store cost one WARNING line, not the run
-    assert failing.returncode == 0, failing.output[-3000:]
-    assert failing.status()["state"] == "completed"
-    assert failing.output.count("tracking: ") == 1, failing.output[-3000:]
-
-
 def test_a_tracking_uri_is_logged_without_its_credentials():
     from server.tracking import without_credentials
 
