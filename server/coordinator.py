@@ -431,7 +431,14 @@ class Coordinator:
                 self.partitions[reply.metadata.src_node_id] = int(value)  # type: ignore[call-overload]
 
         content = RecordDict({keys.CONFIG: ConfigRecord(self._round_config(server_round))})
+        started = time.perf_counter()
         self._run_phase(server_round, "query", sorted(unknown), content, learn)
+        answered = sum(self.partitions[node_id] is not None for node_id in unknown)
+        self.store.add_event(
+            "roll-call",
+            f"round {server_round}: {answered}/{len(unknown)} new node(s) gave their partition "
+            f"in {time.perf_counter() - started:.1f}s",
+        )
 
     def _evaluate_federated(
         self, server_round: int, arrays: NamedArrays, node_ids: Iterable[int]
