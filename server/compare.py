@@ -10,7 +10,9 @@ time at which central accuracy first reached ``target``, the rejected replies
 and the cumulative epsilon where a round records one. Wall time is the time
 spent in rounds (the sum of their durations, round 0's central evaluation
 included): time paused, or down before a resume, is left out, so that a run
-interrupted and resumed is measured like one that was not. Runs that differ only
+interrupted and resumed is measured like one that was not. A value no run can
+have (an accuracy outside [0, 1], a negative, infinite or absurd duration, a
+negative epsilon) is read as missing and shown ``-``, never as a number. Runs that differ only
 in ``seed`` are also summarised as mean and sample standard deviation over seeds.
 Epsilon is infinite for a run without noise: ``inf`` in text, and in strict JSON,
 which has no infinity, ``null`` beside ``epsilon_text`` ``"inf"``.
@@ -22,7 +24,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,9 @@ STRATEGY_KEY = "strategy"
 # The round row's column (or stored metric) holding the cumulative privacy spent.
 EPSILON_KEY = "epsilon"
 MAX_COMPARED_RUNS = 20
+# Seconds in rounds beyond which a run's wall time is not believed (about 31 years):
+# a tampered or broken duration, missing rather than a number no chart can scale to.
+MAX_WALL_TIME_S = 1e9
 
 
 class CompareError(ValueError):
@@ -58,7 +63,7 @@ class RoundPoint:
     """One round of a run as the comparison sees it."""
 
     round: int
-    elapsed_s: float
+    elapsed_s: float | None
     central_accuracy: float | None
     rejected: int
     epsilon: float | None
@@ -156,16 +161,24 @@ def read_run_record(run_dir: Path, now: float | None = None) -> RunRecord:
 
 
 def round_points(rows: Iterable[Mapping[str, object]]) -> list[RoundPoint]:
-    """Round rows (oldest first) as points, with the wall time spent in rounds so far."""
-    points, elapsed = [], 0.0
+    """Round rows (oldest first) as points, with the wall time spent in rounds so far.
+
+    A central accuracy outside [0, 1] (or not a number) is missing. So is the wall
+    time from the first round whose duration is negative or not finite, or that
+    takes the total past :data:`MAX_WALL_TIME_S`: no later total can be trusted.
+    """
+    points: list[RoundPoint] = []
+    elapsed: float | None = 0.0
     for row in rows:
         duration = _number(row.get("duration_s"))
-        elapsed += max(duration, 0.0) if duration is not None else 0.0
+        if elapsed is not None:
+            total = elapsed + duration if duration is not None and duration >= 0 else math.inf
+            elapsed = total if total <= MAX_WALL_TIME_S else None
         points.append(
             RoundPoint(
                 round=int(row["round"]),  # type: ignore[call-overload]
                 elapsed_s=elapsed,
-                central_accuracy=_number(row.get("central_accuracy")),
+                central_accuracy=_accuracy(row.get("central_accuracy")),
                 rejected=int(row.get("rejected") or 0),  # type: ignore[call-overload]
                 epsilon=_epsilon(row),
             )
@@ -173,15 +186,24 @@ def round_points(rows: Iterable[Mapping[str, object]]) -> list[RoundPoint]:
     return points
 
 
+def _accuracy(value: object) -> float | None:
+    """An accuracy in [0, 1], or None for anything else (a tampered or broken row)."""
+    number = _number(value)
+    return number if number is not None and 0.0 <= number <= 1.0 else None
+
+
 def _epsilon(row: Mapping[str, object]) -> float | None:
     """The epsilon a round row records (as a column or a stored metric), or None."""
     if EPSILON_KEY in row:
-        return _number(row[EPSILON_KEY], allow_inf=True)
-    try:
-        metrics = json.loads(str(row.get("metrics_json") or "{}"))
-    except (ValueError, RecursionError):
-        return None
-    return _number(metrics.get(EPSILON_KEY), allow_inf=True) if isinstance(metrics, dict) else None
+        value = row[EPSILON_KEY]
+    else:
+        try:
+            metrics = json.loads(str(row.get("metrics_json") or "{}"))
+        except (ValueError, RecursionError):
+            return None
+        value = metrics.get(EPSILON_KEY) if isinstance(metrics, dict) else None
+    epsilon = _number(value, allow_inf=True)
+    return epsilon if epsilon is not None and epsilon >= 0 else None
 
 
 def _number(value: object, allow_inf: bool = False) -> float | None:
@@ -203,7 +225,7 @@ def differing_keys(configs: Sequence[Mapping[str, object]]) -> list[str]:
 
 def time_to_target(
     points: Sequence[RoundPoint], target: float
-) -> tuple[int, float] | tuple[None, None]:
+) -> tuple[int, float | None] | tuple[None, None]:
     """The first round whose central accuracy reached ``target``, and the wall time then."""
     for point in points:
         if point.central_accuracy is not None and point.central_accuracy >= target:
@@ -270,12 +292,25 @@ def _seed_summary(label: str, group: Sequence[Mapping[str, object]]) -> dict[str
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float | int | None]:
-    """``{"mean", "std", "n"}``; std is the sample one (None for fewer than two values)."""
+    """``{"mean", "std", "n"}``; std is the sample one (None for fewer than two values).
+
+    Values that are not finite are left out (``n`` counts the others); a mean or
+    std that would overflow is None rather than an error.
+    """
+    kept = [float(value) for value in values if math.isfinite(value)]
     return {
-        "mean": statistics.fmean(values) if values else None,
-        "std": statistics.stdev(values) if len(values) > 1 else None,
-        "n": len(values),
+        "mean": _finite_or_none(statistics.fmean, kept) if kept else None,
+        "std": _finite_or_none(statistics.stdev, kept) if len(kept) > 1 else None,
+        "n": len(kept),
     }
+
+
+def _finite_or_none(statistic: Callable[[list[float]], float], values: list[float]) -> float | None:
+    try:
+        result = statistic(values)
+    except (ArithmeticError, ValueError, AttributeError):  # fsum's or stdev's overflow
+        return None
+    return result if math.isfinite(result) else None
 
 
 def label_of(differs: Mapping[str, object], keys: Sequence[str]) -> str:
@@ -290,7 +325,7 @@ def compare_records(records: Sequence[RunRecord], target: float | None = None) -
     labels = [label_of(run["differs"], keys) for run in runs]  # type: ignore[arg-type]
     unique = len(set(labels)) == len(labels) and all(labels)
     for run, record, label in zip(runs, records, labels, strict=True):
-        run["label"] = label if unique else record.name
+        run["label"] = printable(label if unique else record.name)
         run["curve"] = {
             "round": [p.round for p in record.points],
             "elapsed_s": [p.elapsed_s for p in record.points],
@@ -372,7 +407,12 @@ def format_seed_table(summaries: Sequence[Mapping[str, object]], target: object)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Left-aligned text columns, two spaces apart, the header line first."""
+    """Left-aligned text columns, two spaces apart, the header line first.
+
+    A cell with a character that is not printable (a bidi control such as U+202E,
+    a zero-width one, a control character) is shown escaped, as :func:`printable`.
+    """
+    rows = [[printable(str(cell)) for cell in row] for row in rows]
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
     return [
         "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
@@ -380,10 +420,21 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[
     ]
 
 
+def printable(text: str) -> str:
+    """``text``, or its Python literal when it holds a character that is not printable.
+
+    A run name with a bidi control (U+202E), a zero-width or a
+    control character then cannot reorder or hide what a table shows.
+    """
+    return text if text.isprintable() else repr(text)
+
+
 def fmt_seconds(seconds: object) -> str:
-    """``95.3s``, ``12m05s`` or ``-``."""
+    """``95.3s``, ``12m05s``, ``3.2e+12s`` or ``-``."""
     if not isinstance(seconds, int | float) or not math.isfinite(seconds):
         return "-"
+    if seconds >= 1e9:  # centuries: no minutes worth spelling out
+        return f"{seconds:.3g}s"
     if seconds < 600:
         return f"{seconds:.1f}s"
     minutes, secs = divmod(int(seconds), 60)
@@ -394,7 +445,9 @@ def _fmt(value: object, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.{digits}f}" if abs(value) < 1e6 else f"{value:.{digits}g}"
     return str(value)
 
 
@@ -426,8 +479,12 @@ def plot_comparison(comparison: Mapping[str, object], output: Path) -> None:
         kept = [i for i, acc in enumerate(curve["central_accuracy"]) if acc is not None]
         accuracy = [curve["central_accuracy"][i] for i in kept]
         by_round.plot([curve["round"][i] for i in kept], accuracy, marker="o", label=run["label"])
+        timed = [i for i in kept if curve["elapsed_s"][i] is not None]
         by_time.plot(
-            [curve["elapsed_s"][i] for i in kept], accuracy, marker="o", label=run["label"]
+            [curve["elapsed_s"][i] for i in timed],
+            [curve["central_accuracy"][i] for i in timed],
+            marker="o",
+            label=run["label"],
         )
     target = comparison["target"]
     for axes, xlabel in ((by_round, "round"), (by_time, "wall time in rounds (s)")):

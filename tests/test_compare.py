@@ -2,6 +2,7 @@
 
 import json
 import math
+import sqlite3
 import time
 from pathlib import Path
 
@@ -103,6 +104,54 @@ def test_mean_std_is_the_sample_standard_deviation():
     }
     assert mean_std([0.5]) == {"mean": 0.5, "std": None, "n": 1}
     assert mean_std([]) == {"mean": None, "std": None, "n": 0}
+
+
+def test_mean_std_leaves_out_infinities_and_never_raises_on_overflow():
+    assert mean_std([math.inf, 1.0, math.nan]) == {"mean": 1.0, "std": None, "n": 1}
+    huge = mean_std([1e308, 1e308, -1e308])  # fsum overflows: missing, not an error
+    assert huge["n"] == 3 and huge["mean"] is None or math.isfinite(huge["mean"])
+
+
+def test_impossible_numbers_are_missing_and_never_a_traceback(tmp_path, capsys):
+    # Prepare: rows that pass the schema check but no run can write: accuracies of
+    # 1e308 in two seeds, durations summing past float range, an infinite duration
+    runs = tmp_path / "runs"
+    make_run(runs, "big-1", [1e308, 1e308], seed=1)
+    make_run(runs, "big-2", [1e308, 1e308], seed=2)
+    make_run(runs, "sums-inf", [0.1, 0.2, 0.3], duration_s=1e308, seed=3)
+    make_run(runs, "inf-wall", [0.1, 0.2], seed=4)
+    with sqlite3.connect(runs / "inf-wall" / "run.db") as db:
+        db.execute("UPDATE rounds SET duration_s = 1e999")
+    names = ["big-1", "big-2", "sums-inf", "inf-wall"]
+    png = tmp_path / "compare.png"
+
+    # Execute
+    code, out, err = run_cli(capsys, runs, "compare", *names, "--target", "0.2", "-o", png)
+    data = compare_run_dirs([runs / name for name in names], target=0.2)
+
+    # Assert: '-' where the number cannot be one; the PNG is written
+    assert code == 0 and err == "" and png.read_bytes().startswith(b"\x89PNG")
+    assert max(len(line) for line in out.splitlines()) < 160
+    big, _, sums, inf = data["runs"]
+    assert big["final_accuracy"] is None and big["best_accuracy"] is None
+    assert sums["wall_time_s"] is None and sums["target_round"] == 1
+    assert sums["target_time_s"] is None and inf["wall_time_s"] is None
+    assert inf["curve"]["elapsed_s"] == [None, None]
+    assert data["over_seeds"][0]["final_accuracy"]["n"] == 2  # the two finite ones
+
+
+def test_names_with_bidi_or_zero_width_characters_are_shown_escaped(tmp_path, capsys):
+    # Prepare: names the run-name rule allows (existing runs keep them)
+    runs = tmp_path / "runs"
+    make_run(runs, "evil\u202egnp.exe", [0.1, 0.9], seed=1)
+    make_run(runs, "a\u200bb", [0.1, 0.5], seed=2)
+
+    # Execute
+    code, out, _ = run_cli(capsys, runs, "compare", "evil\u202egnp.exe", "a\u200bb")
+
+    # Assert: the table holds their literals, never the characters themselves
+    assert code == 0 and "\u202e" not in out and "\u200b" not in out
+    assert "'evil\\u202egnp.exe'" in out and "'a\\u200bb'" in out
 
 
 def test_comparison_of_known_runs(runs_dir):

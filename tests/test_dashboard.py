@@ -2,6 +2,7 @@
 
 import json
 import math
+import sqlite3
 import time
 import warnings
 from pathlib import Path
@@ -201,6 +202,38 @@ def test_compare_answers_the_table_and_both_charts(runs_dir):
         assert charts[axis].headers["content-type"].startswith("image/svg+xml")
         assert x_label in svg and ">live</text>" in svg and ">done</text>" in svg
         assert svg.count("<polyline") == 2 and "<script" not in svg
+
+
+def test_compare_of_impossible_numbers_answers_200_not_500(runs_dir):
+    # Prepare: rows that pass the schema check: an infinite round duration, and
+    # accuracies of 1e308 in two runs that differ only in seed (summed over seeds)
+    for name, change in (
+        ("endless", "duration_s = 1e999"),
+        ("big", "central_accuracy = 1e308"),
+        ("huge", "duration_s = 1.7e308"),
+    ):
+        make_run(runs_dir, name).close()
+        with sqlite3.connect(runs_dir / name / "run.db") as db:
+            db.execute(f"UPDATE rounds SET {change}")  # noqa: S608 (fixed text)
+    client = local_client(runs_dir)
+    query = [("run", "endless"), ("run", "big"), ("run", "huge"), ("run", "done")]
+
+    # Execute
+    responses = [client.get(path, params=query) for path in ("/api/compare", *SVG_PATHS)]
+
+    # Assert
+    assert [response.status_code for response in responses] == [200, 200, 200]
+    endless, big, huge, _ = responses[0].json()["runs"]
+    assert endless["wall_time_s"] is None and huge["wall_time_s"] is None
+    assert big["final_accuracy"] is None and "inf" not in responses[2].text
+
+
+def test_nice_ticks_of_infinite_or_huge_ranges_do_not_overflow():
+    assert nice_ticks(math.inf, 6) == nice_ticks(1.0, 6)
+    assert all(math.isfinite(tick) for tick in nice_ticks(1.7e308, 6))
+
+
+SVG_PATHS = ("/api/compare/round.svg", "/api/compare/time.svg")
 
 
 @pytest.mark.parametrize(

@@ -238,7 +238,8 @@ def api_compare_chart(request: Request) -> Response:
     for run in _comparison(request)["runs"]:  # type: ignore[attr-defined]
         curve = run["curve"]
         points = zip(curve[x_key], curve["central_accuracy"], strict=True)
-        curves.append((run["label"], [(x, acc) for x, acc in points if acc is not None]))
+        kept = [(x, acc) for x, acc in points if x is not None and acc is not None]
+        curves.append((run["label"], kept))
     return Response(comparison_chart(axis, curves), media_type="image/svg+xml", headers=NO_STORE)
 
 

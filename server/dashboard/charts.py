@@ -59,8 +59,12 @@ class Frame:
 
 
 def nice_ticks(high: float, count: int = 5, integer: bool = False) -> list[float]:
-    """Ticks from 0 to at least ``high`` at a 1-2-5 step, about ``count`` of them."""
-    high = max(high, 1e-9)
+    """Ticks from 0 to at least ``high`` at a 1-2-5 step, about ``count`` of them.
+
+    A ``high`` that is not finite gives the ticks of 1; one beyond 1e300 those of
+    1e300 (its steps would overflow).
+    """
+    high = min(max(high, 1e-9), 1e300) if math.isfinite(high) else 1.0
     raw = high / max(count - 1, 1)
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
@@ -158,7 +162,7 @@ def comparison_chart(axis: str, curves: Sequence[tuple[str, Sequence[tuple[float
     """
     title, x_label, unit = COMPARISON_AXES[axis]
     series = [
-        Series(label, PALETTE[i % len(PALETTE)], tuple(points))
+        Series(label, PALETTE[i % len(PALETTE)], tuple(p for p in points if _finite_point(p)))
         for i, (label, points) in enumerate(curves)
     ]
     height = HEIGHT + 10 + LEGEND_ROW * len(series)
@@ -176,6 +180,10 @@ def comparison_chart(axis: str, curves: Sequence[tuple[str, Sequence[tuple[float
     if not any(line.points for line in series):
         parts.append(_empty_note())
     return _svg(title, parts, height)
+
+
+def _finite_point(point: tuple[float, float]) -> bool:
+    return all(isinstance(v, int | float) and math.isfinite(v) for v in point)
 
 
 def _series(
