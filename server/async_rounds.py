@@ -220,7 +220,11 @@ class AsyncCoordinator(Coordinator):
             self._record_outcome(building, outcome, joined=False)
             return
         outcome, client_arrays = check_train_reply(
-            reply, self._specs, RoundReplyTracker(building), check_finite=False
+            reply,
+            self._specs,
+            RoundReplyTracker(building),
+            check_finite=False,
+            expected_partition=self.partitions.get(node_id),
         )
         if client_arrays is not None:
             self._fold(outcome, client_arrays, reference, self.version - training.version)

@@ -51,6 +51,8 @@ EvaluateFn = Callable[[NamedArrays], tuple[float, float]]
 POLL_INTERVAL_S = 0.05
 NODE_POLL_INTERVAL_S = 0.5
 NODE_SETTLE_S = 1.0
+# The longest the roll call waits for new nodes to give their partition id
+ROLL_CALL_TIMEOUT_S = 30.0
 
 
 class NodeShortageError(RuntimeError):
@@ -117,8 +119,10 @@ class Coordinator:
         self._last_pull_error = ""
         self.operator_weights = dict(config.parsed_node_weights)
         self.control = ControlChannel(store, self._set_operator_weight)
-        # Node id -> partition id from the roll call (None: asked, no valid answer)
+        # Node id -> partition id from the roll call (None: asked, no valid answer);
+        # the strategy checks each reply's partition-id against it
         self.partitions: dict[int, int | None] = {}
+        strategy.node_partitions = self.partitions
 
     # ------------------------------------------------------------------ run
     def run(self, initial_arrays: NamedArrays, first_round: int = 1) -> NamedArrays:
@@ -267,6 +271,7 @@ class Coordinator:
         node_ids: list[int],
         content: RecordDict,
         on_reply: Callable[[int, Message], None],
+        timeout: float | None = None,
     ) -> PhaseResult:
         """Push one message per node, then pull and hand over replies until done.
 
@@ -279,7 +284,7 @@ class Coordinator:
         pending = {mid: nid for mid, nid in zip(message_ids, node_ids, strict=True) if mid}
         result = PhaseResult(sampled=len(node_ids))
         order: ReplyOrder[Message] = ReplyOrder(pending.values())
-        deadline = time.monotonic() + self.config.round_timeout
+        deadline = time.monotonic() + (self.config.round_timeout if timeout is None else timeout)
         while pending and time.monotonic() < deadline:
             replies = self._pull(server_round, message_type, pending, deadline)
             for reply in replies:
@@ -415,24 +420,37 @@ class Coordinator:
 
         Simulated nodes get new random ids in every run, so sampling and folding
         by node id would differ between two runs of one configuration; by
-        partition id they do not. Each node is asked once per run, when it is
-        first seen: no step here is O(nodes) per round. A node that gives no
-        valid answer within ``round-timeout`` is ordered after the others, by id.
+        partition id they do not. Each node is asked once, when it is first
+        seen (nodes that left are forgotten): no step here is O(nodes) per round
+        but the bookkeeping of the node list. A node that gives no valid answer
+        within ``ROLL_CALL_TIMEOUT_S`` (or ``round-timeout`` if shorter) is
+        ordered after the others, by id, and its invalid answer is recorded as a
+        rejected reply.
         """
+        present = set(node_ids)
+        for gone in [node_id for node_id in self.partitions if node_id not in present]:
+            del self.partitions[gone]
         unknown = [node_id for node_id in node_ids if node_id not in self.partitions]
         if not unknown:
             return
         self.partitions.update(dict.fromkeys(unknown))
 
-        def learn(_: int, reply: Message) -> None:
+        def learn(round_: int, reply: Message) -> None:
+            node_id = reply.metadata.src_node_id
             record = reply.content.metric_records.get(keys.METRICS)
             value = dict(record).get(keys.PARTITION_ID) if record is not None else None
-            if value is not None and find_partition_id_problem(value) is None:
-                self.partitions[reply.metadata.src_node_id] = int(value)  # type: ignore[call-overload]
+            problem = (
+                "carries no partition-id" if value is None else find_partition_id_problem(value)
+            )
+            if problem is not None:
+                self._reject(round_, node_id, f"query reply: {problem}")
+            elif int(value) >= 0:  # type: ignore[call-overload] # -1: own data, no partition
+                self.partitions[node_id] = int(value)  # type: ignore[call-overload]
 
         content = RecordDict({keys.CONFIG: ConfigRecord(self._round_config(server_round))})
         started = time.perf_counter()
-        self._run_phase(server_round, "query", sorted(unknown), content, learn)
+        timeout = min(self.config.round_timeout, ROLL_CALL_TIMEOUT_S)
+        self._run_phase(server_round, "query", sorted(unknown), content, learn, timeout)
         answered = sum(self.partitions[node_id] is not None for node_id in unknown)
         self.store.add_event(
             "roll-call",

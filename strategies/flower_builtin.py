@@ -89,6 +89,8 @@ class FlowerStrategyAdapter:
         self.min_train_nodes = min_train_nodes
         self.sampler = NodeSampler(seed)
         self._round = TrainRound(0, {})
+        # Node id -> partition from the coordinator's roll call (replies must agree)
+        self.node_partitions: dict[int, int | None] = {}
         self._accepted: list[tuple[Message, ArrayRecord]] = []
 
     def sample_nodes(
@@ -106,7 +108,7 @@ class FlowerStrategyAdapter:
 
     def begin_round(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
         """Start collecting replies for ``server_round`` relative to ``global_arrays``."""
-        self._round = TrainRound(server_round, global_arrays)
+        self._round = TrainRound(server_round, global_arrays, self.node_partitions)
         self._accepted = []
         prepare_flower_round(self.strategy, self._round.global_arrays)
 

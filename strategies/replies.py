@@ -74,6 +74,7 @@ def check_train_reply(
     tracker: RoundReplyTracker,
     *,
     check_finite: bool = True,
+    expected_partition: int | None = None,
 ) -> tuple[ReplyOutcome, NamedArrays | None]:
     """Validate one training reply against the global model's ``specs``; never raise.
 
@@ -83,6 +84,9 @@ def check_train_reply(
     everything ``validate_reply`` checks are rejected with a reason; so is a
     reply whose reading raises anything else. With ``check_finite=False`` the
     caller checks the values for NaN and infinities (see ``validate_reply``).
+    ``expected_partition`` is the partition the node gave at the roll call: a
+    reply that claims another one is rejected (operator weights go by
+    partition), and one that names none is taken as that partition's.
     """
     node_id = reply.metadata.src_node_id
     try:
@@ -92,7 +96,7 @@ def check_train_reply(
         duplicate = tracker.check_duplicate(node_id)
         if duplicate is not None:
             return ReplyOutcome(node_id, False, duplicate), None
-        return _read_train_reply(reply, specs, check_finite)
+        return _read_train_reply(reply, specs, check_finite, expected_partition)
     except Exception as error:  # noqa: BLE001 - the trust boundary: one reply, never the run
         return ReplyOutcome(node_id, False, unreadable(error)), None
 
@@ -110,7 +114,10 @@ def _read_partition_id(metrics: Mapping[str, object] | None) -> int | None:
 
 
 def _read_train_reply(
-    reply: Message, specs: Mapping[str, ArraySpec], check_finite: bool
+    reply: Message,
+    specs: Mapping[str, ArraySpec],
+    check_finite: bool,
+    expected_partition: int | None,
 ) -> tuple[ReplyOutcome, NamedArrays | None]:
     node_id = reply.metadata.src_node_id
     content = reply.content
@@ -121,6 +128,18 @@ def _read_train_reply(
     info = _read_info(reply)
     partition = _read_partition_id(metrics)
     rejected = ReplyOutcome(node_id, False, info=info, partition_id=partition)
+    if expected_partition is not None and metrics is not None:
+        claimed = metrics.get(keys.PARTITION_ID)
+        if claimed is None:
+            metrics[keys.PARTITION_ID] = expected_partition
+            partition = rejected.partition_id = expected_partition
+        elif partition != expected_partition:
+            rejected.reason = (
+                f"partition-id {str(claimed)[:30]} differs from partition {expected_partition} "
+                "this node gave at the roll call"
+            )
+            rejected.partition_id = expected_partition
+            return rejected, None
     if array_record is not None and not is_packed(array_record):
         # Named arrays: their names are checked before any of them is read
         rejected.reason = find_array_names_problem(array_record, specs) or ""  # type: ignore[arg-type]
@@ -176,10 +195,19 @@ class TrainRound:
     global_arrays : Mapping[str, np.ndarray]
         The global model sent to the clients; replies must match its names,
         shapes and dtypes.
+    partitions : Mapping[int, int | None] or None
+        Node id -> the partition it gave at the roll call (see
+        :func:`check_train_reply`'s ``expected_partition``).
     """
 
-    def __init__(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
+    def __init__(
+        self,
+        server_round: int,
+        global_arrays: Mapping[str, np.ndarray],
+        partitions: Mapping[int, int | None] | None = None,
+    ) -> None:
         self.server_round = server_round
+        self.partitions = partitions or {}
         self.global_arrays: NamedArrays = dict(global_arrays)
         self.specs = specs_from_arrays(self.global_arrays)
         self.outcomes: list[ReplyOutcome] = []
@@ -190,7 +218,11 @@ class TrainRound:
     ) -> tuple[ReplyOutcome, NamedArrays | None]:
         """Validate and record one reply (see :func:`check_train_reply`)."""
         outcome, arrays = check_train_reply(
-            reply, self.specs, self._tracker, check_finite=check_finite
+            reply,
+            self.specs,
+            self._tracker,
+            check_finite=check_finite,
+            expected_partition=self.partitions.get(reply.metadata.src_node_id),
         )
         self.outcomes.append(outcome)
         return outcome, arrays

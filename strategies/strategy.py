@@ -138,6 +138,8 @@ class FedCoordStrategy(Strategy):
         self.sampler = NodeSampler(seed)
         self._aggregator: Aggregator = make_aggregator(aggregator, **self.aggregator_options)
         self._round = TrainRound(0, {})
+        # Node id -> partition from the coordinator's roll call (replies must agree)
+        self.node_partitions: dict[int, int | None] = {}
         self._fixed_denominator = False
         self._scratch: NamedArrays = {}
 
@@ -170,7 +172,7 @@ class FedCoordStrategy(Strategy):
         however many updates come in, none included, and ``min-train-nodes``
         does not apply, since a decision on the count would reveal it.
         """
-        self._round = TrainRound(server_round, global_arrays)
+        self._round = TrainRound(server_round, global_arrays, self.node_partitions)
         options = self._round_options()
         if denominator is not None:
             options["denominator"] = denominator

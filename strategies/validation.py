@@ -9,6 +9,7 @@ a node's second reply in a round and ``RejectionLog`` counts rejections per node
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ MAX_PARTITION_ID = 2**31 - 1
 # A reply carries at most this many metrics, each named in at most this many characters.
 MAX_METRICS = 64
 MAX_METRIC_NAME = 100
+# Characters a metric name may use: those MLflow, TensorBoard and CSV take as they are
+METRIC_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.\-/ ]+")
 # The range each known metric must lie in (bounds included).
 METRIC_RANGES: dict[str, tuple[float, float]] = {
     keys.TRAIN_LOSS: (0.0, math.inf),
@@ -222,7 +225,8 @@ def find_metrics_problem(metrics: Mapping[str, object] | None) -> str | None:
     the known ones lie in their range (``METRIC_RANGES``: losses >= 0,
     accuracies in [0, 1]), ``partition-id`` in [-1, 2^31) (:func:`find_partition_id_problem`).
     A reply carries at most ``MAX_METRICS`` metrics with names of at most
-    ``MAX_METRIC_NAME`` characters. ``num-examples`` is checked on its own.
+    ``MAX_METRIC_NAME`` characters from ``METRIC_NAME_PATTERN``. ``num-examples``
+    is checked on its own.
     """
     metrics = metrics or {}
     if len(metrics) > MAX_METRICS:
@@ -230,6 +234,11 @@ def find_metrics_problem(metrics: Mapping[str, object] | None) -> str | None:
     for key, value in metrics.items():
         if not isinstance(key, str) or len(key) > MAX_METRIC_NAME:
             return f"metric name {key!r:.{MAX_METRIC_NAME}} is not a short string"
+        if not METRIC_NAME_PATTERN.fullmatch(key):
+            return (
+                f"metric name {key!r:.{MAX_METRIC_NAME}} uses characters other than "
+                "letters, digits, '_', '-', '.', '/' and spaces"
+            )
         if key == keys.NUM_EXAMPLES:
             continue
         if not _is_finite_number(value):

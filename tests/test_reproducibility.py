@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from test_hostile_coordinator import (  # noqa: F401 - server_identity is an aut
     ReplyingGrid,
     make_coordinator,
     model,
+    rejections,
     server_identity,
 )
 from test_tracking import history, mlflow_client
@@ -222,3 +224,84 @@ def test_two_simulations_of_one_configuration_give_identical_models(simulate, tm
     # Assert: the failing store cost one WARNING line, not the run
     assert runs[1].status()["state"] == "completed"
     assert runs[1].output.count("tracking: ") == 1, runs[1].output[-3000:]
+
+
+# -- the roll call as a trust boundary ---------------------------------------------
+
+
+def weighted_reply(claims: dict[int, int | None]):  # noqa: ANN201
+    """Every node adds 1.0; node n claims partition ``claims[n]`` in its train reply."""
+
+    def reply(node_id: int, message_type: str, received: NamedArrays) -> RecordDict:
+        if message_type == "evaluate":
+            metrics = {keys.NUM_EXAMPLES: 10, keys.EVAL_ACCURACY: 0.5}
+            return RecordDict({keys.METRICS: MetricRecord(metrics)})
+        trained = {name: value + np.float32(1.0) for name, value in received.items()}
+        metrics: dict[str, int] = {keys.NUM_EXAMPLES: 10}
+        if claims.get(node_id) is not None:
+            metrics[keys.PARTITION_ID] = claims[node_id]  # type: ignore[assignment]
+        return RecordDict({keys.ARRAYS: pack_arrays(trained), keys.METRICS: MetricRecord(metrics)})
+
+    return reply
+
+
+def test_a_train_reply_must_claim_the_partition_given_at_the_roll_call(tmp_path):
+    # Prepare: partition 3's operator weight is 0; its node (id 30) claims partition 2
+    # in its train reply to escape it; node 20 (partition 2) names no partition
+    partitions = {20: 2, 30: 3, 40: 4}
+    claims = {20: None, 30: 2, 40: 4}
+    grid = ReplyingGrid(list(partitions), weighted_reply(claims), partitions=partitions)
+    coordinator = make_coordinator(
+        tmp_path, grid, strategy="weighted", **{"node-weights": "3=0.0", "min-train-nodes": 2}
+    )
+
+    # Execute
+    coordinator.run_round(1, model())
+
+    # Assert: node 30's reply is rejected with the reason; node 20 counts as partition 2
+    reasons = {(row[1], row[2]) for row in rejections(tmp_path)}
+    assert (
+        "30",
+        "partition-id 2 differs from partition 3 this node gave at the roll call",
+    ) in reasons
+    row = coordinator.store.rounds()[0]
+    assert (row["accepted"], row["rejected"]) == (2, 1)
+    nodes = {int(n["node_id"]): n["partition_id"] for n in coordinator.store.nodes()}
+    assert nodes[20] == 2 and nodes[30] == 3
+
+
+def test_a_silent_node_delays_the_roll_call_by_its_own_cap_only(tmp_path, monkeypatch):
+    # Prepare: node 9 never answers the roll call; the cap is 0.3 s, round-timeout 5 s
+    import server.coordinator
+
+    monkeypatch.setattr(server.coordinator, "ROLL_CALL_TIMEOUT_S", 0.3)
+
+    class SilentAtRollCall(ReplyingGrid):
+        def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+            replies = super().pull_messages(message_ids)
+            return [
+                r
+                for r in replies
+                if not (r.metadata.src_node_id == 9 and r.metadata.message_type == "query")
+            ]
+
+    grid = SilentAtRollCall([7, 8, 9], make_reply_fn({7: 0, 8: 1, 9: 2}))
+    coordinator = make_coordinator(tmp_path, grid)
+
+    # Execute
+    started = time.monotonic()
+    coordinator._roll_call(1, [7, 8, 9])
+    took = time.monotonic() - started
+
+    # Assert: the roll call ended at its cap; node 9 is ordered last
+    assert took < 2.0
+    assert coordinator.partitions == {7: 7, 8: 8, 9: None}
+    assert sorted([9, 8, 7], key=coordinator._node_key) == [7, 8, 9]
+
+
+def test_nodes_that_left_are_forgotten_by_the_roll_call(tmp_path):
+    grid = ReplyingGrid([5, 6], make_reply_fn({5: 0, 6: 1}))
+    coordinator = make_coordinator(tmp_path, grid)
+    coordinator._roll_call(1, [5, 6])
+    coordinator._roll_call(2, [6])
+    assert coordinator.partitions == {6: 6}

@@ -449,3 +449,9 @@ def test_good_evaluate_metrics_are_accepted_with_zero_examples_too() -> None:
 
     # Assert
     assert reasons == [None, None, None]
+
+
+@pytest.mark.parametrize("name", ["train-a!b<script>", "loss\n", "acc\u202e", "ü"])
+def test_metric_names_outside_the_safe_characters_are_refused(name):
+    reason = validate_reply(good_reply(), 32, {name: 1.0}, EXPECTED)
+    assert reason is not None and "uses characters other than" in reason
