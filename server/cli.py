@@ -18,7 +18,7 @@ from server.compare import (
     resolve_compared,
     validate_target,
 )
-from server.event_files import write_round_events
+from server.event_files import EventFileError, write_round_events
 from server.operations import request_command, request_weight
 from server.privacy_report import privacy_line
 from server.results import plot_rounds, strict_json, write_rows
@@ -41,6 +41,7 @@ ONE_LINE_ERRORS = (
     RunNameError,
     RunStoreError,
     CompareError,
+    EventFileError,
     lifecycle.InvalidTransitionError,
 )
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -210,15 +211,27 @@ def cmd_export(args: argparse.Namespace) -> int:
             "fedcoord: --format tensorboard needs -o DIR, the TensorBoard logdir", file=sys.stderr
         )
         return 2
-    store = _open_store(args)
+    run_dir = resolve_run_dir(Path(args.runs_dir), args.run)
+    store = RunStore(run_dir, readonly=True)
     try:
         rows, run = store.rounds(), store.run_row()
     finally:
         store.close()
     if args.format == "tensorboard":
-        created_at = float(run["created_at"])  # type: ignore[arg-type]
-        path = write_round_events(rows, str(run["run_name"]), created_at, Path(args.output))
+        # The folder's name, checked when the run was found; never run.db's run_name.
+        path, left_out = write_round_events(
+            rows, run_dir.name, run["created_at"], Path(args.output)
+        )
         print(f"wrote {len(rows)} rounds to {path}")
+        if left_out:
+            shown = ", ".join(left_out[:3]) + (
+                f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
+            )
+            print(
+                f"fedcoord: left out {len(left_out)} value(s) beyond float32's range "
+                f"(TensorBoard's scalar type): {shown}",
+                file=sys.stderr,
+            )
         return 0
     output = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
     try:

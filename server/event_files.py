@@ -14,6 +14,7 @@ and ``tensorboard/compat/proto/event.proto``, ``summary.proto``.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -26,6 +27,12 @@ FILE_VERSION = "brain.Event:2"
 _VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
 _CRC32C_POLYNOMIAL = 0x82F63B78  # Castagnoli, reflected
 _MASK_DELTA = 0xA282EAD8
+# 9999-12-31T23:59:59Z: the latest wall time an export accepts.
+LATEST_TIME = 253402300799.0
+
+
+class EventFileError(ValueError):
+    """A run whose rows cannot become an event file; the message is one line."""
 
 
 def _crc32c_table() -> list[int]:
@@ -111,22 +118,79 @@ def event_file_name(created_at: float) -> str:
     return f"events.out.tfevents.{int(created_at)}.fedcoord"
 
 
-def write_round_events(
-    rows: Iterable[Mapping[str, object]], run_name: str, created_at: float, output_dir: Path
-) -> Path:
-    """Write the rounds' scalars as ``output_dir/run_name/events.out.tfevents...``; return it.
+def _checked_time(value: object, what: str) -> float:
+    """``value`` as a wall time, or EventFileError when it is not one (a changed run.db)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 <= value <= LATEST_TIME
+    ):
+        raise EventFileError(
+            f"{what} in run.db is {repr(value)[:60]}, not a time between 1970 and 9999; "
+            "--format csv or jsonl export the rows as stored"
+        )
+    return float(value)
 
-    The file is written whole under a temporary name and renamed, so a second
-    export of the same run replaces the first instead of doubling its points.
+
+def _float32_scalars(
+    scalars: Mapping[str, float], server_round: int, left_out: list[str]
+) -> dict[str, float]:
+    """The scalars TensorBoard can hold (float32, UTF-8 tags); the others named in ``left_out``."""
+    kept = {}
+    for tag, value in scalars.items():
+        try:
+            tag.encode()
+            struct.pack("<f", value)
+        except (OverflowError, UnicodeError):
+            left_out.append(f"{tag[:60]!r} at round {server_round}")
+            continue
+        kept[tag] = value
+    return kept
+
+
+def write_round_events(
+    rows: Iterable[Mapping[str, object]], run_name: str, created_at: object, output_dir: Path
+) -> tuple[Path, list[str]]:
+    """Write the rounds' scalars as ``output_dir/run_name/events.out.tfevents...``.
+
+    Return the file and the values left out, each as ``'TAG' at round K``: a value
+    beyond float32's range (about 3.4e38; TensorBoard stores float32) is left out, as
+    are NaN and infinities (``results.round_scalars``), so no chart gets an inf point.
+    ``run_name`` must be one plain path component (the run folder's name), and every
+    time (``created_at``, each round's ``ended_at``) a finite time in [1970, 9999]:
+    otherwise EventFileError, before anything is written. The file is written whole
+    under a temporary name and renamed, so a second export of the same run replaces
+    the first instead of doubling its points; on any failure the temporary file is
+    removed.
     """
+    if run_name in ("", ".", "..") or "/" in run_name or "\0" in run_name:
+        raise EventFileError(f"{run_name!r} is not a run folder name")
+    start = _checked_time(created_at, f"{run_name}: created_at")
+    events: list[bytes] = []
+    left_out: list[str] = []
+    for row in rows:
+        server_round = row.get("round")
+        if isinstance(server_round, bool) or not isinstance(server_round, int):
+            raise EventFileError(
+                f"{run_name}: a round number in run.db is {repr(server_round)[:60]}, not an integer"
+            )
+        ended_at = _checked_time(
+            row.get("ended_at"), f"{run_name}: round {server_round}'s ended_at"
+        )
+        scalars = _float32_scalars(round_scalars(row), server_round, left_out)
+        events.append(encode_event(ended_at, server_round, scalars))
     run_dir = output_dir / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / event_file_name(created_at)
+    path = run_dir / event_file_name(start)
     temporary = run_dir / f".tmp-export-{os.getpid()}"
-    with open(temporary, "wb") as file:
-        file.write(tf_record(encode_event(created_at, 0, file_version=FILE_VERSION)))
-        for row in rows:
-            event = encode_event(float(row["ended_at"]), int(row["round"]), round_scalars(row))  # type: ignore[arg-type, call-overload]
-            file.write(tf_record(event))
-    os.replace(temporary, path)
-    return path
+    try:
+        with open(temporary, "wb") as file:
+            file.write(tf_record(encode_event(start, 0, file_version=FILE_VERSION)))
+            for event in events:
+                file.write(tf_record(event))
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path, left_out

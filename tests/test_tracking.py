@@ -353,3 +353,111 @@ def test_a_tracking_uri_is_logged_without_its_credentials():
         "https://mlflow.example:5000/x"
     )
     assert without_credentials("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
+
+
+def export_tensorboard(runs_dir: Path, name: str, logdir: Path, capsys) -> tuple[int, str, str]:
+    from server import cli
+
+    code = cli.main(
+        ["--runs-dir", str(runs_dir), "export", name, "--format", "tensorboard"]
+        + ["-o", str(logdir)]
+    )
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_tensorboard_export_leaves_out_values_beyond_float32_and_says_so(tmp_path, capsys):
+    # Prepare: a node's train-loss of 1e300 stored as the round's mean
+    store = RunStore.create(tmp_path / "runs" / "big", "big", {}, 2)
+    metrics = {"central-accuracy": 0.5, "train-loss": 5e299, "train-x": -3.5e38}
+    store.record_round(RoundRecord(1, 10.0, 11.0, 3, 3, 0, 0, True, metrics, "h"))
+    store.close()
+    logdir = tmp_path / "logs"
+
+    # Execute
+    code, out, err = export_tensorboard(tmp_path / "runs", "big", logdir, capsys)
+
+    # Assert: exit 0, one line naming what was left out, the other values written, no temp file
+    assert code == 0
+    assert out.startswith("wrote 1 rounds to ")
+    assert err == (
+        "fedcoord: left out 2 value(s) beyond float32's range (TensorBoard's scalar type): "
+        "'train-loss' at round 1, 'train-x' at round 1\n"
+    )
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert [f.name.startswith("events.out.tfevents.") for f in (logdir / "big").iterdir()] == [True]
+    events = EventAccumulator(str(logdir / "big"))
+    events.Reload()
+    assert "train-loss" not in events.Tags()["scalars"]
+    assert [e.value for e in events.Scalars("central-accuracy")] == [0.5]
+
+
+def test_tensorboard_export_writes_under_the_run_folder_name_never_run_db_s(tmp_path, capsys):
+    # Prepare: run.db's run_name changed to escape the logdir, or unusable
+    import sqlite3
+
+    names = ("../../escaped", str(tmp_path / "abs"), "", "a\0b", "..")
+    for index, stored in enumerate(names):
+        RunStore.create(tmp_path / "runs" / f"r{index}", f"r{index}", {}, 2).close()
+        with sqlite3.connect(tmp_path / "runs" / f"r{index}" / "run.db") as db:
+            db.execute("UPDATE run SET run_name = ?", (stored,))
+    logdir = tmp_path / "out" / "logs"
+
+    # Execute
+    results = [
+        export_tensorboard(tmp_path / "runs", f"r{i}", logdir, capsys) for i in range(len(names))
+    ]
+
+    # Assert: each run in its own folder under the logdir, nothing anywhere else
+    assert [code for code, _, _ in results] == [0] * len(names)
+    assert sorted(p.name for p in logdir.iterdir()) == [f"r{i}" for i in range(len(names))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "runs"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["logs"]
+
+
+@pytest.mark.parametrize(
+    "column, value", [("created_at", "9e999"), ("created_at", "-1"), ("ended_at", "1e300")]
+)
+def test_tensorboard_export_refuses_a_time_that_is_not_one_in_one_line(
+    tmp_path, capsys, column, value
+):
+    # Prepare
+    import sqlite3
+
+    store = RunStore.create(tmp_path / "runs" / "t", "t", {}, 2)
+    store.record_round(RoundRecord(1, 10.0, 11.0, 3, 3, 0, 0, True, {"central-accuracy": 0.5}, "h"))
+    store.close()
+    table = "run" if column == "created_at" else "rounds"
+    with sqlite3.connect(tmp_path / "runs" / "t" / "run.db") as db:
+        db.execute(f"UPDATE {table} SET {column} = {value}")
+
+    # Execute
+    code, out, err = export_tensorboard(tmp_path / "runs", "t", tmp_path / "logs", capsys)
+
+    # Assert: one line, exit 2, nothing written
+    assert code == 2
+    assert out == ""
+    assert err.startswith("fedcoord: t: ") and err.count("\n") == 1
+    assert "not a time between 1970 and 9999" in err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_failed_tensorboard_export_removes_its_temporary_file(tmp_path, capsys, monkeypatch):
+    # Prepare: the rename fails, as on a full or read-only disk
+    import server.event_files
+
+    RunStore.create(tmp_path / "runs" / "f", "f", {}, 2).close()
+
+    def refuse(*_: object) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "logs" / "f"))
+
+    monkeypatch.setattr(server.event_files.os, "replace", refuse)
+
+    # Execute
+    code, _, err = export_tensorboard(tmp_path / "runs", "f", tmp_path / "logs", capsys)
+
+    # Assert: one line, exit 1, no temporary file left
+    assert code == 1
+    assert err == f"fedcoord: {tmp_path / 'logs' / 'f'}: Permission denied\n"
+    assert list((tmp_path / "logs" / "f").iterdir()) == []
