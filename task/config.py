@@ -7,6 +7,7 @@ the valid options named in the error.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -280,29 +281,62 @@ def resolve_tracking_uri(text: str) -> str:
     Raises
     ------
     ConfigError
-        For any other scheme, a server URI without a host, or a path without a name.
+        For any other scheme, a URI that does not parse, a server URI without a host
+        or with a port outside [1, 65535], control characters or spaces, an ``sqlite:``
+        URI with a query, or a path without a name or that is ``/``, ``$HOME`` or
+        ``$FEDCOORD_HOME`` itself (MLflow would fill it with its own folders).
     """
     if not text:
         return ""
     refused = f"tracking-uri {text[:100]!r} is not supported; valid: {TRACKING_FORMS}"
     if text.startswith(("http://", "https://")):
-        _require(bool(urlparse(text).hostname), refused)
+        _require(text.isprintable() and not any(c.isspace() for c in text), refused)
+        parsed = _parsed_uri(text, refused)
+        try:
+            port = parsed.port
+        except ValueError:  # not a number, or outside [0, 65535]
+            port = 0
+        _require(bool(parsed.hostname) and (port is None or port > 0), refused)
         return text
     if text.startswith("sqlite:///"):
-        return "sqlite:///" + str(_tracking_path(text.removeprefix("sqlite:///"), refused))
+        path = text.removeprefix("sqlite:///")
+        _require("?" not in path and "#" not in path, refused)
+        return "sqlite:///" + str(_tracking_path(path, refused, text))
     if text.startswith("file:"):
-        parsed = urlparse(text)
+        parsed = _parsed_uri(text, refused)
         _require(parsed.netloc in ("", "localhost") and not parsed.query, refused)
-        return _tracking_path(unquote(parsed.path), refused).as_uri()
+        return _tracking_path(unquote(parsed.path), refused, text).as_uri()
     _require(not _URI_SCHEME.match(text), refused)
-    return _tracking_path(text, refused).as_uri()
+    return _tracking_path(text, refused, text).as_uri()
 
 
-def _tracking_path(text: str, refused: str) -> Path:
-    """``text`` as an absolute path: ``~`` expanded, a relative one under ``$FEDCOORD_HOME``."""
+def _parsed_uri(text: str, refused: str):  # noqa: ANN202 - urllib's ParseResult
+    """``urlparse(text)``, or the ConfigError ``refused`` where it does not parse."""
+    try:
+        return urlparse(text)
+    except ValueError:  # "Invalid IPv6 URL", ...
+        raise ConfigError(refused) from None
+
+
+def _tracking_path(text: str, refused: str, uri: str) -> Path:
+    """``text`` as an absolute path: ``~`` expanded, a relative one under ``$FEDCOORD_HOME``.
+
+    ``/``, ``$HOME`` and ``$FEDCOORD_HOME`` themselves are refused: MLflow's stores
+    write their own files and folders into the path they are given.
+    """
     _require(bool(text.strip()) and text.isprintable(), refused)
     path = _expanded("tracking-uri", text)
-    return path if path.is_absolute() else fedcoord_home() / path
+    path = path if path.is_absolute() else fedcoord_home() / path
+    normalized = Path(os.path.normpath(path))
+    homes = {Path("/"), fedcoord_home()}
+    with contextlib.suppress(RuntimeError):  # no home directory
+        homes.add(Path.home().resolve())
+    if normalized in homes:
+        raise ConfigError(
+            f"tracking-uri {uri[:100]!r} is {normalized}, which MLflow would fill with its "
+            "own files; name a file or folder in it, e.g. sqlite:///mlruns.db"
+        )
+    return path
 
 
 def mlflow_installed() -> bool:

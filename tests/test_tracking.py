@@ -265,12 +265,45 @@ def test_store_damaged_during_the_run_is_a_warning_and_the_tracker_ends(tmp_path
 
 @pytest.mark.parametrize(
     "uri",
-    ["postgresql://db/mlflow", "s3://bucket/mlruns", "http://", "sqlite://x.db", "sqlite:///"],
+    [
+        "postgresql://db/mlflow",
+        "s3://bucket/mlruns",
+        "http://",
+        "sqlite://x.db",
+        "sqlite:///",
+        # parse in no way (urlparse raises), or parse but cannot work
+        "http://[::1",
+        "file://[::1/x",
+        "http://a:99999",
+        "http://a:-1/",
+        "http://a:0",
+        "http://a:x",
+        "http://h/\n",
+        "http://h\x00",
+        "https://h /x",
+        "sqlite:///x.db?mode=ro",
+        "sqlite:///x.db#f",
+    ],
 )
 def test_unsupported_tracking_uri_is_refused_at_start(uri):
     with pytest.raises(ConfigError) as error:
         parse_run_config({"tracking-uri": uri})
     assert str(error.value) == f"tracking-uri {uri!r} is not supported; valid: {TRACKING_FORMS}"
+
+
+@pytest.mark.parametrize(
+    "uri", ["/", "file:///", "sqlite:////", "~", "~/", "/..", ".", "file:///%2e"]
+)
+def test_a_tracking_uri_that_is_root_home_or_fedcoord_home_is_refused(uri, monkeypatch, tmp_path):
+    # MLflow's file store would write its experiment folders straight into them
+    monkeypatch.setenv("FEDCOORD_HOME", str(tmp_path))
+    with pytest.raises(ConfigError) as error:
+        parse_run_config({"tracking-uri": uri})
+    message = str(error.value)
+    assert message.startswith(f"tracking-uri {uri!r} is ")
+    assert message.endswith(
+        ", which MLflow would fill with its own files; name a file or folder in it, e.g. sqlite:///mlruns.db"
+    )
 
 
 def test_tracking_without_the_extra_is_refused_naming_the_install(monkeypatch):
