@@ -51,8 +51,6 @@ EvaluateFn = Callable[[NamedArrays], tuple[float, float]]
 POLL_INTERVAL_S = 0.05
 NODE_POLL_INTERVAL_S = 0.5
 NODE_SETTLE_S = 1.0
-# The longest the roll call waits for new nodes to give their partition id
-ROLL_CALL_TIMEOUT_S = 30.0
 
 
 class NodeShortageError(RuntimeError):
@@ -271,7 +269,6 @@ class Coordinator:
         node_ids: list[int],
         content: RecordDict,
         on_reply: Callable[[int, Message], None],
-        timeout: float | None = None,
     ) -> PhaseResult:
         """Push one message per node, then pull and hand over replies until done.
 
@@ -284,7 +281,7 @@ class Coordinator:
         pending = {mid: nid for mid, nid in zip(message_ids, node_ids, strict=True) if mid}
         result = PhaseResult(sampled=len(node_ids))
         order: ReplyOrder[Message] = ReplyOrder(pending.values())
-        deadline = time.monotonic() + (self.config.round_timeout if timeout is None else timeout)
+        deadline = time.monotonic() + self.config.round_timeout
         while pending and time.monotonic() < deadline:
             replies = self._pull(server_round, message_type, pending, deadline)
             for reply in replies:
@@ -423,9 +420,10 @@ class Coordinator:
         partition id they do not. Each node is asked once, when it is first
         seen (nodes that left are forgotten): no step here is O(nodes) per round
         but the bookkeeping of the node list. A node that gives no valid answer
-        within ``ROLL_CALL_TIMEOUT_S`` (or ``round-timeout`` if shorter) is
-        ordered after the others, by id, and its invalid answer is recorded as a
-        rejected reply.
+        within ``round-timeout`` is ordered after the others, by id, and an
+        invalid answer is recorded as a rejected reply. (The roll call is each
+        simulated node's first message, so it carries the ClientApp's start-up:
+        a shorter deadline would leave nodes unknown on a loaded machine.)
         """
         present = set(node_ids)
         for gone in [node_id for node_id in self.partitions if node_id not in present]:
@@ -449,8 +447,7 @@ class Coordinator:
 
         content = RecordDict({keys.CONFIG: ConfigRecord(self._round_config(server_round))})
         started = time.perf_counter()
-        timeout = min(self.config.round_timeout, ROLL_CALL_TIMEOUT_S)
-        self._run_phase(server_round, "query", sorted(unknown), content, learn, timeout)
+        self._run_phase(server_round, "query", sorted(unknown), content, learn)
         answered = sum(self.partitions[node_id] is not None for node_id in unknown)
         self.store.add_event(
             "roll-call",
