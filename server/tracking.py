@@ -23,10 +23,13 @@ resumed run continues the same MLflow run.
 from __future__ import annotations
 
 import json
+import math
 import os
+import posixpath
 import re
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
@@ -50,8 +53,11 @@ FINISH_TIMEOUT_S = 60.0
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
-# MLflow refuses other characters in a param name; a run-config key it refuses is left out.
+# MLflow refuses other characters in a param or metric name (and names longer than 250
+# characters); a run-config key or a round metric it would refuse is left out.
 PARAM_NAME = re.compile(r"^[\w\-. /]{1,250}$")
+# 9999-12-31T23:59:59Z: a later (or non-finite) stored time is logged as the current time.
+LATEST_TIME = 253402300799.0
 RUN_STATUS = {
     lifecycle.COMPLETED: "FINISHED",
     lifecycle.STOPPED: "KILLED",
@@ -67,6 +73,31 @@ def without_credentials(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
+def mlflow_name(name: str) -> bool:
+    """Whether MLflow takes ``name`` as a param or metric name.
+
+    ``PARAM_NAME``, and no name it would read as another path (``a//b``, ``./a``,
+    ``../a``, ``/a``).
+    """
+    return (
+        bool(PARAM_NAME.match(name))
+        and posixpath.normpath(name) == name
+        and not (name == "." or name.startswith(("..", "/")))
+    )
+
+
+def _milliseconds(seconds: object) -> int:
+    """A stored time as MLflow's timestamp; a time that is not one is taken as now."""
+    if (
+        isinstance(seconds, int | float)
+        and not isinstance(seconds, bool)
+        and math.isfinite(seconds)
+        and 0 <= seconds <= LATEST_TIME
+    ):
+        return int(seconds * 1000)
+    return int(time.time() * 1000)
+
+
 def tracked_params(config: RunConfig) -> dict[str, str]:
     """The run-config as MLflow params: every key the run store keeps, as text.
 
@@ -77,7 +108,7 @@ def tracked_params(config: RunConfig) -> dict[str, str]:
     return {
         key: (str(value).lower() if isinstance(value, bool) else str(value))[:MAX_PARAM_LENGTH]
         for key, value in stored.items()
-        if PARAM_NAME.match(key)
+        if mlflow_name(key)
     }
 
 
@@ -118,6 +149,7 @@ class RunTracker:
         self._params_logged = False
         self._logged_through = -1
         self._last_warning = ""
+        self._left_out: set[str] = set()
         self._finishing = threading.Event()
         self._thread = threading.Thread(target=self._work, name="fedcoord-tracking", daemon=True)
 
@@ -151,7 +183,7 @@ class RunTracker:
         try:
             step()
         except Exception as error:  # noqa: BLE001 - tracking must never end the run
-            lines = str(error).strip().splitlines()
+            lines = self._shown(str(error)).strip().splitlines()
             warning = f"tracking: {type(error).__name__}: {lines[0] if lines else ''}"[:300]
             if warning != self._last_warning:
                 self._last_warning = warning
@@ -162,11 +194,18 @@ class RunTracker:
             log(INFO, "tracking: MLflow answers again; the rounds it missed are logged")
         return True
 
+    def _shown(self, text: str) -> str:
+        """``text`` without the tracking URI's ``user:password@``, for the log."""
+        netloc = urlsplit(self.tracking_uri).netloc
+        if "@" not in netloc:
+            return text
+        return text.replace(netloc.rsplit("@", 1)[0] + "@", "")
+
     def _sync(self) -> None:
         """Open the MLflow run if needed, then log params and the rounds not yet logged."""
         rows, run = self._read_store(lambda store: (store.rounds(), store.run_row()))
         if self.run_id is None:
-            self._open(str(run["run_name"]), float(run["created_at"]))  # type: ignore[arg-type]
+            self._open(str(run["run_name"]), run["created_at"])
         if not self._params_logged:
             self._log_params()
         new = [row for row in rows if int(row["round"]) > self._logged_through]  # type: ignore[call-overload]
@@ -202,7 +241,7 @@ class RunTracker:
             store.close()
 
     # ------------------------------------------------------------------ MLflow
-    def _open(self, run_name: str, created_at: float) -> None:
+    def _open(self, run_name: str, created_at: object) -> None:
         """Continue the MLflow run of ``tracking.json``, or create one and record it there."""
         from mlflow import MlflowClient
 
@@ -223,11 +262,12 @@ class RunTracker:
             tags = {TAG_PREFIX + "run-name": run_name, TAG_PREFIX + "run-dir": str(self.run_dir)}
             run = client.create_run(
                 self._experiment_id(client),
-                start_time=int(created_at * 1000),
+                start_time=_milliseconds(created_at),
                 tags=tags,
                 run_name=run_name,
             )
             run_id = run.info.run_id
+            self._client, self.run_id = client, run_id  # kept even if it cannot be recorded
             self._record_run_id(run_id)
             verb = "new"
         self._client, self.run_id = client, run_id
@@ -238,7 +278,7 @@ class RunTracker:
             verb,
             run_id,
             self.experiment,
-            self.tracking_uri,
+            without_credentials(self.tracking_uri),
         )
 
     def _experiment_id(self, client: Any) -> str:
@@ -253,9 +293,12 @@ class RunTracker:
 
     def _recorded_run_id(self, client: Any) -> str | None:
         """The MLflow run this run directory recorded for this store, if it still exists."""
+        path = self.run_dir / TRACKING_FILE
         try:
-            recorded = json.loads((self.run_dir / TRACKING_FILE).read_text())
-        except (OSError, ValueError):
+            if not path.is_file():  # absent; a folder, or a FIFO that would block the read
+                return None
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError):  # RecursionError: deeply nested JSON
             return None
         if not isinstance(recorded, dict) or recorded.get("tracking-uri") != self.tracking_uri:
             return None
@@ -271,10 +314,21 @@ class RunTracker:
         return run_id if run.info.lifecycle_stage == "active" else None
 
     def _record_run_id(self, run_id: str) -> None:
+        """Keep ``run_id`` in ``tracking.json``; where it cannot be written, say so once."""
         record = {"tracking-uri": self.tracking_uri, "experiment": self.experiment}
         temporary = self.run_dir / f".tmp-{TRACKING_FILE}"
-        temporary.write_text(json.dumps({**record, "run-id": run_id}) + "\n")
-        os.replace(temporary, self.run_dir / TRACKING_FILE)
+        try:
+            temporary.write_text(json.dumps({**record, "run-id": run_id}) + "\n")
+            os.replace(temporary, self.run_dir / TRACKING_FILE)
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            log(
+                WARNING,
+                "tracking: cannot write %s (%s); this run is tracked, a resumed run "
+                "starts a new MLflow run",
+                self.run_dir / TRACKING_FILE,
+                error.strerror or error,
+            )
 
     def _log_params(self) -> None:
         """Log the params the MLflow run lacks; a changed value (on resume) becomes a tag.
@@ -300,11 +354,14 @@ class RunTracker:
     def _log_rounds(self, rows: Sequence[Mapping[str, object]]) -> None:
         from mlflow.entities import Metric, RunTag
 
-        metrics = [
-            Metric(key, value, int(float(row["ended_at"]) * 1000), int(row["round"]))  # type: ignore[arg-type, call-overload]
-            for row in rows
-            for key, value in round_scalars(row).items()
-        ]
+        metrics = []
+        for row in rows:
+            timestamp, step = _milliseconds(row["ended_at"]), int(row["round"])  # type: ignore[call-overload]
+            for key, value in round_scalars(row).items():
+                if mlflow_name(key):
+                    metrics.append(Metric(key, value, timestamp, step))
+                else:  # MLflow would refuse the whole batch, this round and every later one
+                    self._note_left_out(key)
         for batch in _batches(metrics, MAX_METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, metrics=batch)
         newest = rows[-1]
@@ -314,6 +371,17 @@ class RunTracker:
         ]
         self._client.log_batch(self.run_id, tags=tags)
         self._logged_through = int(newest["round"])  # type: ignore[call-overload]
+
+    def _note_left_out(self, name: str) -> None:
+        """One WARNING line the first time a metric name MLflow refuses is left out."""
+        if name not in self._left_out and len(self._left_out) < 20:
+            self._left_out.add(name)
+            log(
+                WARNING,
+                "tracking: metric %s is not a name MLflow takes (letters, digits, _-. /, "
+                "at most 250); left out of MLflow, kept in run.db",
+                repr(name)[:80],
+            )
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:

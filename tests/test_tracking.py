@@ -494,3 +494,111 @@ def test_a_failed_tensorboard_export_removes_its_temporary_file(tmp_path, capsys
     assert code == 1
     assert err == f"fedcoord: {tmp_path / 'logs' / 'f'}: Permission denied\n"
     assert list((tmp_path / "logs" / "f").iterdir()) == []
+
+
+def test_a_metric_name_mlflow_refuses_never_stops_later_rounds(tmp_path, tracking_uri, caplog):
+    # Prepare: round 1 carries names MLflow refuses (a node's metric names) and a time
+    # that does not fit MLflow's timestamps; rounds 2 and 3 are ordinary
+    import sqlite3
+
+    store = make_run(tmp_path, "badnames", rounds=0)
+    refused = ["train-a!b<script>", "train-" + "x" * 300, "train-a//b", "train-a/../b"]
+    store.record_round(
+        RoundRecord(
+            1,
+            1001.0,
+            1001.5,
+            3,
+            2,
+            1,
+            0,
+            True,
+            {"central-accuracy": 0.5} | dict.fromkeys(refused, 1.0),
+            "h",
+        )
+    )
+    with sqlite3.connect(store.run_dir / "run.db") as db:
+        db.execute("UPDATE rounds SET ended_at = 1e308 WHERE round = 1")
+    for server_round in (2, 3):
+        record_round(store, server_round)
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        run_id = track(store, "completed", **{"tracking-uri": tracking_uri})
+
+    # Assert: every round logged, the refused names left out with one line each
+    client = mlflow_client(tracking_uri)
+    logged = sorted(history(client, run_id, "central-accuracy"))  # round 1 timed now
+    assert logged == [(0, 0.1), (1, 0.5), (2, 0.8), (3, 0.9)]
+    assert not set(refused) & set(client.get_run(run_id).data.metrics)
+    warnings = tracking_warnings(caplog)
+    assert len(warnings) == len(refused), warnings
+    assert all("is not a name MLflow takes" in w for w in warnings)
+
+
+@pytest.mark.parametrize("kind", ["deep", "fifo", "folder"])
+def test_a_tampered_tracking_json_never_stops_tracking(tmp_path, tracking_uri, kind):
+    # Prepare: tracking.json deeply nested, a FIFO (reading it would block), a folder
+    import os
+
+    store = make_run(tmp_path, kind, rounds=1)
+    path = store.run_dir / TRACKING_FILE
+    if kind == "deep":
+        path.write_text("[" * 100_000)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    tracker = tracking.RunTracker(store.run_dir, tracking_uri, "fedcoord", {"seed": "1"})
+
+    # Execute
+    tracker.start()
+    store.update_run(state="completed")
+    tracker.finish(timeout_s=60)
+
+    # Assert: a new MLflow run with every round
+    assert not tracker._thread.is_alive() and tracker.run_id is not None
+    history_ = history(mlflow_client(tracking_uri), tracker.run_id, "central-accuracy")
+    assert history_ == [(0, 0.1), (1, 0.5)]
+
+
+def test_the_tracking_uri_s_credentials_are_never_logged(tmp_path, caplog, monkeypatch):
+    # Prepare: a server store whose client fails at the first batch with the URI in
+    # its message (as MLflow's HTTP errors do)
+    from types import SimpleNamespace
+
+    import mlflow
+
+    uri = "https://ann:s3cret@mlflow.example:5000"
+
+    class Client:
+        def __init__(self, tracking_uri: str) -> None:
+            self.uri = tracking_uri
+
+        def get_experiment_by_name(self, name: str) -> object:
+            return SimpleNamespace(experiment_id="1")
+
+        def create_run(self, *args: object, **kwargs: object) -> object:
+            return SimpleNamespace(info=SimpleNamespace(run_id="r1"))
+
+        def get_run(self, run_id: str) -> object:
+            return SimpleNamespace(data=SimpleNamespace(params={}))
+
+        def log_batch(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError(f"API request to {self.uri}/api/2.0/mlflow/runs/log-batch failed")
+
+    monkeypatch.setattr(mlflow, "MlflowClient", Client)
+    store = make_run(tmp_path, "secret", rounds=0)
+    tracker = tracking.RunTracker(store.run_dir, uri, "fedcoord", {"seed": "1"})
+
+    # Execute
+    with caplog.at_level(logging.INFO):
+        tracker.start()
+        store.update_run(state="completed")
+        tracker.finish(timeout_s=30)
+
+    # Assert: the INFO line and the warning show the URI without ann:s3cret@
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tracking:")]
+    assert any(m.endswith("in https://mlflow.example:5000") for m in messages), messages
+    assert any("https://mlflow.example:5000/api/2.0" in m for m in messages), messages
+    assert not [m for m in messages if "s3cret" in m or "ann:" in m]
