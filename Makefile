@@ -49,6 +49,7 @@ bench: setup
 	$(BIN)/python bench/deployment.py
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/async.py
+	$(BIN)/python bench/privacy.py
 
 dashboard: setup
 	$(BIN)/fedcoord dashboard
