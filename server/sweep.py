@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
+import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -61,7 +64,7 @@ from server.simulation import (
 )
 from server.store import DB_NAME, RunStoreError
 from task.config import ConfigError, config_to_dict
-from task.names import find_run_name_problem
+from task.names import RUN_NAME_HINT, find_run_dir_problem, find_run_name_problem
 
 APP_DIR = Path(__file__).resolve().parent.parent
 # Keys the sweep sets itself for every run.
@@ -69,6 +72,11 @@ SWEEP_KEYS = ("run-name", "runs-dir", "resume")
 RUN_LOG = "flwr-run.log"
 POLL_S = 0.5
 STOP_GRACE_S = 60.0
+# flwr's --run-config pairs (flwr.common.config.parse_config_args): a value is a word,
+# or quoted '...' / "..." with no quote of its kind inside (no escapes). Text outside
+# the pairs is dropped without a word, so the sweep refuses it.
+PLAIN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+FLWR_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 
 
 @dataclass(frozen=True)
@@ -127,17 +135,42 @@ def parse_grid(text: str) -> list[tuple[str, list[str]]]:
         values = [v.strip() for v in split_outside_quotes(values_text, ",")]
         if not key or not values_text or not all(values):
             raise ConfigError(f"--grid entry {entry!r} is not key=value,value,...")
+        if not PLAIN_KEY.fullmatch(key):
+            raise ConfigError(f"--grid entry {entry[:60]!r}: {key[:40]!r} is not a run-config key")
         if key in SWEEP_KEYS:
             raise ConfigError(f"--grid: the sweep sets {key} itself; use --name and --runs-dir")
         if any(key == seen for seen, _ in grid):
             raise ConfigError(f"--grid names {key} twice; list all its values in one entry")
-        repeated = sorted({v for v in values if values.count(v) > 1})
+        parsed = [_grid_value(value) for value in values]
+        repeated = [v for i, v in enumerate(values) if _same_value(parsed[i], parsed[:i])]
         if repeated:
             raise ConfigError(f"--grid {key}: value {repeated[0]} is listed twice")
         grid.append((key, values))
     if not grid:
         raise ConfigError('--grid is empty; e.g. --grid "strategy=fedavg,median seed=1,2"')
     return grid
+
+
+def _grid_value(text: str) -> object:
+    """The value flwr reads from grid value ``text`` (``0.10`` -> 0.1, ``'a'`` -> "a").
+
+    Raises
+    ------
+    ConfigError
+        For a value no run-config can hold (a control character).
+    """
+    try:
+        return tomllib.loads(f"v = {toml_value(text)}")["v"]
+    except tomllib.TOMLDecodeError:
+        raise ConfigError(f"--grid value {text[:60]!r} cannot be a run-config value") from None
+
+
+def _same_value(value: object, earlier: Sequence[object]) -> bool:
+    """Whether ``value`` is one of ``earlier`` (``1`` and ``1.0`` alike; bool apart)."""
+    return any(
+        _same(value, other) or (value == other and bool not in (type(value), type(other)))
+        for other in earlier
+    )
 
 
 def toml_value(text: str) -> str:
@@ -148,6 +181,8 @@ def toml_value(text: str) -> str:
     try:
         tomllib.loads(f"v = {text}")
     except tomllib.TOMLDecodeError:
+        if '"' in text and "'" not in text:  # flwr cannot carry \" inside "..."
+            return f"'{text}'"
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return text
 
@@ -163,21 +198,50 @@ def grid_combinations(grid: Sequence[tuple[str, list[str]]], sweep: str) -> list
     Raises
     ------
     ConfigError
-        If a name is not a valid run name (e.g. too long).
+        If ``sweep`` or a name is not a valid run name (e.g. too long), holds a
+        ``'`` (``run-name='...'`` cannot carry it), or two combinations would
+        get the same name (``x='a',"a"``).
     """
+    check_sweep_name(sweep)
     keys = [key for key, _ in grid]
-    combinations = []
+    combinations: dict[str, Combination] = {}
     for values in itertools.product(*(values for _, values in grid)):
         pairs = tuple(zip(keys, values, strict=True))
         name = "-".join([sweep, *(f"{key}={_unquoted(value)}" for key, value in pairs)])
-        problem = find_run_name_problem(name)
+        problem = find_run_name_problem(name) or _quote_problem(name)
         if problem is not None:
             raise ConfigError(
                 f"run name {name[:120]!r} of the sweep {problem}; choose a shorter --name "
                 "or values that fit in a folder name"
             )
-        combinations.append(Combination(pairs, name))
-    return combinations
+        combination = Combination(pairs, name)
+        if name in combinations:
+            raise ConfigError(
+                f"--grid: {combinations[name].label!r} and {combination.label!r} would both "
+                f"be run {name!r}; give each value once, written one way"
+            )
+        combinations[name] = combination
+    return list(combinations.values())
+
+
+def check_sweep_name(sweep: str) -> None:
+    """Refuse a ``--name`` that cannot begin a run name.
+
+    Raises
+    ------
+    ConfigError
+        Saying why, and what a name may be.
+    """
+    problem = find_run_name_problem(sweep) or _quote_problem(sweep)
+    if problem is not None:
+        raise ConfigError(f"--name {sweep[:120]!r} {problem}; {RUN_NAME_HINT}")
+
+
+def _quote_problem(name: str) -> str | None:
+    """Why ``run-name='NAME'`` cannot carry ``name`` through flwr's --run-config, or None."""
+    return (
+        "holds a \"'\" (flwr's --run-config cannot carry it in run-name)" if "'" in name else None
+    )
 
 
 def run_config_text(base: str, combination: Combination, runs_dir: Path, resume: bool) -> str:
@@ -197,6 +261,12 @@ def check_base_run_config(base: str, grid_keys: Sequence[str]) -> None:
     ConfigError
         Naming the key and where it belongs.
     """
+    if base.strip().endswith(".toml"):
+        raise ConfigError(
+            f"--run-config {base!r}: a sweep takes key=value pairs, not a .toml file; "
+            "copy its keys into --run-config"
+        )
+    check_no_dropped_words(base)
     try:
         keys = set(parse_config_args([base])) if base.strip() else set()
     except Exception as error:  # click's and tomli's errors: say which text
@@ -206,6 +276,71 @@ def check_base_run_config(base: str, grid_keys: Sequence[str]) -> None:
             raise ConfigError(f"--run-config: the sweep sets {key} itself; drop it")
         if key in grid_keys:
             raise ConfigError(f"{key} is in both --grid and --run-config; keep it in one")
+
+
+def check_no_dropped_words(text: str) -> None:
+    """Refuse text that flwr's parser would drop without a word.
+
+    ``num-server-rounds= 10`` sets nothing (the space ends the pair), nor does a
+    word without ``=``.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first such word and the fix.
+    """
+    outside, position = [], 0
+    for match in FLWR_PAIR.finditer(text):
+        outside.append(text[position : match.start()])
+        position = match.end()
+    outside.append(text[position:])
+    for word in " ".join(outside).split():
+        if word.endswith("=") and len(word) > 1:
+            key = word[:-1]
+            raise ConfigError(
+                f"--run-config {text!r}: {key} has no value, and flwr would drop it; "
+                f"write {key}=VALUE with no space after '=' (\"\" for an empty string)"
+            )
+        raise ConfigError(
+            f"--run-config {text!r}: {word[:40]!r} is not key=value, and flwr would drop it; "
+            "write key=value pairs separated by spaces"
+        )
+
+
+def check_carried(text: str, base: str, combination: Combination, runs_dir: Path) -> None:
+    """Refuse a run-config text that flwr would read otherwise than the sweep means it.
+
+    Every --run-config key, every grid value, ``run-name`` and ``runs-dir`` must
+    come back from flwr's parser as written, and no other key.
+
+    Raises
+    ------
+    ConfigError
+        Naming what cannot be carried.
+    """
+    cannot = "flwr's --run-config cannot carry it (a quote inside a quoted value)"
+    try:
+        got = parse_config_args([text])
+        wanted = parse_config_args([base]) if base.strip() else {}
+    except Exception:  # click's and tomli's errors: our quoting broke
+        raise ConfigError(f"its values: {cannot}; choose values without quotes") from None
+    wanted.update(
+        {key: tomllib.loads(f"v = {toml_value(v)}")["v"] for key, v in combination.values}
+    )
+    for key, value in wanted.items():
+        if key not in got or not _same(got[key], value):
+            raise ConfigError(f"{key}: {cannot}; choose a value without quotes")
+    if got.get("runs-dir") != str(runs_dir):
+        raise ConfigError(f"--runs-dir {runs_dir}: {cannot}; choose a folder without '\"'")
+    extra = sorted(set(got) - set(wanted) - {"run-name", "runs-dir"})
+    if got.get("run-name") != combination.run_name or extra:
+        raise ConfigError(f"run name {combination.run_name!r}: {cannot}; choose another --name")
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal values, NaN equal to NaN (``lr=nan`` is refused later, with its reason)."""
+    nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    return nan or (a == b and type(a) is type(b))
 
 
 # ------------------------------------------------------------------- plan
@@ -240,34 +375,53 @@ def plan_sweep(  # noqa: PLR0913
 def _plan_step(
     app_dir: Path, base: str, combination: Combination, runs_dir: Path, resume: bool
 ) -> SweepStep:
-    run_dir = runs_dir / combination.run_name
     fresh = run_config_text(base, combination, runs_dir, resume=False)
+    check_carried(fresh, base, combination, runs_dir)
+    config = parse_app_run_config(app_dir, fresh)
+    run_dir = config.resolved_runs_dir / config.run_name  # where the run will write
+    name = combination.run_name
+    problem = find_run_dir_problem(runs_dir, name)
+    if problem is not None or run_dir != runs_dir / name:
+        raise ConfigError(problem or f"run {name} would not be written to {runs_dir}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(
+            f"{run_dir} is a file, not a run folder; move it away or choose another --name"
+        )
     if not (run_dir / DB_NAME).exists():
         return SweepStep(combination, "run", plan_run(app_dir, fresh))
     if not resume:
         raise ConfigError(
-            f"run {combination.run_name} already exists in {runs_dir}; continue the sweep "
+            f"run {name} already exists in {runs_dir}; continue the sweep "
             "with --resume, or start another with a new --name"
         )
-    state = _check_same_config(app_dir, fresh, run_dir)
+    explicit = {*parse_config_args([base] if base.strip() else []), *dict(combination.values)}
+    state = _check_same_config(config_to_dict(config), run_dir, explicit)
     if state == "completed":
         return SweepStep(combination, "done", PlannedRun("", run_dir, None))
     if state in ("running", "paused", "stopping"):
         raise ConfigError(
-            f"run {combination.run_name} is {state}; wait for it to end, or stop it with "
-            f"fedcoord stop {combination.run_name}"
+            f"run {name} is {state}; wait for it to end, or stop it with fedcoord stop {name}"
         )
     again = run_config_text(base, combination, runs_dir, resume=True)
     return SweepStep(combination, "resume", plan_run(app_dir, again))
 
 
-def _check_same_config(app_dir: Path, run_config: str, run_dir: Path) -> str:
-    """The existing run's state, after checking it was started with this run-config."""
-    wanted = config_to_dict(parse_app_run_config(app_dir, run_config))
+def _check_same_config(wanted: dict[str, object], run_dir: Path, explicit: set[str]) -> str:
+    """The existing run's state, after checking it was started with this run-config.
+
+    Its stored config must be readable and hold every key the sweep sets
+    (``explicit``: --grid and --run-config), each with the value asked for.
+    """
     try:
         record = read_run_record(run_dir)
     except RunStoreError as error:
         raise ConfigError(f"{error}; or move {run_dir} away to run it again") from None
+    missing = sorted(explicit - set(record.config))
+    if missing:
+        raise ConfigError(
+            f"run {run_dir.name}'s stored config has no readable {missing[0]} "
+            f"(fedcoord verify {run_dir.name} says more); move {run_dir} away to run it again"
+        )
     for key in sorted(set(wanted) & set(record.config) - NOT_COMPARED_KEYS):
         if record.config[key] != wanted[key]:
             raise ConfigError(
@@ -420,6 +574,25 @@ def report(steps: Sequence[SweepStep], target: float | None) -> list[str]:
     return lines
 
 
+def check_runs_dir(runs_dir: Path, writable: bool) -> None:
+    """Refuse a ``--runs-dir`` that is a file, is under one or, if ``writable``, cannot be written.
+
+    Raises
+    ------
+    ConfigError
+        Naming the folder and the fix.
+    """
+    existing = next(path for path in (runs_dir, *runs_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise ConfigError(
+            f"--runs-dir {runs_dir}: {existing} is a file, not a folder; name a folder"
+        )
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--runs-dir {runs_dir}: {existing} is not writable; name a folder you can write to"
+        )
+
+
 def run_sweep(args: argparse.Namespace) -> int:
     """``fedcoord sweep``: check, run and compare; the exit code says how it went."""
     runs_dir = Path(args.runs_dir).expanduser().resolve()
@@ -429,9 +602,17 @@ def run_sweep(args: argparse.Namespace) -> int:
         target = validate_target(args.target)
         if args.parallel < 1 or args.supernodes < 1:
             raise ConfigError("--parallel and --supernodes must be at least 1")
+        if not (math.isfinite(args.num_cpus) and args.num_cpus > 0):
+            raise ConfigError(
+                f"--num-cpus must be a positive number of CPUs per simulated node, "
+                f"got {args.num_cpus}; e.g. 1 or 0.5"
+            )
         if args.resume and not args.name:
             raise ConfigError("--resume needs --name SWEEP, the sweep to continue")
+        check_runs_dir(runs_dir, writable=False)
         steps = plan_sweep(app_dir, args.grid, args.run_config, sweep, runs_dir, args.resume)
+        if any(step.action != "done" for step in steps):
+            check_runs_dir(runs_dir, writable=True)
     except ConfigError as error:
         _say(str(error), error=True)
         return EXIT_CONFIG

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,19 @@ def test_grid_values_become_run_config_text():
         (["--grid", "seed=1,2", "--parallel", "0"], "--parallel and --supernodes must be"),
         (["--grid", "seed=1,2", "--target", "2"], "target must be an accuracy in [0, 1]"),
         (["--grid", "seed=1,2", "--name", "x" * 99], "choose a shorter --name"),
+        # quoting: nothing may inject run-config keys or fold two runs into one folder
+        (["--grid", "seed=1", "--name", "a' data-dir='"], "--name \"a' data-dir='\" holds a"),
+        (["--grid", 'tracking-experiment="it\'s",it'], "holds a \"'\" (flwr's --run-config"),
+        (["--grid", "strategy='fedavg',\"fedavg\""], 'strategy: value "fedavg" is listed twice'),
+        (["--grid", "lr=0.1,0.10"], "--grid lr: value 0.10 is listed twice"),
+        (["--grid", "a=1-b=2,1 b=3,2-b=3"], "would both be run"),
+        (["--grid", '"resume"=true'], "'\"resume\"' is not a run-config key"),
+        # input flwr would drop without a word, and bad numbers
+        (["--grid", "seed=1", "--run-config", "num-server-rounds= 10"], "num-server-rounds has no"),
+        (["--grid", "seed=1", "--run-config", "lr=0.1 oops"], "'oops' is not key=value"),
+        (["--grid", "seed=1", "--run-config", "x.toml"], "not a .toml file"),
+        (["--grid", "seed=1", "--num-cpus", "-1"], "--num-cpus must be a positive number"),
+        (["--grid", "seed=1", "--num-cpus", "nan"], "--num-cpus must be a positive number"),
     ],
 )
 def test_a_bad_grid_is_refused_before_anything_starts(tmp_path, capsys, args, message):
@@ -128,6 +142,66 @@ def test_resume_runs_only_what_did_not_complete_and_checks_the_config(tmp_path):
         plan_sweep(APP_DIR, "seed=1,2,3", "", "s", runs_dir, resume=False)
     with pytest.raises(ConfigError, match="started with lr=0.05, this sweep asks for 0.1"):
         plan_sweep(APP_DIR, "seed=1,2", "lr=0.1", "s", runs_dir, resume=True)
+
+
+def test_runs_dir_that_is_a_file_unwritable_or_not_carried_is_refused(
+    tmp_path, capsys, monkeypatch
+):
+    # Prepare
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    quoted = tmp_path / 'a"b'
+
+    # Execute
+    results = [
+        run_cli(capsys, "--runs-dir", a_file, "sweep", "--grid", "seed=1"),
+        run_cli(capsys, "--runs-dir", a_file / "runs", "sweep", "--grid", "seed=1"),
+        run_cli(capsys, "--runs-dir", quoted, "sweep", "--grid", "seed=1"),
+    ]
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    results.append(run_cli(capsys, "--runs-dir", tmp_path / "ro", "sweep", "--grid", "seed=1"))
+
+    # Assert: exit 2, one line each, nothing made
+    messages = ["is a file, not a folder", "is a file", "cannot carry", "not writable"]
+    for (code, out, err), message in zip(results, messages, strict=True):
+        assert code == EXIT_CONFIG and out == "" and len(err.splitlines()) == 1
+        assert message in err
+    assert not quoted.exists() and not (tmp_path / "ro").exists()
+
+
+def test_resume_refuses_a_file_a_link_out_and_an_unreadable_stored_config(tmp_path):
+    # Prepare: s-seed=1 a plain file, s-seed=2 a link out of the runs folder, s-seed=3
+    # completed but its stored config unreadable
+    runs_dir, outside = tmp_path / "runs", tmp_path / "outside"
+    make_sweep_run(outside, "s-seed=2", "completed")
+    make_sweep_run(runs_dir, "s-seed=3", "completed")
+    with sqlite3.connect(runs_dir / "s-seed=3" / "run.db") as db:
+        db.execute("UPDATE run SET config_json = '[['")
+    (runs_dir / "s-seed=1").write_text("not a run")
+    (runs_dir / "s-seed=2").symlink_to(outside / "s-seed=2")
+
+    # Execute / Assert
+    for grid, message in (
+        ("seed=1", "s-seed=1 is a file, not a run folder"),
+        ("seed=2", "is a link out of the runs folder"),
+        ("seed=3", "stored config has no readable seed"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            plan_sweep(APP_DIR, grid, "", "s", runs_dir, resume=True)
+
+
+def test_every_combination_is_carried_to_the_run_as_written(tmp_path):
+    # Prepare: a value with a double quote, typed in single quotes
+    grid = "tracking-experiment='a\"b',c"
+    steps = plan_sweep(APP_DIR, grid, "", "s", tmp_path, resume=False)
+
+    # Execute
+    configs = [parse_app_run_config(APP_DIR, step.planned.run_config) for step in steps]
+
+    # Assert: each run writes where the sweep looks
+    assert [c.tracking_experiment for c in configs] == ['a"b', "c"]
+    assert [step.planned.run_dir for step in steps] == [tmp_path / c.run_name for c in configs]
+    assert [c.run_name for c in configs] == ['s-tracking-experiment=a"b', "s-tracking-experiment=c"]
 
 
 # ------------------------------------------------------------------- real
