@@ -121,6 +121,9 @@ def run_ours(link, runs: Path, nodes: int, rounds: int, evaluate: float) -> RunR
             "SELECT started_at, ended_at, metrics_json, central_accuracy FROM rounds "
             "WHERE round > 0 ORDER BY round"
         ).fetchall()
+        state, message = db.execute("SELECT state, message FROM run WHERE id = 1").fetchone()
+    if len(rows) < rounds:
+        raise SystemExit(f"scale: run {name} ended {state} after {len(rows)} round(s): {message}")
     metrics = [json.loads(row[2]) for row in rows[1:]]
     return RunResult(
         f"fedcoord, fraction-evaluate={evaluate:g}",
