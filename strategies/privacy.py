@@ -42,12 +42,15 @@ same epsilon.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from logging import WARNING
 from typing import Any
 
 import numpy as np
+from flwr.common.logger import log
 from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdaptiveBase
 
 from strategies.flower_builtin import FlowerStrategyAdapter, dp_layer
@@ -167,7 +170,13 @@ def round_rdp(event: PrivacyEvent) -> tuple[np.ndarray, np.ndarray]:
     backend = rdp_privacy_accountant.RdpAccountant(
         neighboring_relation=relation.REPLACE_ONE if replace_one else relation.ADD_OR_REMOVE_ONE
     )
-    backend.compose(event.to_dp_event())
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # "failed to converge ... excluding this order": conservative
+    try:
+        backend.compose(event.to_dp_event())
+    finally:
+        absl.setLevel(level)
     orders, rdp = backend.orders, backend.rdp
     orders.flags.writeable = rdp.flags.writeable = False
     return orders, rdp
@@ -361,6 +370,7 @@ class AccountedStrategy:
         self._denominator: float | None = None
         self._norm_before = 0.0
         self._server_round = 0
+        self._warned_delta = False
 
     def __getattr__(self, name: str) -> Any:
         # Anything else is the strategy's: sample_nodes (federated evaluation), sampler, ...
@@ -393,7 +403,24 @@ class AccountedStrategy:
         fixed = config.sampling in AMPLIFIED_SAMPLING and config.strategy == "clipped"
         self._denominator = denominator if fixed and denominator > 0 else None
         self._pending = self.next_event(len(available))
+        self._warn_about_delta(len(available))
         return sampled
+
+    def _warn_about_delta(self, population: int) -> None:
+        """Warn once when delta is not below 1 / n: publishing one node's data meets it."""
+        delta = self.config.target_delta
+        noisy = self._pending is not None and self._pending.noise_multiplier > 0
+        if self._warned_delta or not noisy or population == 0 or delta < 1 / population:
+            return
+        self._warned_delta = True
+        log(
+            WARNING,
+            "target-delta=%g is not below 1 / %d nodes: a mechanism that publishes one "
+            "node's data outright has that delta; choose one well below (e.g. n^-1.1 = %.1g)",
+            delta,
+            population,
+            population**-1.1,
+        )
 
     def next_event(self, population: int) -> PrivacyEvent:
         """The event of a round that samples from ``population`` nodes, at the noise planned."""

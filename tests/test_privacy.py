@@ -206,6 +206,52 @@ def test_adaptive_clipping_is_accounted_with_the_count_query_at_sensitivity_one(
     assert 0.75 < event.noise_multiplier < 1.0
 
 
+def test_adaptive_noise_is_topped_up_to_the_norm_the_updates_were_clipped_to():
+    # Prepare: Flower clipped with norm 2.0, then lowered it to 1.2 and scaled its noise
+    # to 1.2; 4 updates, server-lr 0.5
+    strategy = strategy_for(
+        strategy="dp-adaptive-clipping",
+        **{"noise-multiplier": 1.0, "dp-clipped-count-stddev": 1.0, "server-lr": 0.5},
+    )
+    layer = strategy.strategy.strategy
+    strategy._norm_before, layer.clipping_norm = 2.0, 1.2
+    arrays = {"w": np.zeros(200_000, dtype=np.float32), "n": np.zeros(3, dtype=np.int64)}
+    event = strategy.next_event(10)
+
+    # Execute
+    topped = strategy._top_up_adaptive_noise(event, layer, arrays, accepted=4)
+
+    # Assert: std 0.5 * z_model * sqrt(2^2 - 1.2^2) / 4 added to float arrays only,
+    # and the round accounted at the model noise it then has
+    expected_std = 0.5 * layer.noise_multiplier * math.sqrt(2.0**2 - 1.2**2) / 4
+    assert np.std(arrays["w"]) == pytest.approx(expected_std, rel=0.02)
+    assert not arrays["n"].any()
+    assert topped.noise_multiplier == pytest.approx(event.noise_multiplier)
+
+    # Execute: when the norm went up, nothing is added and the event has more noise
+    strategy._norm_before, layer.clipping_norm = 1.0, 1.5
+    untouched = {"w": np.zeros(10, dtype=np.float32)}
+    higher = strategy._top_up_adaptive_noise(event, layer, untouched, accepted=4)
+    assert not untouched["w"].any()
+    assert higher.noise_multiplier == pytest.approx(
+        combined_noise_multiplier(1.5 * layer.noise_multiplier, 1.0)
+    )
+
+
+def test_a_delta_not_below_one_over_the_nodes_is_warned_about_once(caplog):
+    # Prepare
+    strategy = strategy_for(strategy="clipped", **{"noise-multiplier": 1.0, "target-delta": 0.05})
+
+    # Execute
+    with caplog.at_level("WARNING", logger="flwr"):
+        strategy.sample_train_nodes(range(50))
+        strategy.sample_train_nodes(range(50))
+
+    # Assert
+    warnings = [r.getMessage() for r in caplog.records if "target-delta" in r.getMessage()]
+    assert len(warnings) == 1 and "not below 1 / 50 nodes" in warnings[0]
+
+
 # ---------------------------------------------------------------------------
 # Sampling and the fixed denominator
 # ---------------------------------------------------------------------------
@@ -344,6 +390,32 @@ def test_each_round_records_the_cumulative_epsilon_as_the_library_computes_it(tm
     event = dp_event.PoissonSampledDpEvent(0.5, dp_event.GaussianDpEvent(1.0))
     assert epsilons == [pytest.approx(library_epsilon(event, k, 1e-5)) for k in (1, 2, 3)]
     assert epsilons[0] < epsilons[1] < epsilons[2]
+
+
+def test_flowers_dp_wrappers_record_their_epsilon(tmp_path):
+    # Prepare
+    fixed = make_coordinator(
+        tmp_path / "fixed",
+        ReplyingGrid([2, 3, 4], honest),
+        strategy="dp-fixed-clipping",
+        **{"noise-multiplier": 1.5, "clip-norm": 0.5},
+    )
+    adaptive = make_coordinator(
+        tmp_path / "adaptive",
+        ReplyingGrid([2, 3, 4], honest),
+        strategy="dp-adaptive-clipping",
+        **{"noise-multiplier": 1.0, "dp-clipped-count-stddev": 2.0, "clip-norm": 0.5},
+    )
+
+    # Execute
+    fixed_epsilons = run_rounds(fixed, 2)
+    adaptive_epsilons = run_rounds(adaptive, 2)
+
+    # Assert: fixed clipping is a Gaussian of multiplier 1.5 a round; adaptive is finite
+    # and grows (its multiplier depends on how the clipping norm moved)
+    gaussian = dp_event.GaussianDpEvent(1.5)
+    assert fixed_epsilons == [pytest.approx(library_epsilon(gaussian, k, 1e-5)) for k in (1, 2)]
+    assert 0 < adaptive_epsilons[0] < adaptive_epsilons[1] < math.inf
 
 
 @pytest.mark.parametrize(
