@@ -150,7 +150,8 @@ def event_from_list(values: object) -> PrivacyEvent:
     ) and all(isinstance(v, int) and not isinstance(v, bool) for v in (population, sample_size))
     if sampling not in ("fraction", *AMPLIFIED_SAMPLING) or not numbers_ok:
         raise ValueError(f"privacy event {values!r} is malformed")
-    if noise < 0 or not 0 < probability <= 1 or not 0 <= sample_size <= population:  # type: ignore[operator]
+    smallest = 1 if sampling == "fixed" else 0  # a fixed sample of k >= 1 of N >= k nodes
+    if noise < 0 or not 0 < probability <= 1 or not smallest <= sample_size <= population:  # type: ignore[operator]
         raise ValueError(f"privacy event {values!r} is out of range")
     return PrivacyEvent(sampling, float(noise), float(probability), population, sample_size)  # type: ignore[arg-type]
 

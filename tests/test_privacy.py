@@ -187,6 +187,13 @@ def test_a_damaged_ledger_is_refused(ledger, message):
         accountant.load_state_dict({LEDGER_KEY: np.frombuffer(ledger, dtype=np.uint8)})
 
 
+def test_a_ledger_with_an_empty_fixed_sample_is_refused():
+    fixed = PrivacyAccountant(target_delta=1e-5, adjacency="replace-one")
+    empty_sample = b'{"adjacency": "replace-one", "events": [["fixed", 1.0, 1.0, 0, 0, 1]]}'
+    with pytest.raises(ValueError, match="out of range"):
+        fixed.load_state_dict({LEDGER_KEY: np.frombuffer(empty_sample, dtype=np.uint8)})
+
+
 def test_adaptive_clipping_is_accounted_with_the_count_query_at_sensitivity_one():
     # Prepare: Flower splits noise-multiplier 1 into model noise z_model and count std 1
     strategy = strategy_for(
