@@ -24,9 +24,8 @@ Flower ``Strategy``:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from logging import INFO, WARNING
-from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -45,7 +44,7 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 
 from strategies.records import NamedArrays, arrays_to_numpy, is_packed, numpy_to_arrays
 from strategies.replies import ReplyOutcome, RoundSummary, TrainRound
-from strategies.sampling import NodeSampler
+from strategies.sampling import NodeSampler, SamplesNodes
 from strategies.strategy import apply_update, find_non_finite_model
 from task import keys
 
@@ -57,7 +56,7 @@ DP_NORM_KEY = "dp/clipping-norm"
 UNIT_WEIGHT_KEY = "fedcoord.unit-weight"
 
 
-class FlowerStrategyAdapter:
+class FlowerStrategyAdapter(SamplesNodes):
     """Runs a Flower built-in strategy under the coordinator.
 
     Parameters
@@ -92,19 +91,6 @@ class FlowerStrategyAdapter:
         # Node id -> partition from the coordinator's roll call (replies must agree)
         self.node_partitions: dict[int, int | None] = {}
         self._accepted: list[tuple[Message, ArrayRecord]] = []
-
-    def sample_nodes(
-        self,
-        node_ids: Iterable[int],
-        fraction: float,
-        minimum: int,
-        key: Callable[[int], Any] | None = None,
-    ) -> list[int]:
-        """Sample ``fraction`` of ``node_ids`` (at least ``minimum``), reproducibly.
-
-        See :meth:`strategies.sampling.NodeSampler.sample` for ``key``.
-        """
-        return self.sampler.sample(node_ids, fraction, minimum, key)
 
     def begin_round(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
         """Start collecting replies for ``server_round`` relative to ``global_arrays``."""

@@ -94,3 +94,22 @@ class NodeSampler:
             raise ValueError(f"{STATE_KEY} does not hold a random.Random state")
         version, internal, gauss_next = saved
         self.rng.setstate((version, tuple(internal), gauss_next))
+
+
+class SamplesNodes:
+    """Gives a strategy ``sample_nodes``, drawn from its ``sampler``."""
+
+    sampler: NodeSampler
+
+    def sample_nodes(
+        self,
+        node_ids: Iterable[int],
+        fraction: float,
+        minimum: int,
+        key: Callable[[int], Any] | None = None,
+    ) -> list[int]:
+        """Sample ``fraction`` of ``node_ids`` (at least ``minimum``), reproducibly.
+
+        See :meth:`NodeSampler.sample` for ``key``.
+        """
+        return self.sampler.sample(node_ids, fraction, minimum, key)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
-from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -38,7 +37,7 @@ from strategies.replies import (
     aggregate_evaluate_metrics,
     aggregate_train_metrics,
 )
-from strategies.sampling import NodeSampler
+from strategies.sampling import NodeSampler, SamplesNodes
 from strategies.validation import find_non_finite_array
 from task import keys
 
@@ -98,7 +97,7 @@ class OperatorWeights:
         return self.weights.get(int(partition), 1.0) if partition is not None else 1.0
 
 
-class FedCoordStrategy(Strategy):
+class FedCoordStrategy(SamplesNodes, Strategy):
     """Streaming aggregation of validated client updates.
 
     Parameters
@@ -144,19 +143,6 @@ class FedCoordStrategy(Strategy):
         self._scratch: NamedArrays = {}
 
     # ------------------------------------------------------------------ sampling
-    def sample_nodes(
-        self,
-        node_ids: Iterable[int],
-        fraction: float,
-        minimum: int,
-        key: Callable[[int], Any] | None = None,
-    ) -> list[int]:
-        """Sample ``fraction`` of ``node_ids`` (at least ``minimum``), reproducibly.
-
-        See :meth:`strategies.sampling.NodeSampler.sample` for ``key``.
-        """
-        return self.sampler.sample(node_ids, fraction, minimum, key)
-
     # -------------------------------------------------------- per-reply interface
     def begin_round(
         self,
