@@ -43,6 +43,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from strategies.validation import all_finite
+
 NDArrays = list[np.ndarray]
 
 AGGREGATOR_NAMES: tuple[str, ...] = (
@@ -263,29 +265,11 @@ class _StreamingSum:
         if self._spare is None:
             self._spare = [np.empty_like(total) for total in self._sums]
         with np.errstate(over="ignore", invalid="ignore"):
-            for index, (client, reference) in enumerate(zip(clients, references, strict=True)):
-                self._fold_array_difference(index, client, reference, relative, ratio)
+            arrays = zip(self._sums, self._spare, clients, references, strict=True)
+            for index, (total, out, client, reference) in enumerate(arrays):
+                checked = index if client.dtype.kind == "f" else None
+                self._fold_blocks(total, out, client, reference, relative, ratio, checked)
         self._sums, self._spare = self._spare, self._sums
-
-    def _fold_array_difference(  # noqa: PLR0913
-        self, index: int, client: np.ndarray, reference: np.ndarray, relative: float, ratio: float
-    ) -> None:
-        total, out = self._sums[index], self._spare[index]  # type: ignore[index]
-        flat_client, flat_reference = client.reshape(-1), reference.reshape(-1)
-        scratch = self._scratch_for(total.dtype)
-        check = client.dtype.kind == "f"
-        for part in _blocks(total.size, scratch.size):
-            difference = scratch[: part.stop - part.start]
-            np.subtract(flat_client[part], flat_reference[part], out=difference, dtype=total.dtype)
-            if check and not _finite_block(difference, flat_client[part]):
-                raise NonFiniteUpdateError(index)
-            if relative != 1.0:
-                np.multiply(difference, relative, out=difference)
-            if ratio != 1.0:
-                np.multiply(total[part], ratio, out=out[part])
-                np.add(out[part], difference, out=out[part])
-            else:
-                np.add(total[part], difference, out=out[part])
 
     def fold_scaled_difference(
         self, clients: NDArrays, references: NDArrays, scales: Sequence[float]
@@ -298,16 +282,39 @@ class _StreamingSum:
             for total, client, reference, scale in zip(
                 self._sums, clients, references, scales, strict=True
             ):
-                flat_client, flat_reference = client.reshape(-1), reference.reshape(-1)
-                scratch = self._scratch_for(total.dtype)
-                for part in _blocks(total.size, scratch.size):
-                    difference = scratch[: part.stop - part.start]
-                    np.subtract(
-                        flat_client[part], flat_reference[part], out=difference, dtype=total.dtype
-                    )
-                    if scale != 1.0:
-                        np.multiply(difference, scale, out=difference)
-                    np.add(total[part], difference, out=total[part])
+                self._fold_blocks(total, total, client, reference, scale, 1.0, None)
+
+    def _fold_blocks(  # noqa: PLR0913
+        self,
+        total: np.ndarray,
+        out: np.ndarray,
+        client: np.ndarray,
+        reference: np.ndarray,
+        scale: float,
+        ratio: float,
+        checked: int | None,
+    ) -> None:
+        """Set ``out = ratio * total + scale * (client - reference)``, block by block.
+
+        Each block of the difference is computed into a scratch block in cache.
+        With ``checked`` (the array's index in the update) each block is checked
+        first and :class:`NonFiniteUpdateError` raised for a NaN or infinity.
+        ``out`` may be ``total`` (in place).
+        """
+        flat_client, flat_reference = client.reshape(-1), reference.reshape(-1)
+        scratch = self._scratch_for(total.dtype)
+        for part in _blocks(total.size, scratch.size):
+            difference = scratch[: part.stop - part.start]
+            np.subtract(flat_client[part], flat_reference[part], out=difference, dtype=total.dtype)
+            if checked is not None and not _finite_block(difference, flat_client[part]):
+                raise NonFiniteUpdateError(checked)
+            if scale != 1.0:
+                np.multiply(difference, scale, out=difference)
+            if ratio != 1.0:
+                np.multiply(total[part], ratio, out=out[part])
+                np.add(out[part], difference, out=out[part])
+            else:
+                np.add(total[part], difference, out=out[part])
 
     def _scratch_for(self, dtype: np.dtype) -> np.ndarray:
         if dtype not in self._scratch:
@@ -371,12 +378,8 @@ def _finite_block(difference: np.ndarray, client: np.ndarray) -> bool:
 def check_finite(arrays: NDArrays) -> None:
     """Raise :class:`NonFiniteUpdateError` for the first float array with NaN or infinities."""
     for index, array in enumerate(arrays):
-        if array.dtype.kind != "f":
-            continue
-        flat = array.reshape(-1)
-        for part in _blocks(flat.size, max(1, _FOLD_BLOCK_BYTES // flat.itemsize)):
-            if not _finite_block(flat[part], flat[part]):
-                raise NonFiniteUpdateError(index)
+        if array.dtype.kind == "f" and not all_finite(array):
+            raise NonFiniteUpdateError(index)
 
 
 def difference_norm(clients: NDArrays, references: NDArrays) -> float:
@@ -499,7 +502,7 @@ class WeightedMeanAggregator(_StreamingAggregatorBase):
         if weight <= self._reference_weight:
             return weight / self._reference_weight, 1.0, self._reference_weight
         has_sum = self._sum is not None and self._total_relative_weight > 0.0
-        ratio = self._reference_weight / weight if has_sum else 1.0
+        ratio = self._reference_weight / weight if has_sum else 1.0  # float64, in [0, 1)
         return 1.0, ratio, weight
 
     def result(self) -> NDArrays:
@@ -511,15 +514,11 @@ class WeightedMeanAggregator(_StreamingAggregatorBase):
 
     def _relative_weight(self, weight: float) -> float:
         """``weight`` over the largest weight so far, after rescaling to a new largest."""
-        if weight <= 0.0:
-            return 0.0
-        if weight > self._reference_weight:
-            if self._sum is not None and self._total_relative_weight > 0.0:
-                ratio = self._reference_weight / weight  # float64, in [0, 1)
-                self._sum.scale(ratio)
-                self._total_relative_weight *= ratio
-            self._reference_weight = weight
-        return weight / self._reference_weight
+        relative, ratio, self._reference_weight = self._relative_weight_and_ratio(weight)
+        if ratio != 1.0:
+            self._streaming_sum().scale(ratio)
+            self._total_relative_weight *= ratio
+        return relative
 
 
 class ClippedMeanAggregator(_StreamingAggregatorBase):

@@ -151,7 +151,7 @@ def find_array_spec_problem(
     return None
 
 
-def _all_finite(array: np.ndarray) -> bool:
+def all_finite(array: np.ndarray) -> bool:
     """Return whether every value of a float or complex array is finite."""
     if array.dtype in (np.float32, np.float64):
         # Fast path (one BLAS pass, no temporary): a sum of squares is finite
@@ -169,7 +169,7 @@ def _all_finite(array: np.ndarray) -> bool:
 def find_non_finite_array(arrays: Mapping[str, np.ndarray]) -> str | None:
     """Return a reason naming the first array holding a NaN or infinite value."""
     for name, array in arrays.items():
-        if array.dtype.kind in "fc" and not _all_finite(array):
+        if array.dtype.kind in "fc" and not all_finite(array):
             return f"array {name!r} holds NaN or infinite values"
     return None
 
