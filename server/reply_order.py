@@ -53,8 +53,9 @@ class ReplyOrder(Generic[Reply]):
         if position is None or position < self._next or node_id in self._held:
             return [(node_id, reply)]
         self._held[node_id] = reply
-        self.most_held = max(self.most_held, len(self._held) - 1)
-        return self._release_prefix()
+        due = self._release_prefix()
+        self.most_held = max(self.most_held, len(self._held))
+        return due
 
     def drain(self) -> list[tuple[int, Reply]]:
         """Return every held reply in order; the nodes that never replied are passed over."""
