@@ -118,9 +118,10 @@ class Coordinator:
         self.operator_weights = dict(config.parsed_node_weights)
         self.control = ControlChannel(store, self._set_operator_weight)
         # Node id -> partition id from the roll call (None: asked, no valid answer);
-        # the strategy checks each reply's partition-id against it
+        # the aggregating strategy (inside the accounting wrapper) checks each
+        # reply's partition-id against it
         self.partitions: dict[int, int | None] = {}
-        strategy.node_partitions = self.partitions
+        self.strategy.strategy.node_partitions = self.partitions
 
     # ------------------------------------------------------------------ run
     def run(self, initial_arrays: NamedArrays, first_round: int = 1) -> NamedArrays:

@@ -19,9 +19,12 @@ from test_hostile_coordinator import (  # noqa: F401 - server_identity is an aut
 from test_tracking import history, mlflow_client
 
 from server.checkpoints import model_hash
+from server.coordinator import Coordinator
 from server.reply_order import ReplyOrder
 from server.tracking import TRACKING_FILE
+from strategies.privacy import accounted
 from strategies.records import pack_arrays
+from strategies.registry import build_strategy
 from strategies.sampling import NodeSampler
 from task import keys
 
@@ -245,15 +248,22 @@ def weighted_reply(claims: dict[int, int | None]):  # noqa: ANN201
     return reply
 
 
-def test_a_train_reply_must_claim_the_partition_given_at_the_roll_call(tmp_path):
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_train_reply_must_claim_the_partition_given_at_the_roll_call(tmp_path, wrapped):
     # Prepare: partition 3's operator weight is 0; its node (id 30) claims partition 2
-    # in its train reply to escape it; node 20 (partition 2) names no partition
+    # in its train reply to escape it; node 20 (partition 2) names no partition.
+    # wrapped: the strategy comes already accounted, as the ServerApp passes it
     partitions = {20: 2, 30: 3, 40: 4}
     claims = {20: None, 30: 2, 40: 4}
     grid = ReplyingGrid(list(partitions), weighted_reply(claims), partitions=partitions)
     coordinator = make_coordinator(
         tmp_path, grid, strategy="weighted", **{"node-weights": "3=0.0", "min-train-nodes": 2}
     )
+    if wrapped:
+        strategy = accounted(build_strategy(coordinator.config), coordinator.config)
+        coordinator = Coordinator(
+            grid, strategy, coordinator.store, coordinator.config, coordinator.evaluate_fn
+        )
 
     # Execute
     coordinator.run_round(1, model())
