@@ -28,8 +28,10 @@ Conventions shared by every aggregator:
   is rounded to the nearest integer (ties to even) and cast back to the input's
   integer dtype. They take no part in the clipping norm, the Gaussian noise or
   Krum's distances, which are about parameters.
-- Values are assumed finite: ``strategies.validation.validate_reply`` rejects
-  replies with NaN or infinite values before they reach an aggregator.
+- ``add`` assumes finite values: ``strategies.validation.validate_reply``
+  rejects replies with NaN or infinite values before they reach it. The
+  streaming aggregators' ``add_difference`` checks them itself, in the same
+  pass as the fold, and raises ``NonFiniteUpdateError`` without folding any.
 - ``ValueError`` on no updates, a total weight of 0, a negative or non-finite
   weight, or updates whose array count, shapes or dtypes differ from the first.
 """

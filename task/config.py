@@ -129,7 +129,7 @@ class RunConfig:
     byzantine_partitions: str = ""
     # Test only: flip (received - 10 * honest update) or noise (norm 100x the honest update).
     byzantine_mode: str = "flip"
-    # Test only: injected client faults by partition, e.g. "0=raise,1=sleep,2=nan"; "" = none.
+    # Test only: injected client faults by partition, e.g. "0=raise,1=sleep,2=nan,3=delay".
     faults: str = ""
     # Test only: partitions that send malformed replies of every kind, e.g. "0,1"; "" = none.
     hostile: str = ""
