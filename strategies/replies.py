@@ -133,7 +133,8 @@ def _read_train_reply(
         if claimed is None:
             metrics[keys.PARTITION_ID] = expected_partition
             partition = rejected.partition_id = expected_partition
-        elif partition != expected_partition:
+        # An invalid claim is left to validate_reply, which names its fault
+        elif partition is not None and partition != expected_partition:
             rejected.reason = (
                 f"partition-id {str(claimed)[:30]} differs from partition {expected_partition} "
                 "this node gave at the roll call"

@@ -280,6 +280,16 @@ def test_a_train_reply_must_claim_the_partition_given_at_the_roll_call(tmp_path,
     assert nodes[20] == 2 and nodes[30] == 3
 
 
+def test_an_invalid_partition_claim_keeps_its_precise_reason(tmp_path):
+    partitions = {20: 2, 30: 3}
+    grid = ReplyingGrid(list(partitions), weighted_reply({30: 2**40}), partitions=partitions)
+    coordinator = make_coordinator(tmp_path, grid)
+    coordinator.run_round(1, model())
+    reasons = {row[2] for row in rejections(tmp_path) if row[1] == "30"}
+    assert "partition-id 1099511627776 exceeds 2147483647" in reasons
+    assert not any("roll call" in reason for reason in reasons)
+
+
 def test_a_node_silent_at_the_roll_call_is_ordered_last(tmp_path):
     # Prepare: node 9 never answers the roll call; round-timeout is 0.5 s
     class SilentAtRollCall(ReplyingGrid):
