@@ -27,7 +27,7 @@ system-deps:
 	@tools/system_deps.sh
 
 demo: setup
-	@$(BIN)/python -m server.simulation --supernodes $(SUPERNODES) --num-cpus $(NUM_CPUS) \
+	@$(BIN)/python -m server.launch.simulation --supernodes $(SUPERNODES) --num-cpus $(NUM_CPUS) \
 		--flwr-home $(FLWR_HOME_DIR) --run-config "$(RUN_CONFIG)"
 
 lint: setup

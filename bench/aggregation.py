@@ -64,7 +64,7 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from strategies.aggregators import make_aggregator  # noqa: E402
+from strategies.aggregation import make_aggregator  # noqa: E402
 from strategies.records import npy_view, numpy_to_arrays  # noqa: E402
 from strategies.strategy import FedCoordStrategy  # noqa: E402
 

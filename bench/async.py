@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.simulation import flwr_run_command, local_superlink
+from server.launch.simulation import flwr_run_command, local_superlink
 
 APP_DIR = Path(__file__).resolve().parent.parent
 NODES = 20

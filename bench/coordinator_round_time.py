@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from server.simulation import flwr_run_command, local_superlink
+from server.launch.simulation import flwr_run_command, local_superlink
 
 APP_DIR = Path(__file__).resolve().parent.parent
 BASELINE_DIR = Path(__file__).resolve().parent / "flower_baseline"

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.simulation import flwr_run_command, local_superlink
+from server.launch.simulation import flwr_run_command, local_superlink
 
 APP_DIR = Path(__file__).resolve().parent.parent
 

@@ -49,9 +49,9 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from client.app import evaluate_fn, query_fn, train_fn  # noqa: E402
 from server.app import open_new_run, run_training  # noqa: E402
-from server.store import RunStore  # noqa: E402
-from strategies.aggregators import compute_update_norm  # noqa: E402
-from strategies.privacy import accounted  # noqa: E402
+from server.record.store import RunStore  # noqa: E402
+from strategies.accounted import accounted  # noqa: E402
+from strategies.aggregation import compute_update_norm  # noqa: E402
 from strategies.records import arrays_to_numpy  # noqa: E402
 from strategies.registry import build_strategy  # noqa: E402
 from task import keys  # noqa: E402

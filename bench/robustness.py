@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.simulation import LocalSuperLink, flwr_run_command, local_superlink  # noqa: E402
+from server.launch.simulation import LocalSuperLink, flwr_run_command, local_superlink  # noqa: E402
 
 APP_DIR = Path(__file__).resolve().parent.parent
 SUPERNODES = 10
@@ -102,7 +102,7 @@ def measure_honest_norms(rounds: int) -> None:
     import torch
 
     from client.shard import load_node_data
-    from strategies.aggregators import compute_update_norm, make_aggregator
+    from strategies.aggregation import compute_update_norm, make_aggregator
     from task.config import parse_run_config
     from task.models import build_model
     from task.training import load_numpy_into, model_to_numpy, train

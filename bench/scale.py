@@ -31,7 +31,8 @@ from pathlib import Path
 
 from coordinator_round_time import build_baseline_app
 
-from server.simulation import descendants, flwr_run_command, local_superlink
+from server.launch.processes import descendants
+from server.launch.simulation import flwr_run_command, local_superlink
 
 APP_DIR = Path(__file__).resolve().parent.parent
 PAPER_CLIENT = (

@@ -46,7 +46,7 @@ from deploy.supernode import (
     run_supernode,
     validate_app_policy,
 )
-from server.simulation import flwr_env
+from server.launch.processes import flwr_env
 from task.config import ConfigError
 
 PROG = "python -m deploy"

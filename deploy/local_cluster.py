@@ -39,7 +39,7 @@ from deploy.connection import (
     register_node,
     write_connection,
 )
-from server.simulation import descendants, flwr_env, free_port, stop_tree
+from server.launch.processes import descendants, flwr_env, free_port, stop_tree
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 180.0

@@ -45,7 +45,7 @@ from types import FrameType
 from deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from deploy.checks import DeployError, check_local_certificates
 from deploy.proxy import ProxySettings, check_config, nginx_command, require_nginx, write_config
-from server.simulation import flwr_env
+from server.launch.processes import flwr_env
 
 DEFAULT_PORT = 8000
 DATABASE_FILE = "state.db"

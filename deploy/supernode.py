@@ -49,7 +49,7 @@ from deploy.checks import (
     check_superlink_insecure,
     check_superlink_tls,
 )
-from server.simulation import flwr_env
+from server.launch.processes import flwr_env
 
 # Seconds between the SuperNode's pulls when it has no message (Flower: 3 s). Each
 # phase of a round waits half of it on average; each pull is one HTTPS request.

@@ -13,17 +13,18 @@ from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import RunNotRunningException
 
-from server import lifecycle, object_pull
+from server import object_pull
 from server.async_rounds import AsyncCoordinator
-from server.checkpoints import CheckpointError
 from server.control import StopRequestedError
 from server.coordinator import Coordinator, EvaluateFn, NamedArrays, NodeShortageError
+from server.export.tracking import start_tracking
 from server.preflight import check_resumable_exists, check_run_name_free
-from server.runs import effective_state
-from server.store import RunStore, RunStoreError
-from server.tracking import start_tracking
-from server.verify import load_verified_checkpoint
-from strategies.privacy import PrivacyBudgetReachedError, accounted
+from server.record import lifecycle
+from server.record.checkpoints import CheckpointError
+from server.record.runs import effective_state
+from server.record.store import RunStore, RunStoreError
+from server.record.verify import load_verified_checkpoint
+from strategies.accounted import PrivacyBudgetReachedError, accounted
 from strategies.registry import build_strategy
 from task.config import (
     ConfigError,

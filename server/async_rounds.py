@@ -42,11 +42,11 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from server import lifecycle
-from server.checkpoints import model_hash, save_checkpoint
 from server.coordinator import POLL_INTERVAL_S, Coordinator, EvaluateFn, PhaseResult
-from server.store import RoundRecord, RunStore
-from strategies.aggregators import NonFiniteUpdateError
+from server.record import lifecycle
+from server.record.checkpoints import model_hash, save_checkpoint
+from server.record.store import RoundRecord, RunStore
+from strategies.aggregation import NonFiniteUpdateError
 from strategies.fedbuff import StalenessBuffer, VersionHistory, find_staleness_problem
 from strategies.replies import ReplyOutcome, aggregate_train_metrics, check_train_reply
 from strategies.strategy import (

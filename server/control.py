@@ -21,9 +21,9 @@ from logging import INFO, WARNING
 
 from flwr.common.logger import log
 
-from server import lifecycle
-from server.operations import validate_weight
-from server.store import RunStore
+from server.record import lifecycle
+from server.record.operations import validate_weight
+from server.record.store import RunStore
 
 PAUSE_POLL_S = 0.25
 STOP_POLL_S = 0.25
@@ -40,7 +40,7 @@ def parse_weight_argument(argument: str) -> tuple[int, float]:
     ------
     lifecycle.InvalidTransitionError
         If the argument is malformed or the weight command is refused
-        (:func:`server.operations.find_weight_problem`).
+        (:func:`server.record.operations.find_weight_problem`).
     """
     partition, separator, weight = argument.partition("=")
     try:

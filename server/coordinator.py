@@ -27,12 +27,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from server.checkpoints import checkpoint_path, files_to_prune, model_hash, save_checkpoint
 from server.control import ControlChannel
 from server.object_pull import pull_deadline
+from server.record.checkpoints import checkpoint_path, files_to_prune, model_hash, save_checkpoint
+from server.record.store import RoundRecord, RunStore
 from server.reply_order import ReplyOrder
-from server.store import RoundRecord, RunStore
-from strategies.privacy import EPSILON_METRIC, accounted
+from strategies.accounted import EPSILON_METRIC, accounted
 from strategies.records import pack_arrays
 from strategies.replies import ReplyOutcome, check_evaluate_reply, unreadable
 from strategies.strategy import (

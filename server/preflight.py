@@ -1,7 +1,7 @@
 """Checks that run before Flower starts: the run-config and the run directory.
 
 Shared by the ServerApp (``server/app.py``) and the simulation launcher
-(``server/simulation.py``), so that ``make demo`` refuses a bad config with the
+(``server/launch/simulation.py``), so that ``make demo`` refuses a bad config with the
 same one-line message as ``flwr run``, before any process is started.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-from server.store import DB_NAME
+from server.record.store import DB_NAME
 from strategies.registry import build_strategy
 from task.config import ConfigError, RunConfig, parse_run_config
 

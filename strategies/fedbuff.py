@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from strategies.aggregators import (
+from strategies.aggregation import (
     ClippedMeanAggregator,
     NDArrays,
     WeightedMeanAggregator,
@@ -209,7 +209,7 @@ class StalenessBuffer:
 
         Raises
         ------
-        strategies.aggregators.NonFiniteUpdateError
+        strategies.aggregation.streaming.NonFiniteUpdateError
             If a client array holds NaN or infinities (nothing folded in).
         ValueError
             For a bad weight or arrays that differ in layout (nothing folded in).

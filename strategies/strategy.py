@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from strategies.aggregators import (
+from strategies.aggregation import (
     Aggregator,
     ClippedMeanAggregator,
     NonFiniteUpdateError,
@@ -103,7 +103,7 @@ class FedCoordStrategy(SamplesNodes, Strategy):
     Parameters
     ----------
     aggregator : str
-        Name passed to :func:`strategies.aggregators.make_aggregator`.
+        Name passed to :func:`strategies.aggregation.streaming.make_aggregator`.
     aggregator_options : Mapping[str, object]
         Keyword options for the aggregator (``clip_norm``, ``beta``, ...).
     weight_fn : WeightFn

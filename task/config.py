@@ -31,7 +31,7 @@ DEVICE_FORMS = "auto, cpu, mps, cuda, cuda:N"
 NODE_WEIGHTS_PATTERN = re.compile(r"^\s*[0-9]+\s*=\s*[-+0-9.eE]+\s*$")
 BYZANTINE_MODES: tuple[str, ...] = ("flip", "noise")
 # How training nodes are drawn each round, and the privacy accounting that matches it
-# (strategies/privacy.py): no amplification claimed, Poisson, fixed size without replacement.
+# (strategies/accounted.py): no amplification claimed, Poisson, fixed size without replacement.
 SAMPLING_METHODS: tuple[str, ...] = ("fraction", "poisson", "fixed")
 # The strategies whose noise-multiplier adds Gaussian noise calibrated to clipped updates.
 NOISY_STRATEGIES: tuple[str, ...] = ("clipped", "dp-fixed-clipping", "dp-adaptive-clipping")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server.simulation import LocalSuperLink, flwr_run_command, local_superlink
+from server.launch.simulation import LocalSuperLink, flwr_run_command, local_superlink
 
 APP_DIR = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 900
@@ -74,7 +74,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def fedcoord(runs_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the ``fedcoord`` CLI as a user would, on ``runs_dir``."""
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", "--runs-dir", str(runs_dir), *args],
+        [sys.executable, "-m", "server.ui.cli", "--runs-dir", str(runs_dir), *args],
         capture_output=True,
         text=True,
         check=check,

@@ -1,4 +1,4 @@
-"""Tests of strategies.aggregators against numpy / scipy oracles and properties."""
+"""Tests of strategies.aggregation.streaming against numpy / scipy oracles and properties."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from strategies.aggregators import (
+from strategies.aggregation import (
     AGGREGATOR_NAMES,
     NonFiniteUpdateError,
     make_aggregator,

@@ -13,15 +13,17 @@ from flwr.serverapp import Grid
 from test_hostile_coordinator import ReplyingGrid, honest, model, server_identity  # noqa: F401
 
 from client.delay import delay_seconds
-from server import async_rounds, cli, lifecycle, results
+from server import async_rounds
 from server.async_rounds import AsyncCoordinator
-from server.checkpoints import checkpoint_path, load_checkpoint
-from server.cli import progress_line
 from server.control import StopRequestedError
-from server.runs import run_status
-from server.store import RunStore
-from server.verify import verify_run
-from strategies.aggregators import ClippedMeanAggregator, compute_update_norm
+from server.record import lifecycle, results
+from server.record.checkpoints import checkpoint_path, load_checkpoint
+from server.record.runs import run_status
+from server.record.store import RunStore
+from server.record.verify import verify_run
+from server.ui import cli
+from server.ui.cli import progress_line
+from strategies.aggregation import ClippedMeanAggregator, compute_update_norm
 from strategies.fedbuff import (
     StalenessBuffer,
     VersionHistory,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from server.checkpoints import (
+from server.record.checkpoints import (
     CheckpointError,
     checkpoint_path,
     files_to_prune,
@@ -9,8 +9,8 @@ from server.checkpoints import (
     model_hash,
     save_checkpoint,
 )
-from server.store import RoundRecord, RunStore
-from server.verify import verify_run
+from server.record.store import RoundRecord, RunStore
+from server.record.verify import verify_run
 
 
 def arrays(seed: int) -> dict[str, np.ndarray]:

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from server import cli
-from server.checkpoints import model_hash, save_checkpoint
-from server.store import RoundRecord, RunStore
+from server.record.checkpoints import model_hash, save_checkpoint
+from server.record.store import RoundRecord, RunStore
+from server.ui import cli
 
 
 def make_run(runs_dir, name: str, state: str = "running", rounds: int = 2) -> RunStore:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from server import cli
-from server.compare import compare_run_dirs, differing_keys, mean_std, time_to_target
-from server.compare import round_points as points_of
-from server.store import RoundRecord, RunStore
+from server.record.compare import compare_run_dirs, differing_keys, mean_std, time_to_target
+from server.record.compare import round_points as points_of
+from server.record.store import RoundRecord, RunStore
+from server.ui import cli
 
 BASE = {"strategy": "fedavg", "seed": 1, "lr": 0.05, "run-name": "x", "runs-dir": "/r"}
 

@@ -15,9 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from server import cli
-from server.dashboard.views import validate_run_name as dashboard_validate_run_name
-from server.store import DB_NAME, SCHEMA, CorruptRunError, RoundRecord, RunStore, RunStoreError
+from server.record.store import (
+    DB_NAME,
+    SCHEMA,
+    CorruptRunError,
+    RoundRecord,
+    RunStore,
+    RunStoreError,
+)
+from server.ui import cli
+from server.ui.dashboard.views import validate_run_name as dashboard_validate_run_name
 from task.config import ConfigError, parse_run_config
 from task.names import RunNameError, find_run_name_problem
 from tests.test_dashboard_unreadable import checkpointed_copy, execute, write_db

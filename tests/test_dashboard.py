@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
-from server import cli
-from server.dashboard import DashboardSettings, create_app, dashboard_settings, startup_lines
-from server.dashboard.charts import nice_ticks, render_chart
-from server.dashboard.security import LOOPBACK_NAMES, host_name, is_loopback
-from server.dashboard.views import RunNameError, validate_run_name
-from server.store import RoundRecord, RunStore
+from server.record.store import RoundRecord, RunStore
+from server.ui import cli
+from server.ui.dashboard import DashboardSettings, create_app, dashboard_settings, startup_lines
+from server.ui.dashboard.charts import nice_ticks, render_chart
+from server.ui.dashboard.security import LOOPBACK_NAMES, host_name, is_loopback
+from server.ui.dashboard.views import RunNameError, validate_run_name
 
 with warnings.catch_warnings():
     # Starlette 1.3 prefers httpx2 for its TestClient; httpx (a Flower dependency) still works.

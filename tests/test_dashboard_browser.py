@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from server.runs import run_status
-from server.simulation import free_port
-from server.store import RunStoreError
+from server.launch.processes import free_port
+from server.record.runs import run_status
+from server.record.store import RunStoreError
 from tests.conftest import APP_DIR, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.system_package("chromium")]
@@ -86,7 +86,7 @@ def dashboard(runs_dir: Path, log_path: Path) -> Iterator[str]:
     port = free_port()
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "dashboard", "--runs-dir", str(runs_dir)]
+            [sys.executable, "-m", "server.ui.cli", "dashboard", "--runs-dir", str(runs_dir)]
             + ["--port", str(port)],
             cwd=APP_DIR,
             stdout=log,

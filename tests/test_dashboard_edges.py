@@ -19,18 +19,18 @@ import pytest
 import uvicorn
 from starlette.exceptions import StarletteDeprecationWarning
 
-from server import cli
-from server.dashboard import DashboardSettings, create_app, dashboard_settings, startup_lines
-from server.dashboard.security import LOOPBACK_NAMES, MAX_BODY_BYTES, validate_public_origin
-from server.dashboard.strict_json import (
+from server.launch.processes import free_port
+from server.record.store import DB_NAME, RunStore
+from server.ui import cli
+from server.ui.dashboard import DashboardSettings, create_app, dashboard_settings, startup_lines
+from server.ui.dashboard.security import LOOPBACK_NAMES, MAX_BODY_BYTES, validate_public_origin
+from server.ui.dashboard.strict_json import (
     MAX_JSON_DEPTH,
     BodyError,
     json_depth,
     parse_json_body,
     validate_weight_body,
 )
-from server.simulation import free_port
-from server.store import DB_NAME, RunStore
 from tests.test_dashboard import ACTION, LOCAL, make_run
 
 with warnings.catch_warnings():

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from starlette.exceptions import StarletteDeprecationWarning
 
-from server.dashboard import DashboardSettings, create_app
-from server.dashboard.security import LOOPBACK_NAMES
-from server.store import DB_NAME, RoundRecord
+from server.record.store import DB_NAME, RoundRecord
+from server.ui.dashboard import DashboardSettings, create_app
+from server.ui.dashboard.security import LOOPBACK_NAMES
 from tests.test_dashboard import ACTION, LOCAL, make_run
 
 with warnings.catch_warnings():

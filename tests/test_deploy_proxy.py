@@ -34,7 +34,7 @@ from deploy.local_cluster import PROJECT_DIR
 from deploy.proxy import ProxySettings, nginx_config, parse_operator
 from deploy.superlink import SuperLinkSettings, check_superlink, superlink_command
 from deploy.supernode import NodeSettings, validate_app_policy, worker_command
-from server.simulation import free_port
+from server.launch.processes import free_port
 
 NODE = "127.0.0.2"  # another machine, as nginx sees it: not loopback-allowed
 OPERATOR = "127.0.0.3"  # another machine listed with --operator

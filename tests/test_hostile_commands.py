@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from server import cli, lifecycle
 from server.control import ControlChannel, parse_weight_argument
-from server.operations import find_weight_problem, request_weight
-from server.store import RunStore
+from server.record import lifecycle
+from server.record.operations import find_weight_problem, request_weight
+from server.record.store import RunStore
+from server.ui import cli
 
 
 def make_running(runs_dir: Path, name: str = "w") -> RunStore:

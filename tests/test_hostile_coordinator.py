@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.coordinator import Coordinator
-from server.store import RunStore
+from server.record.store import RunStore
 from strategies.records import arrays_to_numpy, pack_arrays
 from strategies.registry import build_strategy
 from task import keys

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from server.simulation import (
+from server.launch.processes import descendants as descendant_pids
+from server.launch.processes import process_alive
+from server.launch.simulation import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_STOPPED,
     plan_run,
-    process_alive,
 )
-from server.simulation import descendants as descendant_pids
-from server.store import RunStore
+from server.record.store import RunStore
 from task.config import ConfigError
 from tests.conftest import APP_DIR, fedcoord, run_config_text, wait_until
 
@@ -30,7 +30,7 @@ def launcher_command(flwr_home: Path, supernodes: int, settings: dict[str, objec
     return [
         sys.executable,
         "-m",
-        "server.simulation",
+        "server.launch.simulation",
         "--supernodes",
         str(supernodes),
         "--flwr-home",

@@ -2,8 +2,8 @@ import itertools
 
 import pytest
 
-from server import lifecycle
-from server.lifecycle import InvalidTransitionError, next_state, validate_command
+from server.record import lifecycle
+from server.record.lifecycle import InvalidTransitionError, next_state, validate_command
 
 
 @pytest.mark.parametrize(

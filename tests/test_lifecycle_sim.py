@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from server.simulation import CONNECTION_NAME, descendants
+from server.launch.processes import descendants
+from server.launch.simulation import CONNECTION_NAME
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow

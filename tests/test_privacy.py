@@ -20,10 +20,9 @@ from test_hostile_coordinator import (  # noqa: F401 - server_identity is an aut
 
 from server.app import run_training
 from server.preflight import parse_app_run_config
-from server.runs import run_status
-from server.store import RunStore
-from strategies.aggregators import ClippedMeanAggregator, make_aggregator
-from strategies.privacy import (
+from server.record.runs import run_status
+from server.record.store import RunStore
+from strategies.accounted import (
     LEDGER_KEY,
     AccountedStrategy,
     PrivacyAccountant,
@@ -32,6 +31,7 @@ from strategies.privacy import (
     accounted,
     combined_noise_multiplier,
 )
+from strategies.aggregation import ClippedMeanAggregator, make_aggregator
 from strategies.registry import build_strategy
 from strategies.sampling import NodeSampler
 from task import keys
@@ -583,7 +583,7 @@ def test_bad_privacy_values_are_refused(settings, message):
 
 
 def run_cli(capsys, *args: object) -> tuple[int, str]:  # noqa: ANN001
-    from server import cli
+    from server.ui import cli
 
     code = cli.main([*map(str, args)])
     return code, capsys.readouterr().out
@@ -596,7 +596,7 @@ def test_status_watch_export_plot_and_dashboard_show_epsilon(tmp_path, capsys):
 
     from test_dashboard import local_client
 
-    from server import cli
+    from server.ui import cli
 
     # Prepare: a noisy run (Poisson, budget 50) and a run without noise
     start_run(tmp_path / "a", **{"num-server-rounds": 2, "target-epsilon": 50.0})

@@ -18,11 +18,11 @@ from test_hostile_coordinator import (  # noqa: F401 - server_identity is an aut
 )
 from test_tracking import history, mlflow_client
 
-from server.checkpoints import model_hash
 from server.coordinator import Coordinator
+from server.export.tracking import TRACKING_FILE
+from server.record.checkpoints import model_hash
 from server.reply_order import ReplyOrder
-from server.tracking import TRACKING_FILE
-from strategies.privacy import accounted
+from strategies.accounted import accounted
 from strategies.records import pack_arrays
 from strategies.registry import build_strategy
 from strategies.sampling import NodeSampler

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from server import lifecycle
 from server.app import open_resumed_run
-from server.store import RunStore
+from server.record import lifecycle
+from server.record.store import RunStore
 from task.config import parse_run_config
 
 

@@ -57,7 +57,7 @@ def test_digits_ten_nodes_three_rounds_learns(simulate):
 
     # Assert: `fedcoord runs` lists it
     listing = subprocess.run(
-        [sys.executable, "-m", "server.cli", "--runs-dir", str(run.run_dir.parent), "runs"],
+        [sys.executable, "-m", "server.ui.cli", "--runs-dir", str(run.run_dir.parent), "runs"],
         capture_output=True,
         text=True,
         check=True,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from server.simulation import LocalSuperLink
+from server.launch.simulation import LocalSuperLink
 from strategies.registry import STRATEGY_NAMES
 from tests.conftest import SimulationRun, run_flwr_simulation
 

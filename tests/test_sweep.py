@@ -10,18 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from server import cli
-from server.preflight import parse_app_run_config
-from server.simulation import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK, process_alive
-from server.simulation import descendants as descendant_pids
-from server.store import RunStore
-from server.sweep import (
+from server.launch.processes import descendants as descendant_pids
+from server.launch.processes import process_alive
+from server.launch.simulation import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK
+from server.launch.sweep import (
     grid_combinations,
     parse_grid,
     plan_sweep,
     run_config_text,
     toml_value,
 )
+from server.preflight import parse_app_run_config
+from server.record.store import RunStore
+from server.ui import cli
 from task.config import ConfigError, config_to_dict
 from tests.conftest import APP_DIR, fedcoord, wait_until
 
@@ -209,7 +210,7 @@ def sweep_command(runs_dir: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "server.cli",
+        "server.ui.cli",
         "--runs-dir",
         str(runs_dir),
         "sweep",

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import task.config
-from server import tracking
-from server.checkpoints import model_hash, save_checkpoint
-from server.store import RoundRecord, RunStore
-from server.tracking import TRACKING_FILE, start_tracking
+from server.export import tracking
+from server.export.tracking import TRACKING_FILE, start_tracking
+from server.record.checkpoints import model_hash, save_checkpoint
+from server.record.store import RoundRecord, RunStore
 from task.config import TRACKING_FORMS, ConfigError, parse_run_config
 from tests.conftest import APP_DIR, fedcoord
 
@@ -329,7 +329,7 @@ def test_relative_paths_go_under_fedcoord_home(monkeypatch, tmp_path):
 
 def test_launcher_refuses_a_bad_tracking_uri_before_starting(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "server.simulation", "--flwr-home", str(tmp_path / "flwr")]
+        [sys.executable, "-m", "server.launch.simulation", "--flwr-home", str(tmp_path / "flwr")]
         + ["--run-config", "tracking-uri='ftp://host/x'"],
         capture_output=True,
         text=True,
@@ -380,7 +380,7 @@ def test_tensorboard_export_reads_back_with_tensorboard(tmp_path):
 
 
 def test_a_tracking_uri_is_logged_without_its_credentials():
-    from server.tracking import without_credentials
+    from server.export.tracking import without_credentials
 
     assert without_credentials("https://ann:s3cret@mlflow.example:5000/x") == (
         "https://mlflow.example:5000/x"
@@ -389,7 +389,7 @@ def test_a_tracking_uri_is_logged_without_its_credentials():
 
 
 def export_tensorboard(runs_dir: Path, name: str, logdir: Path, capsys) -> tuple[int, str, str]:
-    from server import cli
+    from server.ui import cli
 
     code = cli.main(
         ["--runs-dir", str(runs_dir), "export", name, "--format", "tensorboard"]
@@ -478,14 +478,14 @@ def test_tensorboard_export_refuses_a_time_that_is_not_one_in_one_line(
 
 def test_a_failed_tensorboard_export_removes_its_temporary_file(tmp_path, capsys, monkeypatch):
     # Prepare: the rename fails, as on a full or read-only disk
-    import server.event_files
+    import server.export.event_files
 
     RunStore.create(tmp_path / "runs" / "f", "f", {}, 2).close()
 
     def refuse(*_: object) -> None:
         raise PermissionError(13, "Permission denied", str(tmp_path / "logs" / "f"))
 
-    monkeypatch.setattr(server.event_files.os, "replace", refuse)
+    monkeypatch.setattr(server.export.event_files.os, "replace", refuse)
 
     # Execute
     code, _, err = export_tensorboard(tmp_path / "runs", "f", tmp_path / "logs", capsys)

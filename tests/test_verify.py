@@ -10,16 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server import cli
 from server.app import restore_start_point
-from server.checkpoints import (
+from server.record.checkpoints import (
     CheckpointError,
     checkpoint_path,
     file_sha256,
     model_hash,
     save_checkpoint,
 )
-from server.store import (
+from server.record.store import (
     DB_NAME,
     GENESIS_HASH,
     SCHEMA,
@@ -28,7 +27,8 @@ from server.store import (
     RunStoreError,
     legacy_chain_hash,
 )
-from server.verify import load_verified_checkpoint, verify_run
+from server.record.verify import load_verified_checkpoint, verify_run
+from server.ui import cli
 from task.config import ConfigError, parse_run_config
 
 ROUNDS = 3

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from server.results import round_scalars
+from server.record.results import round_scalars
 
 FILE_VERSION = "brain.Event:2"
 # Protobuf wire types.

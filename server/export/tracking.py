@@ -38,10 +38,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 from flwr.common.logger import log
 
-from server import lifecycle
-from server.checkpoints import checkpoint_path
-from server.results import plot_rounds, round_scalars
-from server.store import RunStore
+from server.record import lifecycle
+from server.record.checkpoints import checkpoint_path
+from server.record.results import plot_rounds, round_scalars
+from server.record.store import RunStore
 from task.config import RunConfig, config_to_dict
 
 T = TypeVar("T")

@@ -12,16 +12,14 @@ interrupted with Ctrl-C.
 
 Usage::
 
-    python -m server.simulation --supernodes 10 --run-config "num-server-rounds=3"
+    python -m server.launch.simulation --supernodes 10 --run-config "num-server-rounds=3"
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -33,9 +31,10 @@ from pathlib import Path
 
 import httpx
 
+from server.launch.processes import flwr_env, free_port, stop_process, stop_tree
 from server.preflight import check_resumable_exists, check_run_name_free, parse_app_run_config
-from server.runs import run_status
-from server.store import DB_NAME, RunStoreError
+from server.record.runs import run_status
+from server.record.store import DB_NAME, RunStoreError
 from task.config import ConfigError, make_run_name
 
 CONNECTION_NAME = "fedcoord-sim"
@@ -66,26 +65,6 @@ class LocalSuperLink:
         return flwr_env(self.flwr_home)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def flwr_env(flwr_home: Path) -> dict[str, str]:
-    """The environment for Flower processes: our FLWR_HOME, no runtime installs."""
-    env = os.environ.copy()
-    # Flower starts its helpers (flower-superexec, flwr-simulation) by name.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env.setdefault("RAY_DEDUP_LOGS", "0")
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    return env
-
-
 def write_connection(flwr_home: Path, address: str) -> None:
     """Write FLWR_HOME/config.toml with one insecure connection, the default."""
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -111,66 +90,6 @@ def _wait_healthy(process: subprocess.Popen[bytes], port: int, log_file: Path) -
     raise RuntimeError(
         f"flower-superlink not healthy after {STARTUP_TIMEOUT_S:.0f}s; see {log_file}"
     )
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every live descendant of ``pid``, read from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, frontier = [], [pid]
-    while frontier:
-        for child in children.get(frontier.pop(), []):
-            found.append(child)
-            frontier.append(child)
-    return found
-
-
-def stop_tree(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    """Stop a process we started and every process it started, by PID.
-
-    Flower detaches its SuperExec (a new session), which starts the simulation
-    and Ray; some Ray agents outlive their parent. The tree is read before the
-    root is stopped, and whatever of it is still alive after ``grace_s`` is killed.
-    """
-    tree = descendants(process.pid)
-    stop_process(process, grace_s)
-    for signum in (signal.SIGTERM, signal.SIGKILL):
-        alive = [pid for pid in tree if process_alive(pid)]
-        for pid in alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-        deadline = time.monotonic() + grace_s
-        while any(process_alive(pid) for pid in alive) and time.monotonic() < deadline:
-            time.sleep(0.1)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie (Linux /proc)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def stop_process(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    """Stop a process group we started: SIGTERM, then SIGKILL after ``grace_s``."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=grace_s)
 
 
 @contextmanager

@@ -6,7 +6,7 @@ Usage::
 
 runs the 9 combinations as runs named ``cmp-strategy=fedavg-seed=1`` ... on one
 simulation SuperLink that this process starts and stops (by PID), ``--parallel``
-at a time, then prints the comparison of the runs (:mod:`server.compare`) with
+at a time, then prints the comparison of the runs (:mod:`server.record.compare`) with
 mean and standard deviation over seeds.
 
 Every combination's run-config is checked before anything starts: a bad value
@@ -38,18 +38,8 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
-from server.compare import (
-    NOT_COMPARED_KEYS,
-    compare_records,
-    format_comparison,
-    read_run_record,
-    validate_target,
-)
-from server.lifecycle import InvalidTransitionError
-from server.operations import request_command
-from server.preflight import parse_app_run_config
-from server.runs import run_status
-from server.simulation import (
+from server.launch.processes import stop_process
+from server.launch.simulation import (
     EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -60,13 +50,23 @@ from server.simulation import (
     local_superlink,
     plan_run,
     run_outcome,
-    stop_process,
 )
-from server.store import DB_NAME, RunStoreError
+from server.preflight import parse_app_run_config
+from server.record.compare import (
+    NOT_COMPARED_KEYS,
+    compare_records,
+    format_comparison,
+    read_run_record,
+    validate_target,
+)
+from server.record.lifecycle import InvalidTransitionError
+from server.record.operations import request_command
+from server.record.runs import run_status
+from server.record.store import DB_NAME, RunStoreError
 from task.config import ConfigError, config_to_dict
 from task.names import RUN_NAME_HINT, find_run_dir_problem, find_run_name_problem
 
-APP_DIR = Path(__file__).resolve().parent.parent
+APP_DIR = Path(__file__).resolve().parents[2]
 # Keys the sweep sets itself for every run.
 SWEEP_KEYS = ("run-name", "runs-dir", "resume")
 RUN_LOG = "flwr-run.log"

@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.results import figure_pyplot, save_figure
-from server.runs import effective_state, resolve_run_dir, stored_config
-from server.store import RunStore, RunStoreError
+from server.record.results import figure_pyplot, save_figure
+from server.record.runs import effective_state, resolve_run_dir, stored_config
+from server.record.store import RunStore, RunStoreError
 
 # Keys that name, place or track a run but do not change what it trains.
 NOT_COMPARED_KEYS = frozenset(
@@ -124,7 +124,7 @@ def resolve_compared(runs_dir: Path, names: Sequence[str]) -> list[Path]:
     ------
     CompareError
         From :func:`validate_run_names`.
-    task.names.RunNameError, server.runs.RunNotFoundError
+    task.names.RunNameError, server.record.runs.RunNotFoundError
         For a name that is not a run of ``runs_dir``.
     """
     return [resolve_run_dir(runs_dir, name) for name in validate_run_names(names)]

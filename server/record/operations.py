@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server import lifecycle
-from server.runs import run_status
-from server.store import RunStore
+from server.record import lifecycle
+from server.record.runs import run_status
+from server.record.store import RunStore
 from task.config import MAX_OPERATOR_WEIGHT, PARTITION_LIMIT
 
 WHEN = {

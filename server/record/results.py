@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
-from server.privacy_report import round_epsilon
+from server.record.privacy_report import round_epsilon
 
 EXPORT_COLUMNS = (
     "round",

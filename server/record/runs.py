@@ -7,8 +7,8 @@ import math
 import time
 from pathlib import Path
 
-from server.privacy_report import privacy_summary
-from server.store import DB_NAME, RunStore, RunStoreError
+from server.record.privacy_report import privacy_summary
+from server.record.store import DB_NAME, RunStore, RunStoreError
 from task.config import fedcoord_home
 from task.names import RunNameError, find_run_dir_problem
 
@@ -102,7 +102,7 @@ def run_status(run_dir: Path) -> dict[str, object]:
     Raises
     ------
     RunStoreError
-        If its run.db cannot be read (:class:`server.store.CorruptRunError`: one line).
+        If its run.db cannot be read (:class:`server.record.store.CorruptRunError`: one line).
     """
     store = RunStore(run_dir, readonly=True)
     try:

@@ -1,6 +1,6 @@
 """``fedcoord verify``: check a run's record against itself and its checkpoint files.
 
-What is checked (schema 2, see :mod:`server.store`):
+What is checked (schema 2, see :mod:`server.record.store`):
 
 - the chain: each round row's hash over all its columns and the previous hash,
   from the genesis hash bound to the run's name, creation time and config;
@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from server.checkpoints import (
+from server.record.checkpoints import (
     CHECKPOINT_DIR,
     Checkpoint,
     CheckpointError,
@@ -29,7 +29,7 @@ from server.checkpoints import (
     load_checkpoint,
     model_hash,
 )
-from server.store import LEGACY_SCHEMA_VERSION, RunStore, chain_hash, legacy_chain_hash
+from server.record.store import LEGACY_SCHEMA_VERSION, RunStore, chain_hash, legacy_chain_hash
 
 Row = Mapping[str, object]
 LEGACY_NOTE = (

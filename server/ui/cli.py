@@ -9,8 +9,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from server import lifecycle
-from server.compare import (
+from server.export.event_files import EventFileError, write_round_events
+from server.record import lifecycle
+from server.record.compare import (
     CompareError,
     compare_run_dirs,
     format_comparison,
@@ -18,11 +19,10 @@ from server.compare import (
     resolve_compared,
     validate_target,
 )
-from server.event_files import EventFileError, write_round_events
-from server.operations import request_command, request_weight
-from server.privacy_report import privacy_line
-from server.results import plot_rounds, strict_json, write_rows
-from server.runs import (
+from server.record.operations import request_command, request_weight
+from server.record.privacy_report import privacy_line
+from server.record.results import plot_rounds, strict_json, write_rows
+from server.record.runs import (
     RunNotFoundError,
     default_runs_dir,
     list_run_dirs,
@@ -30,8 +30,8 @@ from server.runs import (
     run_status,
     run_step,
 )
-from server.store import CorruptRunError, RunStore, RunStoreError
-from server.verify import verify_run
+from server.record.store import CorruptRunError, RunStore, RunStoreError
+from server.record.verify import verify_run
 from task.names import RunNameError
 
 UNREADABLE = "unreadable"
@@ -271,7 +271,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run every combination of a grid in simulation, then compare the runs."""
-    from server.sweep import run_sweep  # imports Flower: only when sweeping
+    from server.launch.sweep import run_sweep  # imports Flower: only when sweeping
 
     return run_sweep(args)
 
@@ -291,7 +291,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """Serve the web dashboard of the runs directory until Ctrl-C."""
-    from server.dashboard import dashboard_settings, serve, startup_lines
+    from server.ui.dashboard import dashboard_settings, serve, startup_lines
 
     try:
         settings = dashboard_settings(Path(args.runs_dir), args.host, args.public_origin)

@@ -1,8 +1,8 @@
 """The web dashboard: ``fedcoord dashboard`` serves runs, rounds, charts, nodes and actions.
 
 It reads run directories like the CLI does and acts on them through the same
-validated operations (:mod:`server.operations`); see :mod:`server.dashboard.app`
-for the endpoints and :mod:`server.dashboard.security` for who may use them.
+validated operations (:mod:`server.record.operations`); see :mod:`server.ui.dashboard.app`
+for the endpoints and :mod:`server.ui.dashboard.security` for who may use them.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from server.dashboard.app import DashboardSettings, create_app
-from server.dashboard.security import (
+from server.ui.dashboard.app import DashboardSettings, create_app
+from server.ui.dashboard.security import (
     LOOPBACK_NAMES,
     host_name,
     is_loopback,

@@ -20,9 +20,9 @@ A comparison names each run in its own ``run`` parameter (a run name may hold a
 comma), optionally with ``target=0.9``; too few or too many runs, a run named
 twice or a target outside [0, 1] answers 400 with the reason.
 
-Actions go through :mod:`server.operations`, the CLI's own validation: a refused
+Actions go through :mod:`server.record.operations`, the CLI's own validation: a refused
 one answers 409 with the reason and changes nothing. A body that is not the JSON
-asked for answers 400 with the reason (:mod:`server.dashboard.strict_json`). A run
+asked for answers 400 with the reason (:mod:`server.ui.dashboard.strict_json`). A run
 whose ``run.db`` cannot be read is listed as ``unreadable``; its page, data, charts
 and actions answer 409 with the reason and its stream ends with a ``problem`` event.
 """
@@ -53,23 +53,26 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from server import lifecycle
-from server.compare import CompareError, validate_target
-from server.dashboard.charts import CHARTS, COMPARISON_AXES, comparison_chart, render_chart
-from server.dashboard.security import (
+from server.record import lifecycle
+from server.record.compare import CompareError, validate_target
+from server.record.operations import request_command, request_weight
+from server.record.runs import RunNotFoundError, run_status
+from server.record.store import RunStoreError
+from server.ui.dashboard.charts import CHARTS, COMPARISON_AXES, comparison_chart, render_chart
+from server.ui.dashboard.security import (
     TOKEN_COOKIE,
     GuardMiddleware,
     OneTimeCode,
     token_presented,
 )
-from server.dashboard.strict_json import (
+from server.ui.dashboard.strict_json import (
     BodyError,
     dumps,
     json_safe,
     parse_json_body,
     validate_weight_body,
 )
-from server.dashboard.views import (
+from server.ui.dashboard.views import (
     UNREADABLE,
     RunNameError,
     RunUnreadableError,
@@ -81,9 +84,6 @@ from server.dashboard.views import (
     round_rows,
     run_detail,
 )
-from server.operations import request_command, request_weight
-from server.runs import RunNotFoundError, run_status
-from server.store import RunStoreError
 
 STATIC_DIR = Path(__file__).with_name("static")
 NO_STORE = {"cache-control": "no-store"}

@@ -62,7 +62,7 @@ def validate_weight_body(body: object) -> tuple[int, float]:
     """``(partition, weight)`` of a weight request ``{"partition": int, "weight": number}``.
 
     The range of each is checked where the command is queued
-    (:func:`server.operations.request_weight`); this checks the shape and types.
+    (:func:`server.record.operations.request_weight`); this checks the shape and types.
 
     Raises
     ------

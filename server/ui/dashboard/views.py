@@ -18,12 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from server.compare import compare_records, read_run_record, validate_run_names
-from server.lifecycle import InvalidTransitionError
-from server.privacy_report import format_epsilon, round_epsilon
-from server.runs import RunNotFoundError, list_run_dirs, resolve_run_dir, run_status
-from server.store import RunStore, RunStoreError
-from task.names import RunNameError as RunNameError  # re-exported for server.dashboard.app
+from server.record.compare import compare_records, read_run_record, validate_run_names
+from server.record.lifecycle import InvalidTransitionError
+from server.record.privacy_report import format_epsilon, round_epsilon
+from server.record.runs import RunNotFoundError, list_run_dirs, resolve_run_dir, run_status
+from server.record.store import RunStore, RunStoreError
+from task.names import RunNameError as RunNameError  # re-exported for server.ui.dashboard.app
 from task.names import validate_run_name
 
 T = TypeVar("T")
@@ -194,7 +194,7 @@ def compare_view(runs_dir: Path, names: list[str], target: float | None) -> dict
 
     Raises
     ------
-    server.compare.CompareError
+    server.record.compare.CompareError
         For fewer than two runs, more than 20, or one named twice.
     RunNameError, RunNotFoundError, RunUnreadableError
         As :func:`find_run` and :func:`read_run` do, for the first such run.
