@@ -32,7 +32,8 @@ from server.object_pull import pull_deadline
 from server.record.checkpoints import checkpoint_path, files_to_prune, model_hash, save_checkpoint
 from server.record.store import RoundRecord, RunStore
 from server.reply_order import ReplyOrder
-from strategies.accounted import EPSILON_METRIC, accounted
+from strategies.accountant import EPSILON_METRIC
+from strategies.accounted import accounted
 from strategies.records import pack_arrays
 from strategies.replies import ReplyOutcome, check_evaluate_reply, unreadable
 from strategies.strategy import (

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from strategies.accounted import check_accountable
+from strategies.accountant import check_accountable
 from strategies.flower_builtin import UNIT_WEIGHT_KEY, FlowerStrategyAdapter
 from strategies.strategy import (
     FedCoordStrategy,
@@ -255,7 +255,7 @@ def build_strategy(config: RunConfig) -> CoordinatedStrategy:
     ConfigError
         If the name is unknown (the message lists the valid names), its
         parameters cannot be used, or its privacy cannot be accounted
-        (``strategies.accounted.check_accountable``).
+        (``strategies.accountant.check_accountable``).
     """
     if config.strategy in STRATEGY_NAMES:
         check_accountable(config)

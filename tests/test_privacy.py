@@ -22,15 +22,13 @@ from server.app import run_training
 from server.preflight import parse_app_run_config
 from server.record.runs import run_status
 from server.record.store import RunStore
-from strategies.accounted import (
+from strategies.accountant import (
     LEDGER_KEY,
-    AccountedStrategy,
     PrivacyAccountant,
-    PrivacyBudgetReachedError,
     PrivacyEvent,
-    accounted,
     combined_noise_multiplier,
 )
+from strategies.accounted import AccountedStrategy, PrivacyBudgetReachedError, accounted
 from strategies.aggregation import ClippedMeanAggregator, make_aggregator
 from strategies.registry import build_strategy
 from strategies.sampling import NodeSampler

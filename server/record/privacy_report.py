@@ -1,7 +1,7 @@
 """Read-side privacy figures: the epsilon a round row records and a run's privacy summary.
 
 The ServerApp stores the run's cumulative epsilon after each round as the round
-metric ``epsilon`` (``strategies.accounted``); infinity when the run adds no noise.
+metric ``epsilon`` (``strategies.accountant``); infinity when the run adds no noise.
 Text output shows infinity as ``inf``; strict JSON, which has no infinity, has
 ``null`` beside ``epsilon_text`` ``"inf"``.
 """
