@@ -25,6 +25,7 @@ from server.record.runs import effective_state
 from server.record.store import RunStore, RunStoreError
 from server.record.verify import load_verified_checkpoint
 from strategies.accounted import PrivacyBudgetReachedError, accounted
+from strategies.protocol import RoundStrategy
 from strategies.registry import build_strategy
 from task.config import (
     ConfigError,
@@ -163,7 +164,9 @@ def open_resumed_run(config: RunConfig) -> RunStore:
     return store
 
 
-def restore_start_point(store: RunStore, config: RunConfig, strategy: object) -> StartPoint | None:
+def restore_start_point(
+    store: RunStore, config: RunConfig, strategy: RoundStrategy
+) -> StartPoint | None:
     """Load the latest checkpoint into ``strategy``; None if there is none.
 
     The checkpoint must be the one the run's hash chain records (file and model
@@ -186,7 +189,7 @@ def restore_start_point(store: RunStore, config: RunConfig, strategy: object) ->
                 f"this run asks for {key}={getattr(config, key)!r}; they must match"
             )
     store.truncate_after(checkpoint.server_round)
-    strategy.load_state_dict(checkpoint.strategy_state)  # type: ignore[attr-defined]
+    strategy.load_state_dict(checkpoint.strategy_state)
     return StartPoint(checkpoint.arrays, checkpoint.server_round + 1)
 
 
@@ -228,7 +231,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "%s", outcome)
 
 
-def run_training(grid: Grid, config: RunConfig, store: RunStore, strategy: object) -> str:
+def run_training(grid: Grid, config: RunConfig, store: RunStore, strategy: RoundStrategy) -> str:
     """Run the rounds and record how the run ended; return the closing log line."""
     budget = ""  # why a privacy budget ended the run early
     try:

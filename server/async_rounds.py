@@ -48,9 +48,9 @@ from server.record.checkpoints import model_hash, save_checkpoint
 from server.record.store import RoundRecord, RunStore
 from strategies.aggregation import NonFiniteUpdateError
 from strategies.fedbuff import StalenessBuffer, VersionHistory, find_staleness_problem
+from strategies.protocol import AsyncRounds, RoundStrategy
 from strategies.replies import ReplyOutcome, aggregate_train_metrics, check_train_reply
 from strategies.strategy import (
-    FedCoordStrategy,
     NamedArrays,
     apply_update,
     find_non_finite_model,
@@ -87,10 +87,12 @@ class VersionTally:
 class AsyncCoordinator(Coordinator):
     """Runs versions ``first_round..num-server-rounds`` with FedBuff (same parameters)."""
 
+    strategy: AsyncRounds  # FedBuff folds with the strategy's aggregator, weights and step
+
     def __init__(
         self,
         grid: Grid,
-        strategy: FedCoordStrategy,
+        strategy: RoundStrategy,
         store: RunStore,
         config: RunConfig,
         evaluate_fn: EvaluateFn,

@@ -34,10 +34,10 @@ from server.record.store import RoundRecord, RunStore
 from server.reply_order import ReplyOrder
 from strategies.accountant import EPSILON_METRIC
 from strategies.accounted import accounted
+from strategies.protocol import AccountedRounds, RoundStrategy
 from strategies.records import pack_arrays
 from strategies.replies import ReplyOutcome, check_evaluate_reply, unreadable
 from strategies.strategy import (
-    FedCoordStrategy,
     NamedArrays,
     aggregate_evaluate_metrics,
     find_non_finite_model,
@@ -89,8 +89,9 @@ class Coordinator:
     ----------
     grid : Grid
         Flower's Grid for this run.
-    strategy : FedCoordStrategy
-        Folds replies into the new global model.
+    strategy : RoundStrategy
+        Folds replies into the new global model; wrapped with sampling and
+        privacy accounting unless it already is (``strategies.accounted``).
     store : RunStore
         The run's store; every completed round is written to it.
     config : RunConfig
@@ -102,13 +103,13 @@ class Coordinator:
     def __init__(
         self,
         grid: Grid,
-        strategy: FedCoordStrategy,
+        strategy: RoundStrategy,
         store: RunStore,
         config: RunConfig,
         evaluate_fn: EvaluateFn,
     ) -> None:
         self.grid = grid
-        self.strategy = accounted(strategy, config)  # sampling and privacy accounting
+        self.strategy: AccountedRounds = accounted(strategy, config)  # sampling and accounting
         self.store = store
         self.config = config
         self.evaluate_fn = evaluate_fn
@@ -119,10 +120,9 @@ class Coordinator:
         self.operator_weights = dict(config.parsed_node_weights)
         self.control = ControlChannel(store, self._set_operator_weight)
         # Node id -> partition id from the roll call (None: asked, no valid answer);
-        # the aggregating strategy (inside the accounting wrapper) checks each
-        # reply's partition-id against it
+        # the strategy checks each reply's partition-id against it
         self.partitions: dict[int, int | None] = {}
-        self.strategy.strategy.node_partitions = self.partitions
+        self.strategy.set_node_partitions(self.partitions)
 
     # ------------------------------------------------------------------ run
     def run(self, initial_arrays: NamedArrays, first_round: int = 1) -> NamedArrays:

@@ -19,6 +19,7 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
+from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdaptiveBase
 
@@ -30,38 +31,40 @@ from strategies.accountant import (
     adjacency_of,
     combined_noise_multiplier,
 )
-from strategies.flower_builtin import FlowerStrategyAdapter, dp_layer
+from strategies.flower_builtin import FlowerStrategyAdapter
+from strategies.protocol import AsyncRounds, BufferSettings, NodeKey, RoundStrategy
 from strategies.records import NamedArrays
 from strategies.replies import ReplyOutcome, RoundSummary
 from strategies.sampling import NodeSampler
 from strategies.strategy import FedCoordStrategy
-from task.config import NOISY_STRATEGIES, RunConfig
-
-CoordinatedStrategy = FedCoordStrategy | FlowerStrategyAdapter
+from task.config import ASYNC_STRATEGIES, NOISY_STRATEGIES, RunConfig
 
 
 class PrivacyBudgetReachedError(RuntimeError):
     """The next round would take epsilon above ``target-epsilon``: the run ends completed."""
 
 
-class AccountedStrategy:
+class AccountedStrategy(AsyncRounds):
     """A coordinated strategy with the round's node sampling and its privacy accounting.
 
-    Offers the coordinator's interface (``sample_nodes``, ``begin_round``,
-    ``add_reply``, ``end_round``, ``state_dict``, ...) around ``strategy`` and adds
-    ``sample_train_nodes``, ``check_budget`` and ``epsilon``. The accountant's
-    ledger goes into ``state_dict`` beside the strategy's own state.
+    Offers the coordinator's interface around ``strategy``: every call of
+    :class:`~strategies.protocol.RoundStrategy` is delegated to it, here and
+    explicitly, and ``sample_train_nodes``, ``check_budget`` and ``epsilon``
+    are added (:class:`~strategies.protocol.AccountedRounds`). The accountant's
+    ledger goes into ``state_dict`` beside the strategy's own state. FedBuff's
+    settings (:class:`~strategies.protocol.BufferSettings`) are those of a
+    ``FedCoordStrategy``; another strategy has none.
 
     Parameters
     ----------
-    strategy : FedCoordStrategy or FlowerStrategyAdapter
-        The strategy that aggregates.
+    strategy : RoundStrategy
+        The strategy that aggregates (``FedCoordStrategy`` or ``FlowerStrategyAdapter``).
     config : RunConfig
         ``sampling``, ``fraction-train``, ``min-train-nodes``, ``noise-multiplier``,
         ``target-delta``, ``target-epsilon``, ``strategy``, ``seed``.
     """
 
-    def __init__(self, strategy: CoordinatedStrategy, config: RunConfig) -> None:
+    def __init__(self, strategy: RoundStrategy, config: RunConfig) -> None:
         self.strategy = strategy
         self.config = config
         self.accountant = PrivacyAccountant(config.target_delta, adjacency_of(config.sampling))
@@ -71,19 +74,13 @@ class AccountedStrategy:
         self._server_round = 0
         self._warned_delta = False
 
-    def __getattr__(self, name: str) -> Any:
-        # Anything else is the strategy's: sample_nodes (federated evaluation), sampler, ...
-        return getattr(self.__dict__["strategy"], name)
-
     @property
     def epsilon(self) -> float:
         """Epsilon of the rounds accounted so far, at ``target-delta``."""
         return self.accountant.epsilon()
 
     # ------------------------------------------------------------------ sampling
-    def sample_train_nodes(
-        self, node_ids: Iterable[int], key: Callable[[int], Any] | None = None
-    ) -> list[int]:
+    def sample_train_nodes(self, node_ids: Iterable[int], key: NodeKey | None = None) -> list[int]:
         """The nodes of this round's training, drawn as ``sampling`` says.
 
         Also fixes the round's privacy event and, for ``clipped`` under
@@ -92,7 +89,7 @@ class AccountedStrategy:
         available = list(node_ids)
         config = self.config
         if config.sampling == "poisson":
-            sampled = self.strategy.sampler.sample_poisson(available, config.fraction_train, key)
+            sampled = self.strategy.sample_poisson(available, config.fraction_train, key)
             denominator = config.fraction_train * len(available)
         else:
             sampled = self.strategy.sample_nodes(
@@ -104,6 +101,22 @@ class AccountedStrategy:
         self._pending = self.next_event(len(available))
         self._warn_about_delta(len(available))
         return sampled
+
+    def sample_nodes(
+        self,
+        node_ids: Iterable[int],
+        fraction: float,
+        minimum: int,
+        key: NodeKey | None = None,
+    ) -> list[int]:
+        """Sample as the strategy does (federated evaluation; FedBuff's idle nodes)."""
+        return self.strategy.sample_nodes(node_ids, fraction, minimum, key)
+
+    def sample_poisson(
+        self, node_ids: Iterable[int], probability: float, key: NodeKey | None = None
+    ) -> list[int]:
+        """Poisson sampling as the strategy does it (no round event is fixed)."""
+        return self.strategy.sample_poisson(node_ids, probability, key)
 
     def _warn_about_delta(self, population: int) -> None:
         """Warn once when delta is not below 1 / n: publishing one node's data meets it."""
@@ -163,6 +176,10 @@ class AccountedStrategy:
             )
 
     # ----------------------------------------------------------- per round
+    def set_node_partitions(self, partitions: Mapping[int, int | None]) -> None:
+        """Pass the roll call's partitions on to the strategy, which checks replies."""
+        self.strategy.set_node_partitions(partitions)
+
     def begin_round(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
         """Start the round (with the fixed denominator where one applies)."""
         self._server_round = server_round
@@ -173,7 +190,7 @@ class AccountedStrategy:
         layer = self._adaptive_layer()
         self._norm_before = float(layer.clipping_norm) if layer is not None else 0.0
 
-    def add_reply(self, reply: Any) -> ReplyOutcome:
+    def add_reply(self, reply: Message) -> ReplyOutcome:
         """Validate and fold (or keep) one training reply."""
         return self.strategy.add_reply(reply)
 
@@ -195,7 +212,7 @@ class AccountedStrategy:
         """Flower's adaptive-clipping wrapper when it adds noise, else None."""
         if not isinstance(self.strategy, FlowerStrategyAdapter):
             return None
-        layer: Any = dp_layer(self.strategy.strategy)
+        layer: Any = self.strategy.privacy_layer()
         if not isinstance(layer, DifferentialPrivacyAdaptiveBase):
             return None
         return layer if layer.noise_multiplier > 0 else None
@@ -214,7 +231,9 @@ class AccountedStrategy:
         before, after = self._norm_before, float(layer.clipping_norm)
         model_noise = float(layer.noise_multiplier)
         if after < before and accepted > 0:
-            scale = getattr(self.strategy, "server_lr", 1.0)
+            scale = (
+                self.strategy.server_lr if isinstance(self.strategy, FlowerStrategyAdapter) else 1.0
+            )
             std = scale * model_noise * math.sqrt(before**2 - after**2) / accepted
             rng = np.random.default_rng([self.config.seed, self._server_round, 13])
             for name, array in new_global.items():
@@ -222,10 +241,39 @@ class AccountedStrategy:
                     noise = rng.standard_normal(array.shape).astype(array.dtype) * std
                     new_global[name] = array + noise
         applied = model_noise * max(after, before) / before if before > 0 else model_noise
-        noise = combined_noise_multiplier(applied, float(layer.clipped_count_stddev))
+        multiplier = combined_noise_multiplier(applied, float(layer.clipped_count_stddev))
         return PrivacyEvent(
-            event.sampling, noise, event.probability, event.population, event.sample_size
+            event.sampling, multiplier, event.probability, event.population, event.sample_size
         )
+
+    # ------------------------------------------- what FedBuff reads (mode='async')
+    @property
+    def aggregator_name(self) -> str:
+        """The strategy's aggregator."""
+        return self._buffer_settings().aggregator_name
+
+    @property
+    def aggregator_options(self) -> Mapping[str, object]:
+        """The strategy's aggregator options."""
+        return self._buffer_settings().aggregator_options
+
+    @property
+    def weight_fn(self) -> Callable[[int, int, Mapping[str, float]], float]:
+        """The strategy's weight of one reply (operator weights included, as they change)."""
+        return self._buffer_settings().weight_fn
+
+    @property
+    def server_lr(self) -> float:
+        """The strategy's server step size."""
+        return self._buffer_settings().server_lr
+
+    def _buffer_settings(self) -> BufferSettings:
+        if not isinstance(self.strategy, FedCoordStrategy):
+            raise TypeError(
+                f"{type(self.strategy).__name__} cannot aggregate asynchronously; "
+                f"mode='async' takes {', '.join(ASYNC_STRATEGIES)}"
+            )
+        return self.strategy
 
     # ------------------------------------------------------------------ state
     def set_operator_weight(self, partition_id: int, weight: float) -> None:
@@ -249,8 +297,14 @@ class AccountedStrategy:
         self.accountant.load_state_dict(state)
 
 
-def accounted(strategy: Any, config: RunConfig) -> AccountedStrategy:
-    """``strategy`` with sampling and accounting (as it is if it already has them)."""
+def accounted(strategy: RoundStrategy, config: RunConfig) -> AccountedStrategy:
+    """``strategy`` with sampling and accounting, wrapped once.
+
+    The ServerApp wraps the strategy it builds (its ``load_state_dict`` replays
+    the privacy ledger on resume) and the coordinator wraps what it is given:
+    an ``AccountedStrategy`` is returned as it is, so a strategy is never
+    accounted twice.
+    """
     if isinstance(strategy, AccountedStrategy):
         return strategy
     return AccountedStrategy(strategy, config)

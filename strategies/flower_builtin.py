@@ -1,8 +1,7 @@
 """Flower's built-in strategies, driven reply by reply by the coordinator.
 
-``FlowerStrategyAdapter`` offers the coordinator's interface (``sample_nodes``,
-``begin_round``, ``add_reply``, ``end_round``, ``state_dict``) around any
-Flower ``Strategy``:
+``FlowerStrategyAdapter`` offers the coordinator's interface
+(``strategies.protocol.RoundStrategy``) around any Flower ``Strategy``:
 
 - every reply is validated exactly as ``FedCoordStrategy`` validates it
   (``strategies.replies.TrainRound``), so one malformed reply is rejected
@@ -42,6 +41,7 @@ from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdap
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 from flwr.serverapp.strategy.fedopt import FedOpt
 
+from strategies.protocol import RoundStrategy
 from strategies.records import NamedArrays, arrays_to_numpy, is_packed, numpy_to_arrays
 from strategies.replies import ReplyOutcome, RoundSummary, TrainRound
 from strategies.sampling import NodeSampler, SamplesNodes
@@ -56,7 +56,7 @@ DP_NORM_KEY = "dp/clipping-norm"
 UNIT_WEIGHT_KEY = "fedcoord.unit-weight"
 
 
-class FlowerStrategyAdapter(SamplesNodes):
+class FlowerStrategyAdapter(SamplesNodes, RoundStrategy):
     """Runs a Flower built-in strategy under the coordinator.
 
     Parameters
@@ -89,8 +89,12 @@ class FlowerStrategyAdapter(SamplesNodes):
         self.sampler = NodeSampler(seed)
         self._round = TrainRound(0, {})
         # Node id -> partition from the coordinator's roll call (replies must agree)
-        self.node_partitions: dict[int, int | None] = {}
+        self.node_partitions: Mapping[int, int | None] = {}
         self._accepted: list[tuple[Message, ArrayRecord]] = []
+
+    def set_node_partitions(self, partitions: Mapping[int, int | None]) -> None:
+        """Check each reply's ``partition-id`` against ``partitions`` (kept, not copied)."""
+        self.node_partitions = partitions
 
     def begin_round(self, server_round: int, global_arrays: Mapping[str, np.ndarray]) -> None:
         """Start collecting replies for ``server_round`` relative to ``global_arrays``."""
@@ -173,6 +177,10 @@ class FlowerStrategyAdapter(SamplesNodes):
         current = self._round.global_arrays
         delta = [aggregate[name] - array for name, array in current.items()]
         return apply_update(current, delta, self.server_lr)
+
+    def privacy_layer(self) -> Strategy | None:
+        """The Flower DP wrapper this adapter runs (fixed or adaptive clipping), or None."""
+        return dp_layer(self.strategy)
 
     def set_operator_weight(self, partition_id: int, weight: float) -> None:
         """Operator weights do not apply to Flower's strategies: log and ignore."""

@@ -97,7 +97,7 @@ class NodeSampler:
 
 
 class SamplesNodes:
-    """Gives a strategy ``sample_nodes``, drawn from its ``sampler``."""
+    """Gives a strategy ``sample_nodes`` and ``sample_poisson``, drawn from its ``sampler``."""
 
     sampler: NodeSampler
 
@@ -113,3 +113,15 @@ class SamplesNodes:
         See :meth:`NodeSampler.sample` for ``key``.
         """
         return self.sampler.sample(node_ids, fraction, minimum, key)
+
+    def sample_poisson(
+        self,
+        node_ids: Iterable[int],
+        probability: float,
+        key: Callable[[int], Any] | None = None,
+    ) -> list[int]:
+        """Each node joins independently with ``probability``, reproducibly.
+
+        See :meth:`NodeSampler.sample_poisson`.
+        """
+        return self.sampler.sample_poisson(node_ids, probability, key)

@@ -29,6 +29,7 @@ from strategies.aggregation import (
     NonFiniteUpdateError,
     make_aggregator,
 )
+from strategies.protocol import RoundStrategy
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
 from strategies.replies import (
     ReplyOutcome,
@@ -97,7 +98,7 @@ class OperatorWeights:
         return self.weights.get(int(partition), 1.0) if partition is not None else 1.0
 
 
-class FedCoordStrategy(SamplesNodes, Strategy):
+class FedCoordStrategy(SamplesNodes, Strategy, RoundStrategy):
     """Streaming aggregation of validated client updates.
 
     Parameters
@@ -138,12 +139,15 @@ class FedCoordStrategy(SamplesNodes, Strategy):
         self._aggregator: Aggregator = make_aggregator(aggregator, **self.aggregator_options)
         self._round = TrainRound(0, {})
         # Node id -> partition from the coordinator's roll call (replies must agree)
-        self.node_partitions: dict[int, int | None] = {}
+        self.node_partitions: Mapping[int, int | None] = {}
         self._fixed_denominator = False
         self._scratch: NamedArrays = {}
 
-    # ------------------------------------------------------------------ sampling
     # -------------------------------------------------------- per-reply interface
+    def set_node_partitions(self, partitions: Mapping[int, int | None]) -> None:
+        """Check each reply's ``partition-id`` against ``partitions`` (kept, not copied)."""
+        self.node_partitions = partitions
+
     def begin_round(
         self,
         server_round: int,

@@ -30,6 +30,7 @@ from strategies.accountant import (
 )
 from strategies.accounted import AccountedStrategy, PrivacyBudgetReachedError, accounted
 from strategies.aggregation import ClippedMeanAggregator, make_aggregator
+from strategies.protocol import AccountedRounds, RoundStrategy
 from strategies.registry import build_strategy
 from strategies.sampling import NodeSampler
 from task import keys
@@ -357,6 +358,26 @@ def test_dp_wrappers_average_with_equal_weights():
 
     # Assert: (0.1 + 0.3) / 2, not weighted by 10 and 1000 examples
     np.testing.assert_allclose(new_global["b"], base["b"] + 0.2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
+def test_the_wrapper_delegates_the_round_seam_explicitly_and_wraps_once(name):
+    # Prepare
+    config = parse_run_config({"strategy": name, "server-lr": 0.01})
+    strategy = build_strategy(config)
+    partitions: dict[int, int | None] = {7: 3}
+
+    # Execute
+    wrapped = accounted(strategy, config)
+    wrapped.set_node_partitions(partitions)
+
+    # Assert: both sides declare the seam; the roll call reaches the replies' check;
+    # nothing the seam does not name is forwarded
+    assert RoundStrategy in type(strategy).__mro__
+    assert AccountedRounds in type(wrapped).__mro__
+    assert accounted(wrapped, config) is wrapped
+    assert strategy.node_partitions is partitions
+    assert not hasattr(wrapped, "sampler")
 
 
 # ---------------------------------------------------------------------------
