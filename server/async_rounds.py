@@ -49,13 +49,18 @@ from server.record.store import RoundRecord, RunStore
 from strategies.aggregation import NonFiniteUpdateError
 from strategies.fedbuff import StalenessBuffer, VersionHistory, find_staleness_problem
 from strategies.protocol import AsyncRounds, RoundStrategy
-from strategies.replies import ReplyOutcome, aggregate_train_metrics, check_train_reply
+from strategies.replies import (
+    ReplyOutcome,
+    RoundReplyTracker,
+    aggregate_train_metrics,
+    check_train_reply,
+)
 from strategies.strategy import (
     NamedArrays,
     apply_update,
     find_non_finite_model,
 )
-from strategies.validation import ArraySpec, RoundReplyTracker, specs_from_arrays
+from strategies.validation import ArraySpec, specs_from_arrays
 from task import keys
 from task.config import RunConfig
 

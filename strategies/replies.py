@@ -22,7 +22,6 @@ from flwr.app import Message
 from strategies.records import NamedArrays, arrays_to_numpy, is_packed
 from strategies.validation import (
     ArraySpec,
-    RoundReplyTracker,
     find_array_names_problem,
     find_evaluate_problem,
     find_partition_id_problem,
@@ -55,6 +54,35 @@ class RoundSummary:
     updated: bool
     reason: str
     metrics: dict[str, float]
+
+
+class RoundReplyTracker:
+    """Remembers which nodes replied in one round, to reject a second reply.
+
+    Check every reply, valid or not, before validating it: a node's first reply
+    uses up its turn even if it is rejected.
+
+    Parameters
+    ----------
+    server_round : int
+        The round whose replies are tracked; start a new tracker each round.
+    """
+
+    def __init__(self, server_round: int) -> None:
+        self.server_round = server_round
+        self._replied: set[int] = set()
+
+    @property
+    def replied_nodes(self) -> frozenset[int]:
+        """Node ids that have replied in this round."""
+        return frozenset(self._replied)
+
+    def check_duplicate(self, node_id: int) -> str | None:
+        """Record a reply from ``node_id``; return a reason if it already replied."""
+        if node_id in self._replied:
+            return f"duplicate reply from node {node_id} in round {self.server_round}"
+        self._replied.add(node_id)
+        return None
 
 
 # The info a node reports (its device) is shown to operators: keep it short.

@@ -2,8 +2,7 @@
 
 Pure numpy, no flwr. ``validate_reply`` returns ``None`` for a valid reply or a
 short reason naming what is wrong; it never raises on malformed input, since a
-malformed reply is the normal case it exists for. ``RoundReplyTracker`` rejects
-a node's second reply in a round and ``RejectionLog`` counts rejections per node.
+malformed reply is the normal case it exists for.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -268,50 +267,3 @@ def find_evaluate_problem(metrics: Mapping[str, object] | None) -> str | None:
     return find_num_examples_problem(metrics[keys.NUM_EXAMPLES], minimum=0) or (
         find_metrics_problem(metrics)
     )
-
-
-class RoundReplyTracker:
-    """Remembers which nodes replied in one round, to reject a second reply.
-
-    Check every reply, valid or not, before validating it: a node's first reply
-    uses up its turn even if it is rejected.
-
-    Parameters
-    ----------
-    server_round : int
-        The round whose replies are tracked; start a new tracker each round.
-    """
-
-    def __init__(self, server_round: int) -> None:
-        self.server_round = server_round
-        self._replied: set[int] = set()
-
-    @property
-    def replied_nodes(self) -> frozenset[int]:
-        """Node ids that have replied in this round."""
-        return frozenset(self._replied)
-
-    def check_duplicate(self, node_id: int) -> str | None:
-        """Record a reply from ``node_id``; return a reason if it already replied."""
-        if node_id in self._replied:
-            return f"duplicate reply from node {node_id} in round {self.server_round}"
-        self._replied.add(node_id)
-        return None
-
-
-@dataclass
-class RejectionLog:
-    """Rejected replies: how many per node, and every reason in arrival order."""
-
-    counts: dict[int, int] = field(default_factory=dict)
-    reasons: list[tuple[int, str]] = field(default_factory=list)
-
-    def record(self, node_id: int, reason: str) -> None:
-        """Count one rejected reply from ``node_id`` with its reason."""
-        self.counts[node_id] = self.counts.get(node_id, 0) + 1
-        self.reasons.append((node_id, reason))
-
-    @property
-    def total(self) -> int:
-        """Number of rejected replies recorded."""
-        return len(self.reasons)

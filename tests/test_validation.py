@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
+from strategies.replies import RoundReplyTracker
 from strategies.validation import (
     ArraySpec,
-    RejectionLog,
-    RoundReplyTracker,
     find_evaluate_problem,
     ordered_arrays,
     specs_from_arrays,
     validate_reply,
 )
+
+
+@dataclass
+class RejectionLog:
+    """Rejected replies: how many per node, and every reason in arrival order."""
+
+    counts: dict[int, int] = field(default_factory=dict)
+    reasons: list[tuple[int, str]] = field(default_factory=list)
+
+    def record(self, node_id: int, reason: str) -> None:
+        """Count one rejected reply from ``node_id`` with its reason."""
+        self.counts[node_id] = self.counts.get(node_id, 0) + 1
+        self.reasons.append((node_id, reason))
+
+    @property
+    def total(self) -> int:
+        """Number of rejected replies recorded."""
+        return len(self.reasons)
 
 
 def global_arrays() -> dict[str, np.ndarray]:
