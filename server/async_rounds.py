@@ -47,6 +47,7 @@ from server.record import lifecycle
 from server.record.checkpoints import model_hash, save_checkpoint
 from server.record.store import RoundRecord, RunStore
 from strategies.aggregation import NonFiniteUpdateError
+from strategies.aggregation.server_step import compute_new_global
 from strategies.fedbuff import StalenessBuffer, VersionHistory, find_staleness_problem
 from strategies.protocol import AsyncRounds, RoundStrategy
 from strategies.replies import (
@@ -55,11 +56,7 @@ from strategies.replies import (
     aggregate_train_metrics,
     check_train_reply,
 )
-from strategies.strategy import (
-    NamedArrays,
-    apply_update,
-    find_non_finite_model,
-)
+from strategies.strategy import NamedArrays
 from strategies.validation import ArraySpec, specs_from_arrays
 from task import keys
 from task.config import RunConfig
@@ -325,9 +322,7 @@ class AsyncCoordinator(Coordinator):
             delta = self._buffer.result()
         except ValueError as error:
             return None, f"{self.strategy.aggregator_name} could not aggregate: {error}"
-        new_arrays = apply_update(self.arrays, delta, self.strategy.server_lr)
-        problem = find_non_finite_model(new_arrays)
-        return (None, problem) if problem is not None else (new_arrays, "")
+        return compute_new_global(self.arrays, delta, self.strategy.server_lr)
 
     def _version_metrics(self, central_loss: float, central_accuracy: float) -> dict[str, float]:
         train = aggregate_train_metrics(self._tally.accepted)

@@ -16,7 +16,9 @@ updates a smaller step, as in the paper (which divides by the buffer size).
 ``s(tau)`` (<= 1, so each update still moves the average by at most
 ``clip-norm / B``) and averages with equal weights.
 
-An update older than ``max-staleness`` versions is rejected, not folded.
+An update older than ``max-staleness`` versions is rejected, not folded. The
+step itself, and the refusal of a version that is not finite, is that of a
+synchronous round (:func:`strategies.aggregation.server_step.compute_new_global`).
 """
 
 from __future__ import annotations

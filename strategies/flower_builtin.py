@@ -41,11 +41,11 @@ from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdap
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 from flwr.serverapp.strategy.fedopt import FedOpt
 
+from strategies.aggregation.server_step import compute_new_global, find_non_finite_model
 from strategies.protocol import RoundStrategy
 from strategies.records import NamedArrays, arrays_to_numpy, is_packed, numpy_to_arrays
 from strategies.replies import ReplyOutcome, RoundSummary, TrainRound
 from strategies.sampling import NodeSampler, SamplesNodes
-from strategies.strategy import apply_update, find_non_finite_model
 from task import keys
 
 _DP_WRAPPERS = (DifferentialPrivacyFixedClippingBase, DifferentialPrivacyAdaptiveBase)
@@ -137,9 +137,8 @@ class FlowerStrategyAdapter(SamplesNodes, RoundStrategy):
         aggregate, problem = conform_to_global(record, self._round.global_arrays)
         if aggregate is None:
             return self._keep(problem, saved_state)
-        new_global = self._step(aggregate)
-        problem = find_non_finite_model(new_global) or ""
-        if problem:
+        new_global, problem = self._step(aggregate)
+        if new_global is None:
             return self._keep(problem, saved_state)
         return new_global, self._round.summary(True)
 
@@ -171,12 +170,13 @@ class FlowerStrategyAdapter(SamplesNodes, RoundStrategy):
             messages.append(Message(content=content, metadata=metadata))  # type: ignore[call-overload]
         return messages
 
-    def _step(self, aggregate: NamedArrays) -> NamedArrays:
+    def _step(self, aggregate: NamedArrays) -> tuple[NamedArrays | None, str]:
+        """The new model: the aggregate itself at ``server-lr`` 1 (already checked finite)."""
         if self.server_lr == 1.0:
-            return aggregate
+            return aggregate, ""
         current = self._round.global_arrays
         delta = [aggregate[name] - array for name, array in current.items()]
-        return apply_update(current, delta, self.server_lr)
+        return compute_new_global(current, delta, self.server_lr)
 
     def privacy_layer(self) -> Strategy | None:
         """The Flower DP wrapper this adapter runs (fixed or adaptive clipping), or None."""

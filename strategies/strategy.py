@@ -29,6 +29,11 @@ from strategies.aggregation import (
     NonFiniteUpdateError,
     make_aggregator,
 )
+from strategies.aggregation.server_step import (
+    apply_update,
+    compute_new_global,
+    find_non_finite_model,
+)
 from strategies.protocol import RoundStrategy
 from strategies.records import NamedArrays, arrays_to_numpy, numpy_to_arrays
 from strategies.replies import (
@@ -39,7 +44,6 @@ from strategies.replies import (
     aggregate_train_metrics,
 )
 from strategies.sampling import NodeSampler, SamplesNodes
-from strategies.validation import find_non_finite_array
 from task import keys
 
 __all__ = [
@@ -224,9 +228,8 @@ class FedCoordStrategy(SamplesNodes, Strategy, RoundStrategy):
         except ValueError as error:  # e.g. krum with fewer than 2f + 3 updates
             reason = f"{self.aggregator_name} could not aggregate: {error}; global model kept"
             return None, self._round.summary(False, reason)
-        new_global = apply_update(self._round.global_arrays, delta, self.server_lr)
-        problem = find_non_finite_model(new_global)
-        if problem is not None:
+        new_global, problem = compute_new_global(self._round.global_arrays, delta, self.server_lr)
+        if new_global is None:
             return None, self._round.summary(False, problem)
         return new_global, self._round.summary(True)
 
@@ -346,33 +349,3 @@ def reuse_buffers(buffers: NamedArrays, like: Mapping[str, np.ndarray]) -> Named
         )
         for name, array in like.items()
     }
-
-
-def apply_update(
-    global_arrays: Mapping[str, np.ndarray], delta: list[np.ndarray], server_lr: float
-) -> NamedArrays:
-    """Return ``global + server_lr * delta`` per array, keeping each dtype.
-
-    An overflow gives infinities, not a warning: callers check the new model
-    (:func:`find_non_finite_model`).
-    """
-    new_global: NamedArrays = {}
-    with np.errstate(over="ignore", invalid="ignore"):
-        for (name, current), step in zip(global_arrays.items(), delta, strict=True):
-            if np.issubdtype(current.dtype, np.integer):
-                new_global[name] = current + np.round(server_lr * step).astype(current.dtype)
-            else:
-                new_global[name] = (current + server_lr * step).astype(current.dtype, copy=False)
-    return new_global
-
-
-def find_non_finite_model(arrays: Mapping[str, np.ndarray]) -> str | None:
-    """Return why a new global model must not be accepted, or None if it is finite.
-
-    A model that is not finite is never checkpointed or sent: the round keeps
-    the previous one with this reason.
-    """
-    problem = find_non_finite_array(arrays)
-    if problem is None:
-        return None
-    return f"new global model is not finite ({problem.removeprefix('array ')}): global model kept"

@@ -16,6 +16,7 @@ from strategies.aggregation import (
     NonFiniteUpdateError,
     make_aggregator,
 )
+from strategies.aggregation.server_step import compute_new_global
 
 PROPERTY_SETTINGS = settings(
     max_examples=50,
@@ -848,3 +849,21 @@ def test_add_difference_refuses_a_non_finite_update_of_weight_zero() -> None:
     with pytest.raises(NonFiniteUpdateError) as caught:
         aggregator.add_difference(client, global_arrays, 0.0)
     assert caught.value.index == 1 and aggregator.count == 1
+
+
+def test_the_server_step_scales_the_update_and_refuses_a_model_that_is_not_finite():
+    # Prepare
+    base = {"w": np.ones(3, dtype=np.float32), "n": np.array(10, dtype=np.int64)}
+    step = [np.full(3, 2.0, dtype=np.float32), np.array(4.0)]
+    overflow = [np.full(3, 3e38, dtype=np.float32), np.array(0.0)]
+
+    # Execute
+    new, problem = compute_new_global(base, step, 0.5)
+    kept, reason = compute_new_global(base, overflow, 10.0)
+
+    # Assert: each dtype kept, the counter rounded; an overflow keeps the model
+    assert problem == ""
+    np.testing.assert_array_equal(new["w"], np.full(3, 2.0, dtype=np.float32))
+    assert new["w"].dtype == np.float32 and int(new["n"]) == 12
+    assert kept is None and reason.startswith("new global model is not finite ('w'")
+    np.testing.assert_array_equal(base["w"], np.ones(3, dtype=np.float32))

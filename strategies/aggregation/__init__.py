@@ -9,8 +9,9 @@ Every aggregator works on updates (client arrays minus the global arrays)::
 
 ``base`` holds the interface and the checks every aggregator shares,
 ``streaming`` the O(model) weighted means, ``clipped`` the clipped mean with
-Gaussian noise, ``robust`` the estimators that keep every update, and
-``factory`` the name -> aggregator map.
+Gaussian noise, ``robust`` the estimators that keep every update,
+``factory`` the name -> aggregator map, and ``server_step`` the new global
+model from an aggregated update (``global + server_lr * delta``, checked finite).
 """
 
 from strategies.aggregation.base import (
