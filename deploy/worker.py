@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
+from pathlib import Path
 from types import FrameType
 
 import httpx
@@ -73,9 +74,10 @@ from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.utils import get_flwr_home
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from deploy.apps import AppAllowList, parse_app_hash
+from deploy.apps import AppAllowList, fab_hash, parse_app_hash
 from deploy.checks import DeployError
 
 DEFAULT_POLL_INTERVAL_S = 0.05
@@ -84,6 +86,8 @@ DEFAULT_PRELOAD = ("numpy", "torch", "torchvision", "sklearn", "datasets", "flwr
 CLIENTAPP_TASK_TYPES = [TaskType.CLIENT_APP.value]
 OBJECT_PULL_BACKOFF_S = 0.02
 OBJECT_PULL_BACKOFF_CAP_S = 0.5
+# Checked builds are installed under FLWR_HOME/BUILDS_DIR/<full SHA-256 of the FAB bytes>.
+BUILDS_DIR = "fedcoord-builds"
 
 
 class StopWorkerError(BaseException):
@@ -189,7 +193,7 @@ class ClientAppWorker:
     allowed: AppAllowList = field(default_factory=AppAllowList)
     loaded_fab_hash: str | None = None
     tasks_run: int = 0
-    _installed: set[str] = field(default_factory=set)
+    _installed: dict[str, Path] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ loop
     def serve(self) -> None:
@@ -208,7 +212,7 @@ class ClientAppWorker:
                     AcquireTaskRequest(supported_task_types=CLIENTAPP_TASK_TYPES)
                 )
                 if response.HasField("task") and response.token:
-                    self.run_task(response.token, response.task.fab_hash)
+                    self.run_task(response.token, response.task.fab_hash.lower())
                 else:
                     time.sleep(self.poll_interval_s)
         finally:
@@ -225,12 +229,16 @@ class ClientAppWorker:
             self.run_cold(token)
             self.restart()  # does not return
             return
-        self.run_warm(token)
+        self.run_warm(token, fab_hash)
         self.tasks_run += 1
 
     # ----------------------------------------------------------------- tasks
-    def run_warm(self, token: str) -> None:
-        """Flower's ``run_clientapp`` steps, in this process, without exiting."""
+    def run_warm(self, token: str, announced_hash: str = "") -> None:
+        """Flower's ``run_clientapp`` steps, in this process, without exiting.
+
+        The build run is the one whose bytes were checked: installed and loaded by the
+        digest computed here, never by the hash, id or version the SuperLink names.
+        """
         client = RuntimeHttpClient.from_server_address(
             self.runtime_api_address,
             insecure=True,
@@ -250,11 +258,9 @@ class ClientAppWorker:
         marks = [time.perf_counter()]
         try:
             message, context, run, fab = pull_task_input(client)
-            problem = self.allowed.find_app_problem(fab.content)
-            if problem is not None:
-                raise AppRefusedError(problem)
-            self._install(fab.content, fab.hash_str)
-            app = self._load_app(run.fab_id, run.fab_version, fab.hash_str)
+            digest = self.verified_build(fab.content, (announced_hash, fab.hash_str))
+            installed = self._install(fab.content, digest)
+            app = self._load_app(run.fab_id, run.fab_version, digest, installed)
             marks.append(time.perf_counter())
             reply = app(message=message, context=context)
             sub_status, details = SubStatus.COMPLETED, ""
@@ -289,15 +295,52 @@ class ClientAppWorker:
             ),
         )
 
-    def _install(self, fab_content: bytes, fab_hash: str) -> None:
-        if fab_hash not in self._installed:
-            install_from_fab(fab_content, skip_prompt=True)
-            self._installed.add(fab_hash)
+    def verified_build(self, content: bytes, claimed: Sequence[str]) -> str:
+        """The digest of the build in ``content``, once it may run in this process.
 
-    def _load_app(self, fab_id: str, fab_version: str, fab_hash: str) -> ClientApp:
-        load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-        app = load(fab_id, fab_version, fab_hash)
-        self.loaded_fab_hash = fab_hash
+        Raises
+        ------
+        AppRefusedError
+            When the build is not allowed, when a hash the SuperLink gave for it
+            (the task's, the FAB's) is not the digest of its bytes, or when another
+            build's modules are already loaded here.
+        """
+        problem = self.allowed.find_app_problem(content)
+        if problem is not None:
+            raise AppRefusedError(problem)
+        digest = fab_hash(content)
+        for hash_given in claimed:
+            if hash_given and hash_given.lower() != digest:
+                raise AppRefusedError(
+                    f"refused app build {digest}: the SuperLink named it {hash_given[:64]!r}, "
+                    "which is not the SHA-256 of its bytes; check the SuperLink"
+                )
+        if self.loaded_fab_hash is not None and digest != self.loaded_fab_hash:
+            raise AppRefusedError(
+                f"refused app build {digest}: this worker has build "
+                f"{self.loaded_fab_hash} loaded; it runs another build only in a fresh process"
+            )
+        return digest
+
+    def _install(self, fab_content: bytes, digest: str) -> Path:
+        """Install the checked bytes once, under a folder named by their full digest.
+
+        Flower's own folder name keeps 8 hex digits of the hash and reuses a folder
+        that exists: another build with those 8 digits, installed earlier, would load.
+        """
+        if digest not in self._installed:
+            base = get_flwr_home() / BUILDS_DIR / digest
+            installed = install_from_fab(fab_content, install_dir=base, skip_prompt=True)
+            if installed is None:
+                raise AppRefusedError(f"app build {digest} could not be installed")
+            self._installed[digest] = Path(installed)
+        return self._installed[digest]
+
+    def _load_app(self, fab_id: str, fab_version: str, digest: str, installed: Path) -> ClientApp:
+        """Load the ClientApp from the folder the checked bytes were installed in."""
+        load = get_load_client_app_fn(default_app_ref="", app_path=str(installed), multi_app=True)
+        app = load(fab_id, fab_version, digest)
+        self.loaded_fab_hash = digest
         return app
 
     @staticmethod

@@ -45,6 +45,7 @@ from strategies.strategy import (
 from strategies.validation import find_partition_id_problem
 from task import keys
 from task.config import RunConfig
+from task.text import escape_unprintable
 
 EvaluateFn = Callable[[NamedArrays], tuple[float, float]]
 """Central evaluation: global arrays -> (loss, accuracy)."""
@@ -79,7 +80,7 @@ def summarize_error(code: int, reason: str, limit: int = 300) -> str:
     text = reason.rsplit(marker, 1)[1] if marker in reason else reason
     lines = [line.strip(" '>\n") for line in text.splitlines() if line.strip(" '>")]
     summary = lines[0] if marker in reason and lines else (lines[-1] if lines else reason)
-    return f"error reply (code {code}): {summary}"[:limit]
+    return escape_unprintable(f"error reply (code {code}): {summary}", limit=limit)
 
 
 class Coordinator:

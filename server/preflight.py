@@ -7,14 +7,22 @@ same one-line message as ``flwr run``, before any process is started.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-from server.record.store import DB_NAME
+from server.record.runs import stored_config
+from server.record.store import DB_NAME, RunStore, RunStoreError
 from strategies.registry import build_strategy
-from task.config import ConfigError, RunConfig, parse_run_config
+from task.config import (
+    NOISY_STRATEGIES,
+    ConfigError,
+    RunConfig,
+    config_to_dict,
+    parse_run_config,
+)
 
 
 def check_run_name_free(config: RunConfig, run_name: str) -> None:
@@ -33,15 +41,28 @@ def check_run_name_free(config: RunConfig, run_name: str) -> None:
 
 
 def check_resumable_exists(config: RunConfig) -> None:
-    """Refuse ``resume=true`` for a run that does not exist.
+    """Refuse ``resume=true`` for a run that does not exist, or with other privacy settings.
 
     Raises
     ------
     ConfigError
-        Naming the runs folder searched.
+        Naming the runs folder searched, or the privacy settings that differ
+        (:func:`find_privacy_change`).
     """
-    if not (config.resolved_runs_dir / config.run_name / DB_NAME).exists():
+    run_dir = config.resolved_runs_dir / config.run_name
+    if not (run_dir / DB_NAME).exists():
         raise ConfigError(f"resume=true: no run {config.run_name!r} in {config.resolved_runs_dir}")
+    try:
+        store = RunStore(run_dir, readonly=True)
+        try:
+            stored = stored_config(store.run_row()["config_json"])
+        finally:
+            store.close()
+    except RunStoreError:
+        return  # damaged or older: opening it for the resume says so
+    problem = find_privacy_change(stored, config)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def parse_app_run_config(app_dir: Path, run_config_text: str) -> RunConfig:
@@ -74,3 +95,47 @@ def parse_app_run_config(app_dir: Path, run_config_text: str) -> RunConfig:
             f"strategy {config.strategy!r} refused its parameters: {type(error).__name__}: {error}"
         ) from error
     return config
+
+
+# The keys an epsilon depends on: the rounds of one run must share them, so that one
+# accountant (and every figure shown from the stored config) covers them all.
+PRIVACY_KEYS: tuple[str, ...] = (
+    "strategy",
+    "noise-multiplier",
+    "clip-norm",
+    "sampling",
+    "fraction-train",
+    "min-train-nodes",
+    "target-delta",
+    "target-epsilon",
+    "dp-clipped-count-stddev",
+)
+
+
+def find_privacy_change(stored: Mapping[str, object], config: RunConfig) -> str | None:
+    """Why ``config`` may not resume the run stored as ``stored``, or None.
+
+    A run with noise (stored or asked for) keeps its privacy settings on resume:
+    its epsilon is accounted over every round at one noise, sampling and delta,
+    and status, compare and the dashboard state it under the stored settings.
+    """
+    asked = config_to_dict(config)
+    if not (_is_noisy(stored) or _is_noisy(asked)):
+        return None
+    changed = [
+        f"{key} {stored.get(key)!r} -> {asked.get(key)!r}"
+        for key in PRIVACY_KEYS
+        if stored.get(key) != asked.get(key)
+    ]
+    if not changed:
+        return None
+    return (
+        f"resume=true cannot change the privacy settings of run {config.run_name!r} "
+        f"({'; '.join(changed)}); resume with the run's values, or start a new run"
+    )
+
+
+def _is_noisy(config: Mapping[str, object]) -> bool:
+    noise = config.get("noise-multiplier")
+    numeric = isinstance(noise, int | float) and not isinstance(noise, bool)
+    return config.get("strategy") in NOISY_STRATEGIES and numeric and float(noise) > 0

@@ -29,6 +29,7 @@ from strategies.validation import (
     validate_reply,
 )
 from task import keys
+from task.text import escape_unprintable
 
 
 @dataclass
@@ -88,11 +89,18 @@ class RoundReplyTracker:
 # The info a node reports (its device) is shown to operators: keep it short.
 MAX_INFO_ITEMS = 8
 MAX_INFO_TEXT = 100
+# An error reply's reason, as the node (or its ClientApp) wrote it.
+MAX_ERROR_TEXT = 500
+
+
+def node_text(value: object, limit: int) -> str:
+    """A text a node sent, safe to store, log and print: one line, escaped, bounded."""
+    return escape_unprintable(" ".join(str(value).split()), limit=limit)
 
 
 def unreadable(error: BaseException) -> str:
     """The reason for a reply whose reading raised ``error`` (one line, bounded)."""
-    text = " ".join(str(error).split())[:200]
+    text = escape_unprintable(" ".join(str(error).split()), limit=200)
     return f"reply could not be read: {type(error).__name__}: {text}"
 
 
@@ -120,7 +128,11 @@ def check_train_reply(
     try:
         if reply.has_error():
             error = reply.error
-            return ReplyOutcome(node_id, False, f"error reply: {error.code} {error.reason}"), None
+            return ReplyOutcome(
+                node_id,
+                False,
+                f"error reply: {error.code} {node_text(error.reason, MAX_ERROR_TEXT)}",
+            ), None
         duplicate = tracker.check_duplicate(node_id)
         if duplicate is not None:
             return ReplyOutcome(node_id, False, duplicate), None
@@ -132,7 +144,7 @@ def check_train_reply(
 def _read_info(reply: Message) -> dict[str, str]:
     record = reply.content.config_records.get(keys.INFO)
     items = list(record.items())[:MAX_INFO_ITEMS] if record else []
-    return {str(k)[:MAX_INFO_TEXT]: str(v)[:MAX_INFO_TEXT] for k, v in items}
+    return {node_text(k, MAX_INFO_TEXT): node_text(v, MAX_INFO_TEXT) for k, v in items}
 
 
 def _read_partition_id(metrics: Mapping[str, object] | None) -> int | None:

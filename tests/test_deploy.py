@@ -583,7 +583,7 @@ def test_worker_runs_a_new_app_build_cold_then_restarts(monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(worker, "run_cold", lambda token: calls.append(f"cold {token}"))
     monkeypatch.setattr(worker, "restart", lambda: calls.append("restart"))
-    monkeypatch.setattr(worker, "run_warm", lambda token: calls.append(f"warm {token}"))
+    monkeypatch.setattr(worker, "run_warm", lambda token, _hash: calls.append(f"warm {token}"))
 
     # Execute
     worker.run_task("t1", "a" * 64)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -538,6 +540,41 @@ def test_a_resumed_run_continues_the_same_epsilon(tmp_path):
     assert hashes[0] == hashes[1]
 
 
+def test_a_resume_that_changes_privacy_settings_is_refused_by_the_app_and_the_launcher(tmp_path):
+    # Prepare: one round at noise 1.0
+    start_run(tmp_path, **{"num-server-rounds": 1})
+    changed = {"num-server-rounds": 2, "resume": True, "noise-multiplier": 0.3}
+
+    # Execute: the ServerApp's resume, and the launcher's, with noise 0.3 and delta 0.4
+    with pytest.raises(ConfigError) as refused:
+        start_run(tmp_path, **changed, **{"target-delta": 0.4})
+    launcher = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.launch.simulation",
+            "--flwr-home",
+            str(tmp_path / "flwr"),
+            "--run-config",
+            f"runs-dir='{tmp_path}' run-name='dp' resume=true num-server-rounds=2 "
+            "strategy='clipped' noise-multiplier=0.3 sampling='poisson' fraction-train=0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    # Assert: refused in one line naming both values; nothing started, the run unchanged
+    message = str(refused.value)
+    assert "cannot change the privacy settings of run 'dp'" in message
+    assert "noise-multiplier 1.0 -> 0.3" in message and "target-delta 1e-05 -> 0.4" in message
+    assert launcher.returncode == 2, launcher.stdout + launcher.stderr
+    assert "noise-multiplier 1.0 -> 0.3" in launcher.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "flwr").exists()
+    assert [row["round"] for row in RunStore(tmp_path / "dp", readonly=True).rounds()] == [0, 1]
+
+
 # ---------------------------------------------------------------------------
 # Refusals
 # ---------------------------------------------------------------------------
@@ -640,7 +677,7 @@ def test_status_watch_export_plot_and_dashboard_show_epsilon(tmp_path, capsys):
     # status (text) and the watch line
     _, out = run_cli(capsys, "--runs-dir", tmp_path / "a", "status", "dp")
     assert f"privacy    epsilon {epsilons[-1]:.2f} at delta 1e-05 (poisson sampling" in out
-    assert "budget 50" in out
+    assert "budget 50; sample drawn from the public seed: assumes it is hidden" in out
     _, out = run_cli(capsys, "--runs-dir", tmp_path / "b", "status", "dp")
     assert "privacy    epsilon inf: no noise, not differentially private" in out
     line = cli.progress_line(run_status(tmp_path / "a" / "dp"))

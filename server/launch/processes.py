@@ -25,13 +25,16 @@ def free_port() -> int:
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
-    """The environment for Flower processes: our FLWR_HOME, no runtime installs."""
+    """The environment for Flower processes: our FLWR_HOME, no runtime installs, no gRPC APIs."""
     env = os.environ.copy()
     # Flower starts its helpers (flower-superexec, flwr-simulation) by name.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    # Flower's internal switches that reopen its gRPC APIs on all addresses.
+    for key in [key for key in env if key.startswith("FLWR_INTERNAL_GRPC_")]:
+        del env[key]
     env.setdefault("RAY_DEDUP_LOGS", "0")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return env

@@ -16,6 +16,8 @@ from task.config import NOISY_STRATEGIES
 
 EPSILON_KEY = "epsilon"
 DEFAULT_DELTA = 1e-5
+# Poisson and fixed samples are drawn from the run's seed, which every node receives.
+PUBLIC_SAMPLE_NOTE = "; sample drawn from the public seed: assumes it is hidden (README)"
 
 
 def round_epsilon(row: Mapping[str, object]) -> float | None:
@@ -89,4 +91,5 @@ def privacy_line(privacy: Mapping[str, object]) -> str:
         f"({privacy.get('sampling')} sampling, noise-multiplier "
         f"{_number(privacy.get('noise_multiplier'), 0.0):g}, {privacy.get('adjacency')} node)"
         + (f"; budget {budget:g}" if budget > 0 else "; no budget")
+        + (PUBLIC_SAMPLE_NOTE if privacy.get("sampling") in ("poisson", "fixed") else "")
     )

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from server.export.event_files import EventFileError, write_round_events
 from server.record import lifecycle
@@ -33,6 +34,7 @@ from server.record.runs import (
 from server.record.store import CorruptRunError, RunStore, RunStoreError
 from server.record.verify import verify_run
 from task.names import RunNameError
+from task.text import escape_unprintable
 
 UNREADABLE = "unreadable"
 # Errors whose message is one line naming the run and the problem: printed, exit 2.
@@ -45,6 +47,19 @@ ONE_LINE_ERRORS = (
     lifecycle.InvalidTransitionError,
 )
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def say(*values: object, file: TextIO | None = None, flush: bool = False) -> None:
+    """``print`` for every line this command line shows: what a node or a file wrote is escaped.
+
+    Device strings, error texts, run folder names and messages come from nodes and
+    from files that can be edited; a control sequence among them would reach the
+    operator's terminal (set its title, erase lines). Each line is escaped on its own,
+    so the command's own line breaks stay.
+    """
+    text = " ".join(str(value) for value in values)
+    lines = "\n".join(escape_unprintable(line) for line in text.split("\n"))
+    print(lines, file=file or sys.stdout, flush=flush)
 
 
 def _fmt(value: object, digits: int = 4) -> str:
@@ -68,20 +83,20 @@ def cmd_runs(args: argparse.Namespace) -> int:
     runs_dir = Path(args.runs_dir)
     run_dirs = list_run_dirs(runs_dir)
     if not run_dirs:
-        print(f"no runs in {runs_dir}")
+        say(f"no runs in {runs_dir}")
         return 0
-    print(f"{'RUN':<36} {'STATE':<12} {'ROUND':>9} {'ACCURACY':>9} {'BEST':>7}")
+    say(f"{'RUN':<36} {'STATE':<12} {'ROUND':>9} {'ACCURACY':>9} {'BEST':>7}")
     for run_dir in run_dirs:
         try:
             status = run_status(run_dir)
         except RunStoreError as error:
             problem = error.problem if isinstance(error, CorruptRunError) else str(error)
-            print(f"{run_dir.name:<36} {UNREADABLE:<12} {'-':>9} {'-':>9} {'-':>7}  {problem}")
+            say(f"{run_dir.name:<36} {UNREADABLE:<12} {'-':>9} {'-':>9} {'-':>7}  {problem}")
             continue
         metrics = status["metrics"]
         accuracy = metrics.get("central_accuracy") if isinstance(metrics, dict) else None
         rounds = f"{status['current_round']}/{status['num_rounds']}"
-        print(
+        say(
             f"{status['run_name']!s:<36} {status['state']!s:<12} {rounds:>9} "
             f"{_fmt(accuracy):>9} {_fmt(status['best_accuracy']):>7}"
         )
@@ -92,18 +107,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Show one run's state, round k/N, last metrics, nodes and ETA."""
     status = run_status(resolve_run_dir(Path(args.runs_dir), args.run))
     if args.json:
-        print(strict_json(status))
+        say(strict_json(status))
         return 0
     metrics = status["metrics"] if isinstance(status["metrics"], dict) else {}
-    print(f"run        {status['run_name']}  ({status['run_dir']})")
-    print(f"state      {status['state']}" + (f"  {status['message']}" if status["message"] else ""))
-    print(
+    say(f"run        {status['run_name']}  ({status['run_dir']})")
+    say(f"state      {status['state']}" + (f"  {status['message']}" if status["message"] else ""))
+    say(
         f"{status.get('step', 'round')!s:<10} {status['current_round']}/{status['num_rounds']}"
         f"  ({100 * float(status['progress']):.0f}%)"  # type: ignore[arg-type]
         f"  phase {status['phase'] or '-'}"
         f"  replies {status['replies_received']}/{status['replies_expected']}"
     )
-    print(
+    say(
         f"metrics    central accuracy {_fmt(metrics.get('central_accuracy'))}"
         f"  central loss {_fmt(metrics.get('central_loss'))}"
         f"  train loss {_fmt(metrics.get('train_loss'))}"
@@ -112,19 +127,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     training = status.get("training") or {}
     if isinstance(training, dict) and training:
         defaults = training.get("dataset-defaults") or []
-        print(
+        say(
             f"training   {training.get('dataset')}: local-epochs={training.get('local-epochs')} "
             f"batch-size={training.get('batch-size')} lr={training.get('lr')} "
             f"momentum={training.get('momentum')}"
             + (f" ({training.get('dataset')} defaults: {', '.join(defaults)})" if defaults else "")
         )
-        print(f"evaluation central every round; federated {training.get('federated-evaluation')}")
+        say(f"evaluation central every round; federated {training.get('federated-evaluation')}")
     privacy = status.get("privacy")
     if isinstance(privacy, dict):
-        print(f"privacy    {privacy_line(privacy)}")
-    print(f"nodes      {status['nodes']}")
-    print(f"eta        {_fmt_seconds(status['eta_s'])}")
-    print(
+        say(f"privacy    {privacy_line(privacy)}")
+    say(f"nodes      {status['nodes']}")
+    say(f"eta        {_fmt_seconds(status['eta_s'])}")
+    say(
         f"server     pid {status['server_pid']}, heartbeat "
         f"{_fmt(status['heartbeat_age_s'], 1)}s ago, flwr run {status['flwr_run_id']}"
     )
@@ -138,7 +153,7 @@ def _open_store(args: argparse.Namespace) -> RunStore:
 def cmd_control(args: argparse.Namespace) -> int:
     """Queue pause / resume / stop after checking the run's state allows it."""
     run_dir = resolve_run_dir(Path(args.runs_dir), args.run)
-    print(request_command(run_dir, args.command))
+    say(request_command(run_dir, args.command))
     if args.wait > 0:
         return _wait_for_state(run_dir, _settled_state(args.command), args.wait)
     return 0
@@ -153,10 +168,10 @@ def _wait_for_state(run_dir: Path, wanted: str, timeout_s: float) -> int:
     while time.monotonic() < deadline:
         state = run_status(run_dir)["state"]
         if state == wanted:
-            print(f"{run_dir.name} is {state}")
+            say(f"{run_dir.name} is {state}")
             return 0
         time.sleep(0.2)
-    print(f"{run_dir.name} is {run_status(run_dir)['state']}, not {wanted}, after {timeout_s}s")
+    say(f"{run_dir.name} is {run_status(run_dir)['state']}, not {wanted}, after {timeout_s}s")
     return 1
 
 
@@ -167,12 +182,12 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         nodes = store.nodes()
     finally:
         store.close()
-    print(
+    say(
         f"{'PARTITION':>9} {'NODE':>20} {'DEVICE':<8} {'EXAMPLES':>8} {'ROUNDS':>6} "
         f"{'FAILURES':>8} {'REJECTED':>8} {'WEIGHT':>6}  LAST ERROR"
     )
     for node in nodes:
-        print(
+        say(
             f"{_fmt(node['partition_id']):>9} {node['node_id']!s:>20} {node['device'] or '-':<8} "
             f"{node['num_examples']:>8} {node['rounds_joined']:>6} {node['failures']:>8} "
             f"{node['rejected']:>8} {float(node['weight']):>6.2f}  {node['last_error']}"  # type: ignore[arg-type]
@@ -183,7 +198,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 def cmd_weight(args: argparse.Namespace) -> int:
     """Queue an operator weight for a partition, used from the next round."""
     run_dir = resolve_run_dir(Path(args.runs_dir), args.run)
-    print(request_weight(run_dir, args.partition, args.weight))
+    say(request_weight(run_dir, args.partition, args.weight))
     return 0
 
 
@@ -193,23 +208,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     try:
         problems, summary = verify_run(run_dir)
     except RunStoreError as error:
-        print(f"fedcoord: {error}", file=sys.stderr)
+        say(f"fedcoord: {error}", file=sys.stderr)
         return 1
     if problems:
-        print(f"{run_dir.name}: {len(problems)} problem(s) in {summary}")
+        say(f"{run_dir.name}: {len(problems)} problem(s) in {summary}")
         for problem in problems:
-            print(f"  {problem}")
+            say(f"  {problem}")
         return 1
-    print(f"{run_dir.name}: intact ({summary})")
+    say(f"{run_dir.name}: intact ({summary})")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the round rows as CSV or JSON lines, or as TensorBoard event files."""
     if args.format == "tensorboard" and not args.output:
-        print(
-            "fedcoord: --format tensorboard needs -o DIR, the TensorBoard logdir", file=sys.stderr
-        )
+        say("fedcoord: --format tensorboard needs -o DIR, the TensorBoard logdir", file=sys.stderr)
         return 2
     run_dir = resolve_run_dir(Path(args.runs_dir), args.run)
     store = RunStore(run_dir, readonly=True)
@@ -222,12 +235,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         path, left_out = write_round_events(
             rows, run_dir.name, run["created_at"], Path(args.output)
         )
-        print(f"wrote {len(rows)} rounds to {path}")
+        say(f"wrote {len(rows)} rounds to {path}")
         if left_out:
             shown = ", ".join(left_out[:3]) + (
                 f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
             )
-            print(
+            say(
                 f"fedcoord: left out {len(left_out)} value(s) beyond float32's range "
                 f"(TensorBoard's scalar type): {shown}",
                 file=sys.stderr,
@@ -251,7 +264,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     finally:
         store.close()
     plot_rounds(rows, name, Path(args.output), run_step(run["config_json"]))
-    print(f"wrote {args.output}")
+    say(f"wrote {args.output}")
     return 0
 
 
@@ -262,10 +275,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if output is not None and output.suffix.lower() not in PLOT_SUFFIXES:
         raise CompareError(f"-o {args.output}: name a .png file (or .svg, .pdf)")
     comparison = compare_run_dirs(resolve_compared(Path(args.runs_dir), args.runs), target)
-    print(strict_json(comparison) if args.json else "\n".join(format_comparison(comparison)))
+    say(strict_json(comparison) if args.json else "\n".join(format_comparison(comparison)))
     if output is not None:
         plot_comparison(comparison, output)
-        print(f"wrote {output}", file=sys.stderr if args.json else sys.stdout)
+        say(f"wrote {output}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -296,9 +309,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     try:
         settings = dashboard_settings(Path(args.runs_dir), args.host, args.public_origin)
     except ValueError as error:
-        print(f"fedcoord: {error}", file=sys.stderr)
+        say(f"fedcoord: {error}", file=sys.stderr)
         return 2
-    print("\n".join(startup_lines(settings, args.host, args.port)), flush=True)
+    say("\n".join(startup_lines(settings, args.host, args.port)), flush=True)
     serve(settings, args.host, args.port)
     return 0
 
@@ -416,14 +429,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ONE_LINE_ERRORS as error:
-        print(f"fedcoord: {error}", file=sys.stderr)
+        say(f"fedcoord: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `fedcoord export | head`
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
         return 1
     except OSError as error:  # a file to write or a folder to read
         where = f"{error.filename}: " if error.filename else ""
-        print(f"fedcoord: {where}{error.strerror or error}", file=sys.stderr)
+        say(f"fedcoord: {where}{error.strerror or error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
