@@ -7,6 +7,11 @@ the CUDA options cost nothing and change nothing where there is no GPU.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -108,3 +113,51 @@ def test_bf16_and_a_model_with_batchnorm_train_under_graphs():
     assert any((after[k] != before[k]).any() for k in before if k.endswith("weight"))
     counters = [k for k in after if k.endswith("num_batches_tracked")]
     assert counters and all(int(after[k]) == 4 for k in counters)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_gpu_check_without_cuda_is_one_line_and_exit_2():
+    # Execute
+    result = subprocess.run(
+        ["tools/gpu_check.sh", sys.executable],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    # Assert
+    assert result.returncode == 2
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
+    assert "no CUDA device" in result.stderr
+
+
+def test_gpu_bundle_packs_the_project_data_and_commands_under_60_mib(tmp_path):
+    # Execute
+    result = subprocess.run(
+        ["tools/gpu_bundle.sh", str(tmp_path / "bundle")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    # Assert: the archive holds the check and what it imports; the folder fits
+    assert result.returncode == 0, result.stderr
+    bundle = tmp_path / "bundle"
+    size = sum(path.stat().st_size for path in bundle.rglob("*") if path.is_file())
+    assert size <= 60 * 1024 * 1024
+    with tarfile.open(bundle / "fedcoord.tar.gz") as archive:
+        names = set(archive.getnames())
+    for needed in ("tools/gpu_check.sh", "bench/gpu.py", "tests/test_gpu.py", "task/training.py"):
+        assert f"fedcoord/{needed}" in names
+    assert "tools/gpu_check.sh" in (bundle / "RUN.txt").read_text()
+    refused = subprocess.run(
+        ["tools/gpu_bundle.sh", str(bundle)], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert refused.returncode == 2 and "not empty" in refused.stderr
