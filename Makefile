@@ -13,7 +13,7 @@ FLWR_HOME_DIR := $(CURDIR)/.flwr_home
 # Tests that need no simulation, no browser and no network namespace.
 FAST_TESTS := -m "not slow"
 
-.PHONY: setup system-deps demo test test-fast lint bench dashboard clean
+.PHONY: setup system-deps demo test test-fast lint bench dashboard clean gpu-check
 
 setup: $(STAMP)
 
@@ -50,6 +50,11 @@ bench: setup
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/async.py
 	$(BIN)/python bench/privacy.py
+
+# On a CUDA machine: the gpu tests, bench/gpu.py and a 2-node GPU deployment, one table.
+# Without CUDA: one line, exit 2. Needs no flwr for the first two (tools/gpu_bundle.sh).
+gpu-check:
+	@tools/gpu_check.sh
 
 dashboard: setup
 	$(BIN)/fedcoord dashboard
