@@ -541,7 +541,9 @@ class FakeTask:
             lambda client, context, status, details: self.outputs.append((status, details)),
         )
         monkeypatch.setattr(
-            worker, "install_from_fab", lambda content, skip_prompt: self.installed.append(content)
+            worker,
+            "install_from_fab",
+            lambda content, install_dir, skip_prompt: self.installed.append(content) or install_dir,
         )
         fake_client = SimpleNamespace(close=lambda: None)
         monkeypatch.setattr(
@@ -614,6 +616,28 @@ def test_worker_installs_and_runs_an_allowed_build(monkeypatch):
     assert not task.pushed[0].has_error()
 
 
+def test_a_build_the_superlink_names_by_another_hash_is_refused_uninstalled(monkeypatch):
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.fab import Fab
+
+    # Prepare: allowed bytes, named (task and FAB) by the hash of a revoked build
+    task = FakeTask(b"PK\x03\x04 the reviewed app", monkeypatch)
+    allowed_hash, revoked_hash = task.fab.hash_str, "b" * 64
+    task.fab = Fab(revoked_hash, task.fab.content, {})
+    runner = worker.ClientAppWorker("127.0.0.1:1", allowed=AppAllowList(frozenset({allowed_hash})))
+    loaded: list[tuple[str, ...]] = []
+    monkeypatch.setattr(runner, "_load_app", lambda *args: loaded.append(args))
+
+    # Execute
+    runner.run_task("token", revoked_hash)
+
+    # Assert: nothing installed or loaded; an INVALID_FAB error reply naming the mismatch
+    assert task.installed == [] and loaded == []
+    assert task.outputs[0][0] == SubStatus.FAILED
+    error = task.pushed[0].error
+    assert error.code == ErrorCode.INVALID_FAB and "not the SHA-256 of its bytes" in error.reason
+
+
 def test_a_new_build_not_allowed_is_refused_in_process_not_run_cold(monkeypatch):
     # Prepare: another build is loaded; the new one is not allowed
     runner = worker.ClientAppWorker(
@@ -622,7 +646,7 @@ def test_a_new_build_not_allowed_is_refused_in_process_not_run_cold(monkeypatch)
     calls: list[str] = []
     monkeypatch.setattr(runner, "run_cold", lambda token: calls.append("cold"))
     monkeypatch.setattr(runner, "restart", lambda: calls.append("restart"))
-    monkeypatch.setattr(runner, "run_warm", lambda token: calls.append("warm"))
+    monkeypatch.setattr(runner, "run_warm", lambda token, announced: calls.append("warm"))
 
     # Execute
     runner.run_task("t", "c" * 64)
