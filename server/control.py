@@ -22,8 +22,8 @@ from logging import INFO, WARNING
 from flwr.common.logger import log
 
 from server.record import lifecycle
-from server.record.operations import validate_weight
 from server.record.store import RunStore
+from server.record.weights import validate_weight
 
 PAUSE_POLL_S = 0.25
 STOP_POLL_S = 0.25
@@ -40,7 +40,7 @@ def parse_weight_argument(argument: str) -> tuple[int, float]:
     ------
     lifecycle.InvalidTransitionError
         If the argument is malformed or the weight command is refused
-        (:func:`server.record.operations.find_weight_problem`).
+        (:func:`server.record.weights.find_weight_problem`).
     """
     partition, separator, weight = argument.partition("=")
     try:
