@@ -31,7 +31,10 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:  # the store itself never reads checkpoint files (nor imports numpy)
+    from server.record.checkpoints import SavedCheckpoint
 
 T = TypeVar("T")
 SCHEMA_VERSION = 2
@@ -421,10 +424,10 @@ class RunStore:
             "INSERT INTO events (at, kind, message) VALUES (?, ?, ?)", (time.time(), kind, message)
         )
 
-    def record_round(self, record: RoundRecord, checkpoint: tuple[Path, str] | None = None) -> str:
+    def record_round(self, record: RoundRecord, checkpoint: SavedCheckpoint | None = None) -> str:
         """Insert a completed round, chained to the previous row; return its chain hash.
 
-        The round row, its checkpoint row (``(path, sha256)``) and the chain head
+        The round row, its checkpoint row (file name and SHA-256) and the chain head
         are written in one transaction: all are on record or none is. The hash is
         computed from the row as SQLite stores it (read back), so a reader
         recomputes exactly the same value.
@@ -448,7 +451,7 @@ class RunStore:
             "model_hash": record.model_hash,
             "chain_hash": "",
             "note": record.note,
-            "checkpoint_sha256": checkpoint[1] if checkpoint is not None else "",
+            "checkpoint_sha256": checkpoint.sha256 if checkpoint is not None else "",
         }
         with _transaction(self._db):
             if checkpoint is not None:
@@ -456,8 +459,8 @@ class RunStore:
                     "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
                     (
                         record.round,
-                        checkpoint[0].name,
-                        checkpoint[1],
+                        checkpoint.path.name,
+                        checkpoint.sha256,
                         record.metrics.get("central-accuracy"),
                         time.time(),
                     ),
