@@ -1,6 +1,6 @@
 """``fedcoord verify``: check a run's record against itself and its checkpoint files.
 
-What is checked (schema 2, see :mod:`server.record.store`):
+What is checked (schema 2, see :mod:`server.record.chain`):
 
 - the chain: each round row's hash over all its columns and the previous hash,
   from the genesis hash bound to the run's name, creation time and config;
@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from server.record.chain import chain_hash, legacy_chain_hash
 from server.record.checkpoints import (
     CHECKPOINT_DIR,
     Checkpoint,
@@ -29,7 +30,8 @@ from server.record.checkpoints import (
     load_checkpoint,
     model_hash,
 )
-from server.record.store import LEGACY_SCHEMA_VERSION, RunStore, chain_hash, legacy_chain_hash
+from server.record.schema import LEGACY_SCHEMA_VERSION
+from server.record.store import RunStore
 
 Row = Mapping[str, object]
 LEGACY_NOTE = (
