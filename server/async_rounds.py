@@ -35,7 +35,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from logging import INFO, WARNING
+from logging import WARNING
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -44,7 +44,7 @@ from flwr.serverapp import Grid
 
 from server.coordinator import POLL_INTERVAL_S, Coordinator, EvaluateFn, PhaseResult
 from server.record import lifecycle
-from server.record.checkpoints import model_hash, save_checkpoint
+from server.record.round_result import RoundResult, record_round_result
 from server.record.store import RoundRecord, RunStore
 from strategies.aggregation import NonFiniteUpdateError
 from strategies.fedbuff import StalenessBuffer, VersionHistory, find_staleness_problem
@@ -335,44 +335,34 @@ class AsyncCoordinator(Coordinator):
         }
 
     def _record_version(self, metrics: dict[str, float], updated: bool, note: str) -> None:
-        version, tally = self.version, self._tally
-        checkpoint = save_checkpoint(
-            self.store.run_dir,
-            version,
-            self.arrays,
-            self.strategy.state_dict(),
-            {
-                "central-accuracy": metrics["central-accuracy"],
-                "model": self.config.model,
-                "dataset": self.config.dataset,
-                "strategy": self.config.strategy,
-                "mode": "async",
-            },
-        )
-        failed = len(tally.trainings.failed) + len(tally.trainings.timed_out)
-        ended = time.time()
-        record = RoundRecord(
-            round=version,
+        tally = self._tally
+        result = RoundResult(
+            server_round=self.version,
             started_at=tally.started_at,
-            ended_at=ended,
             sampled=tally.trainings.sampled,
             accepted=self._buffer.count,
             rejected=tally.rejected,
-            failed=failed,
+            failed=len(tally.trainings.failed) + len(tally.trainings.timed_out),
             updated=updated,
             metrics=metrics,
-            model_hash=model_hash(self.arrays),
+            arrays=self.arrays,
+            strategy_state=self.strategy.state_dict(),
             note=note,
         )
-        self.store.record_round(record, checkpoint=checkpoint)
-        self._prune_checkpoints()
+        record_round_result(self.store, self.config, result, self._describe_version)
+
+    def _describe_version(self, record: RoundRecord) -> tuple[str, str]:
+        """A recorded version's line in the event log and in the server log."""
+        metrics = record.metrics
         staleness = metrics.get("staleness-mean", 0.0), metrics.get("staleness-max", 0.0)
         summary = (
             f"central accuracy {metrics['central-accuracy']:.4f}, "
             f"{record.accepted} accepted (staleness mean {staleness[0]:.1f}, "
             f"max {staleness[1]:.0f}), "
-            f"{record.rejected} rejected, {failed} failed, {len(self.in_flight)} in flight, "
-            f"{ended - tally.started_at:.1f}s"
+            f"{record.rejected} rejected, {record.failed} failed, {len(self.in_flight)} in flight, "
+            f"{record.ended_at - record.started_at:.1f}s"
         )
-        self.store.add_event("round", f"version {version}: {summary}")
-        log(INFO, "version %d/%d: %s", version, self.config.num_server_rounds, summary)
+        return (
+            f"version {record.round}: {summary}",
+            f"version {record.round}/{self.config.num_server_rounds}: {summary}",
+        )

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -29,7 +30,11 @@ from flwr.serverapp import Grid
 
 from server.control import ControlChannel
 from server.object_pull import pull_deadline
-from server.record.checkpoints import checkpoint_path, files_to_prune, model_hash, save_checkpoint
+from server.record.round_result import (
+    RoundResult,
+    record_initial_evaluation,
+    record_round_result,
+)
 from server.record.store import RoundRecord, RunStore
 from server.reply_order import ReplyOrder
 from strategies.accounted import EPSILON_METRIC, accounted
@@ -180,57 +185,37 @@ class Coordinator:
             "replies-held": train.most_held,  # most held at once to keep the fold order
             EPSILON_METRIC: self.strategy.epsilon,  # after this round; inf without noise
         }
-        checkpoint = save_checkpoint(
-            self.store.run_dir,
-            server_round,
-            arrays,
-            self.strategy.state_dict(),
-            {
-                "central-accuracy": central_accuracy,
-                "model": self.config.model,
-                "dataset": self.config.dataset,
-                "strategy": self.config.strategy,
-            },
+        result = RoundResult(
+            server_round=server_round,
+            started_at=started,
+            sampled=len(sampled),
+            accepted=summary.accepted,
+            rejected=summary.rejected,
+            failed=len(train.failed) + len(train.timed_out),
+            updated=summary.updated,
+            metrics=metrics,
+            arrays=arrays,
+            strategy_state=self.strategy.state_dict(),
+            note=summary.reason,
         )
-        ended = time.time()
-        self.store.record_round(
-            RoundRecord(
-                round=server_round,
-                started_at=started,
-                ended_at=ended,
-                sampled=len(sampled),
-                accepted=summary.accepted,
-                rejected=summary.rejected,
-                failed=len(train.failed) + len(train.timed_out),
-                updated=summary.updated,
-                metrics=metrics,
-                model_hash=model_hash(arrays),
-                note=summary.reason,
-            ),
-            checkpoint=checkpoint,
-        )
-        self._prune_checkpoints()
-        self.store.add_event(
-            "round",
-            f"round {server_round}: central accuracy {central_accuracy:.4f}, "
-            f"{summary.accepted}/{len(sampled)} accepted, {summary.rejected} rejected, "
-            f"{len(train.failed) + len(train.timed_out)} failed, {ended - started:.1f}s",
-        )
-        log(
-            INFO,
-            "round %d/%d: train loss %.4f, central accuracy %.4f, %d/%d accepted, "
-            "%d rejected, %d failed, %.1fs",
-            server_round,
-            self.config.num_server_rounds,
-            summary.metrics.get(keys.TRAIN_LOSS, float("nan")),
-            central_accuracy,
-            summary.accepted,
-            len(sampled),
-            summary.rejected,
-            len(train.failed) + len(train.timed_out),
-            ended - started,
+        train_loss = summary.metrics.get(keys.TRAIN_LOSS, float("nan"))
+        record_round_result(
+            self.store, self.config, result, partial(self._describe_round, train_loss)
         )
         return arrays
+
+    def _describe_round(self, train_loss: float, record: RoundRecord) -> tuple[str, str]:
+        """A recorded round's line in the event log and in the server log."""
+        tail = (
+            f"central accuracy {record.metrics['central-accuracy']:.4f}, "
+            f"{record.accepted}/{record.sampled} accepted, {record.rejected} rejected, "
+            f"{record.failed} failed, {record.ended_at - record.started_at:.1f}s"
+        )
+        return (
+            f"round {record.round}: {tail}",
+            f"round {record.round}/{self.config.num_server_rounds}: "
+            f"train loss {train_loss:.4f}, {tail}",
+        )
 
     # ---------------------------------------------------------------- phases
     def wait_for_nodes(self) -> list[int]:
@@ -488,22 +473,7 @@ class Coordinator:
 
     def _record_initial_evaluation(self, arrays: NamedArrays) -> None:
         loss, accuracy = self.evaluate_fn(arrays)
-        now = time.time()
-        self.store.record_round(
-            RoundRecord(
-                round=0,
-                started_at=now,
-                ended_at=now,
-                sampled=0,
-                accepted=0,
-                rejected=0,
-                failed=0,
-                updated=False,
-                metrics={"central-loss": loss, "central-accuracy": accuracy},
-                model_hash=model_hash(arrays),
-                note="initial model",
-            )
-        )
+        record_initial_evaluation(self.store, arrays, loss, accuracy)
         log(
             INFO,
             "round 0/%d: central accuracy %.4f (initial model)",
@@ -535,14 +505,6 @@ class Coordinator:
         """Apply an operator weight from the next round on (``weighted`` uses it)."""
         self.operator_weights[partition_id] = weight
         self.strategy.set_operator_weight(partition_id, weight)
-
-    def _prune_checkpoints(self) -> None:
-        """Delete checkpoint files beyond the last few and the best."""
-        rows = self.store.checkpoints()
-        scored = [(int(r["round"]), r["central_accuracy"]) for r in rows]  # type: ignore[call-overload]
-        for server_round in files_to_prune(scored):  # type: ignore[arg-type]
-            checkpoint_path(self.store.run_dir, server_round).unlink(missing_ok=True)
-            self.store.forget_checkpoint(server_round)
 
     def _report_progress(self, phase: str, received: int, expected: int) -> None:
         progress = (phase, received, expected)
