@@ -13,8 +13,8 @@ The loop, each pass:
 1. apply the operator's commands (stop ends the run; pause stops new trainings);
 2. top up: send the newest version to idle nodes until K are in flight;
 3. pull the replies that are in and fold each one (the same trust boundary as a
-   synchronous round: :meth:`Coordinator._dispatch`); publish a version when B
-   are in: apply, evaluate centrally, checkpoint, record;
+   synchronous round: :meth:`server.phases.PhaseRunner.dispatch`); publish a
+   version when B are in: apply, evaluate centrally, checkpoint, record;
 4. give up trainings in flight longer than ``round-timeout`` (the node's failure).
 
 Lifecycle: pause sends no new training; the trainings in flight are still
@@ -42,7 +42,8 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from server.coordinator import POLL_INTERVAL_S, Coordinator, EvaluateFn, PhaseResult
+from server.coordinator import Coordinator, EvaluateFn
+from server.phases import POLL_INTERVAL_S, PhaseResult
 from server.record import lifecycle
 from server.record.round_result import RoundResult, record_round_result
 from server.record.store import RoundRecord, RunStore
@@ -189,7 +190,7 @@ class AsyncCoordinator(Coordinator):
             return 0
         pending = {message_id: t.node_id for message_id, t in self.in_flight.items()}
         deadline = time.monotonic() + self.config.round_timeout
-        replies = self._pull(self.version + 1, "train", pending, deadline)
+        replies = self.phases.pull(self.version + 1, "train", pending, deadline)
         handled = 0
         for reply in replies:
             training = self.in_flight.pop(reply.metadata.reply_to_message_id, None)
@@ -197,7 +198,7 @@ class AsyncCoordinator(Coordinator):
                 continue
             handled += 1
             on_reply = partial(self._fold_training, training)
-            self._dispatch(
+            self.phases.dispatch(
                 self.version + 1, training.node_id, reply, self._tally.trainings, on_reply
             )
             self.history.release(training.version)
@@ -205,7 +206,7 @@ class AsyncCoordinator(Coordinator):
                 self._publish()
                 if self.version >= self.config.num_server_rounds:
                     break
-        self._report_progress("train", self._buffer.count, self.config.buffer_size)
+        self.phases.report_progress("train", self._buffer.count, self.config.buffer_size)
         return handled
 
     def _fold_training(self, training: Training, building: int, reply: Message) -> None:
