@@ -61,10 +61,10 @@ from server.preflight import parse_app_run_config
 from server.record.compare import (
     NOT_COMPARED_KEYS,
     compare_records,
-    format_comparison,
     read_run_record,
     validate_target,
 )
+from server.record.compare_report import format_comparison
 from server.record.lifecycle import InvalidTransitionError
 from server.record.operations import request_command
 from server.record.runs import run_status
