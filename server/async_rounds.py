@@ -180,7 +180,7 @@ class AsyncCoordinator(Coordinator):
         config = self._round_config(count)
         config[keys.MODEL_VERSION] = self.version
         content = RecordDict(
-            {keys.ARRAYS: self._serialised(self.arrays), keys.CONFIG: ConfigRecord(config)}  # type: ignore[arg-type]
+            {keys.ARRAYS: self._serialised(self.arrays), keys.CONFIG: ConfigRecord(config)}
         )
         return Message(content, node_id, "train")
 

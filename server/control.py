@@ -22,6 +22,7 @@ from logging import INFO, WARNING
 from flwr.common.logger import log
 
 from server.record import lifecycle
+from server.record.schema import int_value
 from server.record.store import RunStore
 from server.record.weights import validate_weight
 
@@ -102,7 +103,7 @@ class ControlChannel:
             self._apply(command)
 
     def _apply(self, command: dict[str, object]) -> None:
-        name, command_id = str(command["command"]), int(command["id"])  # type: ignore[call-overload]
+        name, command_id = str(command["command"]), int_value(command, "id")
         if name == "stop":
             self._consume_stop(command)
         try:
@@ -139,7 +140,7 @@ class ControlChannel:
         log(INFO, "run %s", self.state)
 
     def _consume_stop(self, command: dict[str, object]) -> None:
-        self.store.consume_command(int(command["id"]))  # type: ignore[call-overload]
+        self.store.consume_command(int_value(command, "id"))
         self.state = lifecycle.next_state(self.state, "stop")
         self.store.update_run(state=self.state, phase="stopping")
         raise StopRequestedError("stop requested by the operator")

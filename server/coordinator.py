@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, ConfigRecordValues, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -313,8 +313,8 @@ class Coordinator:
             )
             if problem is not None:
                 self._reject(round_, node_id, f"query reply: {problem}")
-            elif int(value) >= 0:  # type: ignore[call-overload] # -1: own data, no partition
-                self.partitions[node_id] = int(value)  # type: ignore[call-overload]
+            elif isinstance(value, int | float) and value >= 0:  # -1: own data, no partition
+                self.partitions[node_id] = int(value)
 
         content = RecordDict({keys.CONFIG: ConfigRecord(self._round_config(server_round))})
         started = time.perf_counter()
@@ -338,7 +338,7 @@ class Coordinator:
         node_ids = list(node_ids)
         if not node_ids:
             return {}
-        collected: list[dict[str, float]] = []
+        collected: list[Mapping[str, float]] = []
 
         def keep(round_: int, reply: Message) -> None:
             outcome = check_evaluate_reply(reply)
@@ -366,8 +366,8 @@ class Coordinator:
             accuracy,
         )
 
-    def _round_config(self, server_round: int) -> dict[str, int | float | str | bool]:
-        config: dict[str, int | float | str | bool] = {keys.SERVER_ROUND: server_round}
+    def _round_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
+        config: dict[str, ConfigRecordValues] = {keys.SERVER_ROUND: server_round}
         if self.config.proximal_mu > 0:
             config[keys.PROXIMAL_MU] = self.config.proximal_mu
         return config

@@ -49,12 +49,14 @@ class PhaseResult:
     most_held: int = 0  # most replies held at once to keep the fold order
 
 
-def summarize_error(code: int, reason: str, limit: int = 300) -> str:
+def summarize_error(code: int, reason: str | None, limit: int = 300) -> str:
     """One readable line from an error reply: the ClientApp's own message if present.
 
     Ray wraps a ClientApp's exception in several layers of actor reprs; the
-    useful part is the text after the last ``Message:``.
+    useful part is the text after the last ``Message:``. No reason (None) reads
+    as an empty one.
     """
+    reason = reason or ""
     marker = "Message:"
     text = reason.rsplit(marker, 1)[1] if marker in reason else reason
     lines = [line.strip(" '>\n") for line in text.splitlines() if line.strip(" '>")]

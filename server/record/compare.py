@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.record.runs import effective_state, resolve_run_dir, stored_config
+from server.record.schema import int_value, real_or_none
 from server.record.store import RunStore, RunStoreError
 
 # Keys that name, place or track a run but do not change what it trains.
@@ -150,11 +151,12 @@ def read_run_record(run_dir: Path, now: float | None = None) -> RunRecord:
             f"{error}; leave {run_dir.name} out of the comparison "
             f"(fedcoord verify {run_dir.name} says more)"
         ) from None
-    state = effective_state(str(run["state"]), run["heartbeat_at"], now or time.time())  # type: ignore[arg-type]
+    heartbeat_at = real_or_none(run, "heartbeat_at")
+    state = effective_state(str(run["state"]), heartbeat_at, now or time.time())
     return RunRecord(
         name=run_dir.name,
         state=state,
-        num_rounds=int(run["num_rounds"]),  # type: ignore[call-overload]
+        num_rounds=int_value(run, "num_rounds"),
         config=stored_config(run["config_json"]),
         points=tuple(round_points(rows)),
     )

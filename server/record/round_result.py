@@ -20,7 +20,7 @@ import numpy as np
 from flwr.common.logger import log
 
 from server.record.checkpoints import checkpoint_path, files_to_prune, model_hash, save_checkpoint
-from server.record.schema import int_value, number_value
+from server.record.schema import int_value, real_or_none
 from server.record.store import RoundRecord, RunStore
 from task.config import RunConfig
 
@@ -110,7 +110,7 @@ def checkpoint_metadata(config: RunConfig, central_accuracy: float) -> dict[str,
 def prune_checkpoints(store: RunStore) -> None:
     """Delete checkpoint files beyond the last few and the best, and their rows."""
     scored = [
-        (int_value(row, "round"), number_value(row, "central_accuracy"))
+        (int_value(row, "round"), real_or_none(row, "central_accuracy"))
         for row in store.checkpoints()
     ]
     for server_round in files_to_prune(scored):

@@ -6,7 +6,8 @@ read checks the kind of each value (:func:`checked_rows`). Anything else
 (truncated, random or empty files, another program's database, a half-written
 store, text where a number belongs) raises :class:`CorruptRunError` with one
 line naming the run and the problem. Behind that check a row's values are of
-their column's kind; :func:`int_value` and :func:`number_value` read them typed.
+their column's kind; :func:`int_value`, :func:`real_value` and
+:func:`real_or_none` read them typed.
 """
 
 from __future__ import annotations
@@ -239,7 +240,21 @@ def int_value(row: Mapping[str, object], name: str) -> int:
     return value
 
 
-def number_value(row: Mapping[str, object], name: str) -> float | None:
+def real_value(row: Mapping[str, object], name: str) -> float:
+    """``row[name]``, a checked row's REAL value (NOT NULL), as a float.
+
+    Raises
+    ------
+    TypeError
+        If the value is not a number (a row that skipped :func:`checked_rows`).
+    """
+    value = real_or_none(row, name)
+    if value is None:
+        raise TypeError(f"{name} holds None, not {_kind_name((int, float))}")
+    return value
+
+
+def real_or_none(row: Mapping[str, object], name: str) -> float | None:
     """``row[name]``, a checked row's REAL value, as a float (NULL: None).
 
     Raises

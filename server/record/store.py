@@ -39,6 +39,7 @@ from server.record.schema import (
     RunStoreError,
     check_layout,
     checked_rows,
+    int_value,
 )
 
 if TYPE_CHECKING:  # the store itself never reads checkpoint files (nor imports numpy)
@@ -344,7 +345,7 @@ class RunStore:
         """
         dropped = self.pending_commands()
         for command in dropped:
-            self.consume_command(int(command["id"]))  # type: ignore[call-overload]
+            self.consume_command(int_value(command, "id"))
         return [str(command["command"]) for command in dropped]
 
     def consume_command(self, command_id: int) -> None:
