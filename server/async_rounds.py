@@ -13,8 +13,8 @@ The loop, each pass:
 1. apply the operator's commands (stop ends the run; pause stops new trainings);
 2. top up: send the newest version to idle nodes until K are in flight;
 3. pull the replies that are in and fold each one (the same trust boundary as a
-   synchronous round: :meth:`Coordinator._dispatch`); publish a version when B
-   are in: apply, evaluate centrally, checkpoint, record;
+   synchronous round: :meth:`server.phases.PhaseRunner.dispatch`); publish a
+   version when B are in: apply, evaluate centrally, checkpoint, record;
 4. give up trainings in flight longer than ``round-timeout`` (the node's failure).
 
 Lifecycle: pause sends no new training; the trainings in flight are still
@@ -35,16 +35,17 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from logging import INFO, WARNING
+from logging import WARNING
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from server.coordinator import POLL_INTERVAL_S, Coordinator, EvaluateFn, PhaseResult
+from server.coordinator import Coordinator, EvaluateFn
+from server.phases import POLL_INTERVAL_S, PhaseResult
 from server.record import lifecycle
-from server.record.checkpoints import model_hash, save_checkpoint
+from server.record.round_result import RoundResult, record_round_result
 from server.record.store import RoundRecord, RunStore
 from strategies.aggregation import NonFiniteUpdateError
 from strategies.aggregation.server_step import compute_new_global
@@ -183,7 +184,7 @@ class AsyncCoordinator(Coordinator):
         config = self._round_config(count)
         config[keys.MODEL_VERSION] = self.version
         content = RecordDict(
-            {keys.ARRAYS: self._serialised(self.arrays), keys.CONFIG: ConfigRecord(config)}  # type: ignore[arg-type]
+            {keys.ARRAYS: self._serialised(self.arrays), keys.CONFIG: ConfigRecord(config)}
         )
         return Message(content, node_id, "train")
 
@@ -193,7 +194,7 @@ class AsyncCoordinator(Coordinator):
             return 0
         pending = {message_id: t.node_id for message_id, t in self.in_flight.items()}
         deadline = time.monotonic() + self.config.round_timeout
-        replies = self._pull(self.version + 1, "train", pending, deadline)
+        replies = self.phases.pull(self.version + 1, "train", pending, deadline)
         handled = 0
         for reply in replies:
             training = self.in_flight.pop(reply.metadata.reply_to_message_id, None)
@@ -201,7 +202,7 @@ class AsyncCoordinator(Coordinator):
                 continue
             handled += 1
             on_reply = partial(self._fold_training, training)
-            self._dispatch(
+            self.phases.dispatch(
                 self.version + 1, training.node_id, reply, self._tally.trainings, on_reply
             )
             self.history.release(training.version)
@@ -209,7 +210,7 @@ class AsyncCoordinator(Coordinator):
                 self._publish()
                 if self.version >= self.config.num_server_rounds:
                     break
-        self._report_progress("train", self._buffer.count, self.config.buffer_size)
+        self.phases.report_progress("train", self._buffer.count, self.config.buffer_size)
         return handled
 
     def _fold_training(self, training: Training, building: int, reply: Message) -> None:
@@ -337,44 +338,34 @@ class AsyncCoordinator(Coordinator):
         }
 
     def _record_version(self, metrics: dict[str, float], updated: bool, note: str) -> None:
-        version, tally = self.version, self._tally
-        checkpoint = save_checkpoint(
-            self.store.run_dir,
-            version,
-            self.arrays,
-            self.strategy.state_dict(),
-            {
-                "central-accuracy": metrics["central-accuracy"],
-                "model": self.config.model,
-                "dataset": self.config.dataset,
-                "strategy": self.config.strategy,
-                "mode": "async",
-            },
-        )
-        failed = len(tally.trainings.failed) + len(tally.trainings.timed_out)
-        ended = time.time()
-        record = RoundRecord(
-            round=version,
+        tally = self._tally
+        result = RoundResult(
+            server_round=self.version,
             started_at=tally.started_at,
-            ended_at=ended,
             sampled=tally.trainings.sampled,
             accepted=self._buffer.count,
             rejected=tally.rejected,
-            failed=failed,
+            failed=len(tally.trainings.failed) + len(tally.trainings.timed_out),
             updated=updated,
             metrics=metrics,
-            model_hash=model_hash(self.arrays),
+            arrays=self.arrays,
+            strategy_state=self.strategy.state_dict(),
             note=note,
         )
-        self.store.record_round(record, checkpoint=checkpoint)
-        self._prune_checkpoints()
+        record_round_result(self.store, self.config, result, self._describe_version)
+
+    def _describe_version(self, record: RoundRecord) -> tuple[str, str]:
+        """A recorded version's line in the event log and in the server log."""
+        metrics = record.metrics
         staleness = metrics.get("staleness-mean", 0.0), metrics.get("staleness-max", 0.0)
         summary = (
             f"central accuracy {metrics['central-accuracy']:.4f}, "
             f"{record.accepted} accepted (staleness mean {staleness[0]:.1f}, "
             f"max {staleness[1]:.0f}), "
-            f"{record.rejected} rejected, {failed} failed, {len(self.in_flight)} in flight, "
-            f"{ended - tally.started_at:.1f}s"
+            f"{record.rejected} rejected, {record.failed} failed, {len(self.in_flight)} in flight, "
+            f"{record.ended_at - record.started_at:.1f}s"
         )
-        self.store.add_event("round", f"version {version}: {summary}")
-        log(INFO, "version %d/%d: %s", version, self.config.num_server_rounds, summary)
+        return (
+            f"version {record.round}: {summary}",
+            f"version {record.round}/{self.config.num_server_rounds}: {summary}",
+        )

@@ -22,8 +22,9 @@ from logging import INFO, WARNING
 from flwr.common.logger import log
 
 from server.record import lifecycle
-from server.record.operations import validate_weight
+from server.record.schema import int_value
 from server.record.store import RunStore
+from server.record.weights import validate_weight
 
 PAUSE_POLL_S = 0.25
 STOP_POLL_S = 0.25
@@ -40,7 +41,7 @@ def parse_weight_argument(argument: str) -> tuple[int, float]:
     ------
     lifecycle.InvalidTransitionError
         If the argument is malformed or the weight command is refused
-        (:func:`server.record.operations.find_weight_problem`).
+        (:func:`server.record.weights.find_weight_problem`).
     """
     partition, separator, weight = argument.partition("=")
     try:
@@ -102,7 +103,7 @@ class ControlChannel:
             self._apply(command)
 
     def _apply(self, command: dict[str, object]) -> None:
-        name, command_id = str(command["command"]), int(command["id"])  # type: ignore[call-overload]
+        name, command_id = str(command["command"]), int_value(command, "id")
         if name == "stop":
             self._consume_stop(command)
         try:
@@ -139,7 +140,7 @@ class ControlChannel:
         log(INFO, "run %s", self.state)
 
     def _consume_stop(self, command: dict[str, object]) -> None:
-        self.store.consume_command(int(command["id"]))  # type: ignore[call-overload]
+        self.store.consume_command(int_value(command, "id"))
         self.state = lifecycle.next_state(self.state, "stop")
         self.store.update_run(state=self.state, phase="stopping")
         raise StopRequestedError("stop requested by the operator")

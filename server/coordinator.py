@@ -7,36 +7,40 @@ round closes as soon as its replies are in, or at ``round-timeout`` with what
 arrived.
 
 Replies come from untrusted nodes. The strategy checks each one
-(``strategies.replies``); here, anything that still goes wrong while reading,
+(``strategies.replies``); anything that still goes wrong while reading,
 validating, recording or folding ONE reply is caught where the reply is handed
-over (:meth:`Coordinator._dispatch`), recorded as that reply's rejection with
-the exception named, and counted against its node: the round and the run go
-on. A new global model that is not finite is never checkpointed or sent.
+over (:meth:`server.phases.PhaseRunner.dispatch`), recorded as that reply's
+rejection with the exception named, and counted against its node: the round
+and the run go on. A new global model that is not finite is never
+checkpointed or sent.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from functools import partial
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, ConfigRecordValues, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from server.control import ControlChannel
-from server.object_pull import pull_deadline
-from server.record.checkpoints import checkpoint_path, files_to_prune, model_hash, save_checkpoint
+from server.phases import PhaseRunner
+from server.record.round_result import (
+    RoundResult,
+    record_initial_evaluation,
+    record_round_result,
+)
 from server.record.store import RoundRecord, RunStore
-from server.reply_order import ReplyOrder
 from strategies.accountant import EPSILON_METRIC
 from strategies.accounted import accounted
 from strategies.protocol import AccountedRounds, RoundStrategy
 from strategies.records import pack_arrays
-from strategies.replies import ReplyOutcome, check_evaluate_reply, unreadable
+from strategies.replies import ReplyOutcome, check_evaluate_reply
 from strategies.strategy import (
     NamedArrays,
     aggregate_evaluate_metrics,
@@ -45,42 +49,16 @@ from strategies.strategy import (
 from strategies.validation import find_partition_id_problem
 from task import keys
 from task.config import RunConfig
-from task.text import escape_unprintable
 
 EvaluateFn = Callable[[NamedArrays], tuple[float, float]]
 """Central evaluation: global arrays -> (loss, accuracy)."""
 
-POLL_INTERVAL_S = 0.05
 NODE_POLL_INTERVAL_S = 0.5
 NODE_SETTLE_S = 1.0
 
 
 class NodeShortageError(RuntimeError):
     """Fewer nodes than ``min-train-nodes`` registered within the wait limit."""
-
-
-@dataclass
-class PhaseResult:
-    """Replies gathered in one phase (train or evaluate) of a round."""
-
-    sampled: int
-    received: int = 0  # replies handed over; each is dropped once handled (streaming)
-    failed: dict[int, str] = field(default_factory=dict)
-    timed_out: list[int] = field(default_factory=list)
-    most_held: int = 0  # most replies held at once to keep the fold order
-
-
-def summarize_error(code: int, reason: str, limit: int = 300) -> str:
-    """One readable line from an error reply: the ClientApp's own message if present.
-
-    Ray wraps a ClientApp's exception in several layers of actor reprs; the
-    useful part is the text after the last ``Message:``.
-    """
-    marker = "Message:"
-    text = reason.rsplit(marker, 1)[1] if marker in reason else reason
-    lines = [line.strip(" '>\n") for line in text.splitlines() if line.strip(" '>")]
-    summary = lines[0] if marker in reason and lines else (lines[-1] if lines else reason)
-    return escape_unprintable(f"error reply (code {code}): {summary}", limit=limit)
 
 
 class Coordinator:
@@ -114,12 +92,11 @@ class Coordinator:
         self.store = store
         self.config = config
         self.evaluate_fn = evaluate_fn
-        self._last_progress: tuple[str, int, int] = ("", 0, 0)
         self._aggregation_s = 0.0
         self._record_cache: tuple[NamedArrays, ArrayRecord] | None = None
-        self._last_pull_error = ""
         self.operator_weights = dict(config.parsed_node_weights)
         self.control = ControlChannel(store, self._set_operator_weight)
+        self.phases = PhaseRunner(grid, store, self.control, config.round_timeout, self._reject)
         # Node id -> partition id from the roll call (None: asked, no valid answer);
         # the strategy checks each reply's partition-id against it
         self.partitions: dict[int, int | None] = {}
@@ -150,7 +127,7 @@ class Coordinator:
         #    the deadline passes
         train_started = time.perf_counter()
         content = self._model_content(server_round, arrays)
-        train = self._run_phase(server_round, "train", sampled, content, self._fold_reply)
+        train = self.phases.run(server_round, "train", sampled, content, self._fold_reply)
         train_s = time.perf_counter() - train_started
         with self._timed_aggregation():
             new_arrays, summary = self.strategy.end_round()
@@ -182,57 +159,37 @@ class Coordinator:
             "replies-held": train.most_held,  # most held at once to keep the fold order
             EPSILON_METRIC: self.strategy.epsilon,  # after this round; inf without noise
         }
-        checkpoint = save_checkpoint(
-            self.store.run_dir,
-            server_round,
-            arrays,
-            self.strategy.state_dict(),
-            {
-                "central-accuracy": central_accuracy,
-                "model": self.config.model,
-                "dataset": self.config.dataset,
-                "strategy": self.config.strategy,
-            },
+        result = RoundResult(
+            server_round=server_round,
+            started_at=started,
+            sampled=len(sampled),
+            accepted=summary.accepted,
+            rejected=summary.rejected,
+            failed=len(train.failed) + len(train.timed_out),
+            updated=summary.updated,
+            metrics=metrics,
+            arrays=arrays,
+            strategy_state=self.strategy.state_dict(),
+            note=summary.reason,
         )
-        ended = time.time()
-        self.store.record_round(
-            RoundRecord(
-                round=server_round,
-                started_at=started,
-                ended_at=ended,
-                sampled=len(sampled),
-                accepted=summary.accepted,
-                rejected=summary.rejected,
-                failed=len(train.failed) + len(train.timed_out),
-                updated=summary.updated,
-                metrics=metrics,
-                model_hash=model_hash(arrays),
-                note=summary.reason,
-            ),
-            checkpoint=checkpoint,
-        )
-        self._prune_checkpoints()
-        self.store.add_event(
-            "round",
-            f"round {server_round}: central accuracy {central_accuracy:.4f}, "
-            f"{summary.accepted}/{len(sampled)} accepted, {summary.rejected} rejected, "
-            f"{len(train.failed) + len(train.timed_out)} failed, {ended - started:.1f}s",
-        )
-        log(
-            INFO,
-            "round %d/%d: train loss %.4f, central accuracy %.4f, %d/%d accepted, "
-            "%d rejected, %d failed, %.1fs",
-            server_round,
-            self.config.num_server_rounds,
-            summary.metrics.get(keys.TRAIN_LOSS, float("nan")),
-            central_accuracy,
-            summary.accepted,
-            len(sampled),
-            summary.rejected,
-            len(train.failed) + len(train.timed_out),
-            ended - started,
+        train_loss = summary.metrics.get(keys.TRAIN_LOSS, float("nan"))
+        record_round_result(
+            self.store, self.config, result, partial(self._describe_round, train_loss)
         )
         return arrays
+
+    def _describe_round(self, train_loss: float, record: RoundRecord) -> tuple[str, str]:
+        """A recorded round's line in the event log and in the server log."""
+        tail = (
+            f"central accuracy {record.metrics['central-accuracy']:.4f}, "
+            f"{record.accepted}/{record.sampled} accepted, {record.rejected} rejected, "
+            f"{record.failed} failed, {record.ended_at - record.started_at:.1f}s"
+        )
+        return (
+            f"round {record.round}: {tail}",
+            f"round {record.round}/{self.config.num_server_rounds}: "
+            f"train loss {train_loss:.4f}, {tail}",
+        )
 
     # ---------------------------------------------------------------- phases
     def wait_for_nodes(self) -> list[int]:
@@ -250,7 +207,9 @@ class Coordinator:
                     f"{self.config.min_train_nodes}: start more SuperNodes, lower "
                     "min-train-nodes or raise node-wait-timeout"
                 )
-            self._report_progress("waiting-for-nodes", len(node_ids), self.config.min_train_nodes)
+            self.phases.report_progress(
+                "waiting-for-nodes", len(node_ids), self.config.min_train_nodes
+            )
             self.control.check_stop()
             time.sleep(NODE_POLL_INTERVAL_S)
             node_ids = list(self.grid.get_node_ids())
@@ -264,96 +223,6 @@ class Coordinator:
                 keys.CONFIG: ConfigRecord(self._round_config(server_round)),
             }
         )
-
-    def _run_phase(
-        self,
-        server_round: int,
-        message_type: str,
-        node_ids: list[int],
-        content: RecordDict,
-        on_reply: Callable[[int, Message], None],
-    ) -> PhaseResult:
-        """Push one message per node, then pull and hand over replies until done.
-
-        Replies are handed over in the order of ``node_ids`` (see
-        :mod:`server.reply_order`), so that a round folds the same updates in
-        the same order whatever order they arrive in.
-        """
-        messages = [Message(content, node_id, message_type) for node_id in node_ids]
-        message_ids = list(self.grid.push_messages(messages))
-        pending = {mid: nid for mid, nid in zip(message_ids, node_ids, strict=True) if mid}
-        result = PhaseResult(sampled=len(node_ids))
-        order: ReplyOrder[Message] = ReplyOrder(pending.values())
-        deadline = time.monotonic() + self.config.round_timeout
-        while pending and time.monotonic() < deadline:
-            replies = self._pull(server_round, message_type, pending, deadline)
-            for reply in replies:
-                node_id = pending.pop(reply.metadata.reply_to_message_id, None)
-                if node_id is None:
-                    continue
-                for due_node, due_reply in order.arrive(node_id, reply):
-                    self._dispatch(server_round, due_node, due_reply, result, on_reply)
-            self._report_progress(message_type, len(node_ids) - len(pending), len(node_ids))
-            self.control.check_stop()
-            if pending:
-                time.sleep(POLL_INTERVAL_S)
-        for due_node, due_reply in order.drain():
-            self._dispatch(server_round, due_node, due_reply, result, on_reply)
-        result.most_held = order.most_held
-        result.timed_out = sorted(pending.values())
-        for node_id in result.timed_out:
-            reason = f"no {message_type} reply within round-timeout={self.config.round_timeout}s"
-            self.store.record_node_fault(node_id, server_round, "failure", reason)
-        return result
-
-    def _pull(
-        self, server_round: int, message_type: str, pending: dict[str, int], deadline: float
-    ) -> list[Message]:
-        """Pull the replies that are in; a pull that raises loses that poll, not the run.
-
-        Flower's Grid builds every pulled reply before returning any, so one reply
-        it cannot build fails the whole pull. Such a failure is logged and
-        recorded once, the poll retried; the nodes whose replies stay unreadable
-        close at ``round-timeout``, counted as failed.
-        """
-        try:
-            with pull_deadline(deadline):
-                return list(self.grid.pull_messages(list(pending)))
-        except Exception as error:  # noqa: BLE001 - a node's reply must not end the run
-            reason = f"{message_type} {unreadable(error)}"
-            if self._last_pull_error != reason:
-                self._last_pull_error = reason
-                self.store.add_event("reply-unreadable", f"round {server_round}: {reason}")
-                log(WARNING, "round %s: %s", server_round, reason)
-            return []
-
-    def _dispatch(
-        self,
-        server_round: int,
-        node_id: int,
-        reply: Message,
-        result: PhaseResult,
-        on_reply: Callable[[int, Message], None],
-    ) -> None:
-        """Route a reply: error replies count as failures of the node they answer.
-
-        The trust boundary of one reply: whatever ``on_reply`` raises becomes the
-        rejection of that reply, recorded with its reason and counted against
-        the node; the round goes on.
-        """
-        if reply.has_error():
-            reason = summarize_error(reply.error.code, reply.error.reason)
-            result.failed[node_id] = reason
-            self.store.record_node_fault(node_id, server_round, "failure", reason)
-            log(WARNING, "round %s: node %s failed: %s", server_round, node_id, reason)
-            return
-        result.received += 1
-        try:
-            on_reply(server_round, reply)
-        except Exception as error:  # noqa: BLE001 - the trust boundary: one reply, never the run
-            self._reject(
-                server_round, node_id, f"{reply.metadata.message_type} {unreadable(error)}"
-            )
 
     @contextmanager
     def _timed_aggregation(self) -> Iterator[None]:
@@ -445,12 +314,12 @@ class Coordinator:
             )
             if problem is not None:
                 self._reject(round_, node_id, f"query reply: {problem}")
-            elif int(value) >= 0:  # type: ignore[call-overload] # -1: own data, no partition
-                self.partitions[node_id] = int(value)  # type: ignore[call-overload]
+            elif isinstance(value, int | float) and value >= 0:  # -1: own data, no partition
+                self.partitions[node_id] = int(value)
 
         content = RecordDict({keys.CONFIG: ConfigRecord(self._round_config(server_round))})
         started = time.perf_counter()
-        self._run_phase(server_round, "query", sorted(unknown), content, learn)
+        self.phases.run(server_round, "query", sorted(unknown), content, learn)
         answered = sum(self.partitions[node_id] is not None for node_id in unknown)
         self.store.add_event(
             "roll-call",
@@ -470,7 +339,7 @@ class Coordinator:
         node_ids = list(node_ids)
         if not node_ids:
             return {}
-        collected: list[dict[str, float]] = []
+        collected: list[Mapping[str, float]] = []
 
         def keep(round_: int, reply: Message) -> None:
             outcome = check_evaluate_reply(reply)
@@ -479,7 +348,7 @@ class Coordinator:
             self._record_outcome(round_, outcome, joined=False)
 
         content = self._model_content(server_round, arrays)
-        self._run_phase(server_round, "evaluate", node_ids, content, keep)
+        self.phases.run(server_round, "evaluate", node_ids, content, keep)
         averaged = aggregate_evaluate_metrics(collected)
         result = {}
         if keys.EVAL_LOSS in averaged:
@@ -490,22 +359,7 @@ class Coordinator:
 
     def _record_initial_evaluation(self, arrays: NamedArrays) -> None:
         loss, accuracy = self.evaluate_fn(arrays)
-        now = time.time()
-        self.store.record_round(
-            RoundRecord(
-                round=0,
-                started_at=now,
-                ended_at=now,
-                sampled=0,
-                accepted=0,
-                rejected=0,
-                failed=0,
-                updated=False,
-                metrics={"central-loss": loss, "central-accuracy": accuracy},
-                model_hash=model_hash(arrays),
-                note="initial model",
-            )
-        )
+        record_initial_evaluation(self.store, arrays, loss, accuracy)
         log(
             INFO,
             "round 0/%d: central accuracy %.4f (initial model)",
@@ -513,8 +367,8 @@ class Coordinator:
             accuracy,
         )
 
-    def _round_config(self, server_round: int) -> dict[str, int | float | str | bool]:
-        config: dict[str, int | float | str | bool] = {keys.SERVER_ROUND: server_round}
+    def _round_config(self, server_round: int) -> dict[str, ConfigRecordValues]:
+        config: dict[str, ConfigRecordValues] = {keys.SERVER_ROUND: server_round}
         if self.config.proximal_mu > 0:
             config[keys.PROXIMAL_MU] = self.config.proximal_mu
         return config
@@ -537,17 +391,3 @@ class Coordinator:
         """Apply an operator weight from the next round on (``weighted`` uses it)."""
         self.operator_weights[partition_id] = weight
         self.strategy.set_operator_weight(partition_id, weight)
-
-    def _prune_checkpoints(self) -> None:
-        """Delete checkpoint files beyond the last few and the best."""
-        rows = self.store.checkpoints()
-        scored = [(int(r["round"]), r["central_accuracy"]) for r in rows]  # type: ignore[call-overload]
-        for server_round in files_to_prune(scored):  # type: ignore[arg-type]
-            checkpoint_path(self.store.run_dir, server_round).unlink(missing_ok=True)
-            self.store.forget_checkpoint(server_round)
-
-    def _report_progress(self, phase: str, received: int, expected: int) -> None:
-        progress = (phase, received, expected)
-        if progress != self._last_progress:
-            self.store.set_progress(phase, received, expected)
-            self._last_progress = progress

@@ -137,5 +137,6 @@ def find_privacy_change(stored: Mapping[str, object], config: RunConfig) -> str 
 
 def _is_noisy(config: Mapping[str, object]) -> bool:
     noise = config.get("noise-multiplier")
-    numeric = isinstance(noise, int | float) and not isinstance(noise, bool)
-    return config.get("strategy") in NOISY_STRATEGIES and numeric and float(noise) > 0
+    if isinstance(noise, bool) or not isinstance(noise, int | float):
+        return False
+    return config.get("strategy") in NOISY_STRATEGIES and noise > 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from client.faults import InjectedFaultError, after_training, before_training, parse_faults
-from server.coordinator import summarize_error
+from server.phases import summarize_error
 from task.config import ConfigError
 
 ROUNDS = 2

@@ -11,8 +11,9 @@ import pytest
 
 from server.control import ControlChannel, parse_weight_argument
 from server.record import lifecycle
-from server.record.operations import find_weight_problem, request_weight
+from server.record.operations import request_weight
 from server.record.store import RunStore
+from server.record.weights import find_weight_problem
 from server.ui import cli
 
 

@@ -13,10 +13,10 @@ import pytest
 from server.launch.processes import descendants as descendant_pids
 from server.launch.processes import process_alive
 from server.launch.simulation import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_OK
-from server.launch.sweep import (
+from server.launch.sweep import plan_sweep
+from server.launch.sweep_grid import (
     grid_combinations,
     parse_grid,
-    plan_sweep,
     run_config_text,
     toml_value,
 )

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from server.app import restore_start_point
+from server.record.chain import legacy_chain_hash
 from server.record.checkpoints import (
     CheckpointError,
     checkpoint_path,
@@ -25,7 +26,6 @@ from server.record.store import (
     RoundRecord,
     RunStore,
     RunStoreError,
-    legacy_chain_hash,
 )
 from server.record.verify import load_verified_checkpoint, verify_run
 from server.ui import cli

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,21 @@ class Checkpoint:
     arrays: dict[str, np.ndarray]
     strategy_state: dict[str, np.ndarray]
     metadata: dict[str, object]
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A checkpoint just written: its file, the file's SHA-256 and the model's hash.
+
+    Unpacks as ``path, sha256`` (what ``run.db``'s checkpoints table holds).
+    """
+
+    path: Path
+    sha256: str
+    model_hash: str  # :func:`model_hash` of the arrays written, for the round row
+
+    def __iter__(self) -> Iterator[Path | str]:
+        return iter((self.path, self.sha256))
 
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:
@@ -84,8 +99,8 @@ def save_checkpoint(
     arrays: Mapping[str, np.ndarray],
     strategy_state: Mapping[str, np.ndarray],
     metadata: Mapping[str, object],
-) -> tuple[Path, str]:
-    """Write a checkpoint atomically; return its path and SHA-256."""
+) -> SavedCheckpoint:
+    """Write a checkpoint atomically; return its path, its SHA-256 and the model's hash."""
     path = checkpoint_path(run_dir, server_round)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {MODEL_PREFIX + k: np.ascontiguousarray(v) for k, v in arrays.items()}
@@ -115,7 +130,7 @@ def save_checkpoint(
         Path(temp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    return path, digest
+    return SavedCheckpoint(path, digest, model_hash(arrays))
 
 
 def load_checkpoint(path: Path, expected_sha256: str) -> Checkpoint:

@@ -1,8 +1,9 @@
 """Runs side by side: what differs between them and how each one did.
 
 ``fedcoord compare``, the dashboard's comparison and the end of ``fedcoord sweep``
-read the same numbers from here. Every run directory is read read-only through
-the run store; nothing here writes to one.
+read the same numbers from here (shown as text and PNG by
+:mod:`server.record.compare_report`). Every run directory is read read-only
+through the run store; nothing here writes to one.
 
 Per run: its state, its strategy and the config keys whose values differ between
 the runs compared, the final and best central accuracy, the round and the wall
@@ -28,8 +29,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.record.results import figure_pyplot, save_figure
 from server.record.runs import effective_state, resolve_run_dir, stored_config
+from server.record.schema import int_value, real_or_none
 from server.record.store import RunStore, RunStoreError
 
 # Keys that name, place or track a run but do not change what it trains.
@@ -150,11 +151,12 @@ def read_run_record(run_dir: Path, now: float | None = None) -> RunRecord:
             f"{error}; leave {run_dir.name} out of the comparison "
             f"(fedcoord verify {run_dir.name} says more)"
         ) from None
-    state = effective_state(str(run["state"]), run["heartbeat_at"], now or time.time())  # type: ignore[arg-type]
+    heartbeat_at = real_or_none(run, "heartbeat_at")
+    state = effective_state(str(run["state"]), heartbeat_at, now or time.time())
     return RunRecord(
         name=run_dir.name,
         state=state,
-        num_rounds=int(run["num_rounds"]),  # type: ignore[call-overload]
+        num_rounds=int_value(run, "num_rounds"),
         config=stored_config(run["config_json"]),
         points=tuple(round_points(rows)),
     )
@@ -219,7 +221,7 @@ def _number(value: object, allow_inf: bool = False) -> float | None:
 def differing_keys(configs: Sequence[Mapping[str, object]]) -> list[str]:
     """Config keys whose values differ between ``configs``: strategy first, seed last."""
     keys = set().union(*configs) - NOT_COMPARED_KEYS if configs else set()
-    differing = {key for key in keys if len({_show(c.get(key)) for c in configs}) > 1}
+    differing = {key for key in keys if len({show_value(c.get(key)) for c in configs}) > 1}
     return sorted(differing, key=lambda key: (key != STRATEGY_KEY, key == SEED_KEY, key))
 
 
@@ -257,7 +259,7 @@ def summarize_run(
         "wall_time_s": last.elapsed_s if last else 0.0,
         "rejected": sum(p.rejected for p in record.points),
         "epsilon": epsilons[-1] if epsilons else None,
-        "epsilon_text": _fmt(epsilons[-1], 2) if epsilons else "-",
+        "epsilon_text": format_number(epsilons[-1], 2) if epsilons else "-",
     }
 
 
@@ -315,7 +317,7 @@ def _finite_or_none(statistic: Callable[[list[float]], float], values: list[floa
 
 def label_of(differs: Mapping[str, object], keys: Sequence[str]) -> str:
     """``strategy=median seed=1``: the run's values of ``keys``."""
-    return " ".join(f"{key}={_show(differs.get(key))}" for key in keys)
+    return " ".join(f"{key}={show_value(differs.get(key))}" for key in keys)
 
 
 def compare_records(records: Sequence[RunRecord], target: float | None = None) -> dict[str, object]:
@@ -351,75 +353,7 @@ def compare_run_dirs(run_dirs: Sequence[Path], target: float | None = None) -> d
     return compare_records([read_run_record(run_dir, now) for run_dir in run_dirs], target)
 
 
-# ------------------------------------------------------------------ output
-def format_comparison(comparison: Mapping[str, object]) -> list[str]:
-    """The comparison as text: the runs table, then the summary over seeds if any."""
-    target = comparison["target"]
-    keys = [k for k in comparison["differing_keys"] if k != STRATEGY_KEY]  # type: ignore[attr-defined]
-    headers = ["RUN", "STATE", "STRATEGY", "CONFIG", "ROUNDS", "FINAL", "BEST"]
-    if target is not None:
-        headers += [f"ROUND@{target:g}", f"TIME@{target:g}"]
-    headers += ["REJECTED", "EPSILON"]
-    rows = []
-    for run in comparison["runs"]:  # type: ignore[attr-defined]
-        row = [
-            run["run_name"],
-            run["state"],
-            _show(run["strategy"]),
-            label_of(run["differs"], keys) or "-",
-            f"{run['rounds']}/{run['num_rounds']}",
-            _fmt(run["final_accuracy"]),
-            _fmt(run["best_accuracy"]),
-        ]
-        if target is not None:
-            row += [_fmt(run["target_round"]), fmt_seconds(run["target_time_s"])]
-        row += [str(run["rejected"]), str(run["epsilon_text"])]
-        rows.append(row)
-    lines = format_table(headers, rows)
-    summaries = comparison["over_seeds"]
-    if summaries:
-        lines += ["", *format_seed_table(summaries, target)]  # type: ignore[arg-type]
-    return lines
-
-
-def format_seed_table(summaries: Sequence[Mapping[str, object]], target: object) -> list[str]:
-    """Mean ± std over seeds, one line per combination of the other keys."""
-    headers = ["OVER SEEDS", "RUNS", "FINAL", "BEST"]
-    if target is not None:
-        headers += [f"REACHED {target:g}", f"TIME@{target:g}"]
-    headers.append("WALL TIME")
-    rows = []
-    for summary in summaries:
-        row = [
-            str(summary["label"]),
-            str(summary["runs"]),
-            _fmt_mean_std(summary["final_accuracy"]),
-            _fmt_mean_std(summary["best_accuracy"]),
-        ]
-        if target is not None:
-            row += [
-                f"{summary['reached_target']}/{summary['runs']}",
-                _fmt_mean_std(summary["target_time_s"], seconds=True),
-            ]
-        row.append(_fmt_mean_std(summary["wall_time_s"], seconds=True))
-        rows.append(row)
-    return format_table(headers, rows)
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Left-aligned text columns, two spaces apart, the header line first.
-
-    A cell with a character that is not printable (a bidi control such as U+202E,
-    a zero-width one, a control character) is shown escaped, as :func:`printable`.
-    """
-    rows = [[printable(str(cell)) for cell in row] for row in rows]
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-    return [
-        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in (headers, *rows)
-    ]
-
-
+# ------------------------------------------------------------------ values shown
 def printable(text: str) -> str:
     """``text``, or its Python literal when it holds a character that is not printable.
 
@@ -429,19 +363,8 @@ def printable(text: str) -> str:
     return text if text.isprintable() else repr(text)
 
 
-def fmt_seconds(seconds: object) -> str:
-    """``95.3s``, ``12m05s``, ``3.2e+12s`` or ``-``."""
-    if not isinstance(seconds, int | float) or not math.isfinite(seconds):
-        return "-"
-    if seconds >= 1e9:  # centuries: no minutes worth spelling out
-        return f"{seconds:.3g}s"
-    if seconds < 600:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}m{secs:02d}s"
-
-
-def _fmt(value: object, digits: int = 4) -> str:
+def format_number(value: object, digits: int = 4) -> str:
+    """A number of the comparison as shown: ``0.9123``, ``inf``, ``1.234e+07``, ``-`` for none."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -451,15 +374,7 @@ def _fmt(value: object, digits: int = 4) -> str:
     return str(value)
 
 
-def _fmt_mean_std(stats: object, seconds: bool = False) -> str:
-    if not isinstance(stats, Mapping) or stats["mean"] is None:
-        return "-"
-    show = fmt_seconds if seconds else _fmt
-    std = stats["std"]
-    return show(stats["mean"]) + ("" if std is None else f" ± {show(std)}")
-
-
-def _show(value: object) -> str:
+def show_value(value: object) -> str:
     """A config value as the user typed it: ``median``, ``0.05``, ``true``, ``-`` for none."""
     if value is None:
         return "-"
@@ -468,35 +383,3 @@ def _show(value: object) -> str:
     if isinstance(value, float):
         return repr(value)
     return str(value)
-
-
-def plot_comparison(comparison: Mapping[str, object], output: Path) -> None:
-    """Central accuracy against round and against wall time, one line a run, as one PNG."""
-    plt = figure_pyplot()
-    figure, (by_round, by_time) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for run in comparison["runs"]:  # type: ignore[attr-defined]
-        curve = run["curve"]
-        kept = [i for i, acc in enumerate(curve["central_accuracy"]) if acc is not None]
-        accuracy = [curve["central_accuracy"][i] for i in kept]
-        by_round.plot([curve["round"][i] for i in kept], accuracy, marker="o", label=run["label"])
-        timed = [i for i in kept if curve["elapsed_s"][i] is not None]
-        by_time.plot(
-            [curve["elapsed_s"][i] for i in timed],
-            [curve["central_accuracy"][i] for i in timed],
-            marker="o",
-            label=run["label"],
-        )
-    target = comparison["target"]
-    for axes, xlabel in ((by_round, "round"), (by_time, "wall time in rounds (s)")):
-        if target is not None:
-            axes.axhline(
-                target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}"
-            )
-        axes.set(xlabel=xlabel, ylabel="central accuracy", ylim=(0, 1))
-        axes.grid(alpha=0.3)
-    by_round.xaxis.get_major_locator().set_params(integer=True)
-    by_round.set_title("accuracy per round")
-    by_time.set_title("accuracy over wall time")
-    by_time.legend(loc="lower right", fontsize="small")
-    keys = ", ".join(comparison["differing_keys"]) or "nothing"  # type: ignore[arg-type]
-    save_figure(figure, f"runs compared (differ in {keys})", output)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TextIO
 
 from server.record.privacy_report import round_epsilon
+from server.record.schema import int_value, real_or_none
 
 EXPORT_COLUMNS = (
     "round",
@@ -52,7 +53,7 @@ def strict_json(value: object) -> str:
     return json.dumps(finite_or_none(value), allow_nan=False)
 
 
-def stored_metrics(metrics_json: object) -> object:
+def stored_metrics(metrics_json: object) -> dict[str, object] | None:
     """The metrics object a round row stores, or None when the text is not a JSON object."""
     try:
         metrics = json.loads(str(metrics_json))
@@ -123,8 +124,9 @@ def plot_rounds(
     plt = figure_pyplot()
 
     def series(key: str) -> tuple[list[int], list[float]]:
-        points = [(int(r["round"]), float(r[key])) for r in rows if r[key] is not None]  # type: ignore[call-overload, arg-type]
-        return [p[0] for p in points], [p[1] for p in points]
+        points = [(int_value(r, "round"), real_or_none(r, key)) for r in rows]
+        kept = [(server_round, value) for server_round, value in points if value is not None]
+        return [p[0] for p in kept], [p[1] for p in kept]
 
     figure, (accuracy, loss, clients, privacy) = plt.subplots(1, 4, figsize=(20, 4))
     for key, label in (("central_accuracy", "central"), ("federated_accuracy", "federated")):
@@ -139,14 +141,15 @@ def plot_rounds(
         loss.plot(*series(key), marker="o", label=label)
     loss.set(title="loss", xlabel=step)
     loss.legend()
-    trained = [r for r in rows if int(r["round"]) > 0]  # type: ignore[call-overload]
-    rounds = [int(r["round"]) for r in trained]  # type: ignore[call-overload]
-    clients.bar(rounds, [int(r["accepted"]) for r in trained], label="accepted")  # type: ignore[call-overload]
+    trained = [r for r in rows if int_value(r, "round") > 0]
+    rounds = [int_value(r, "round") for r in trained]
+    accepted = [int_value(r, "accepted") for r in trained]
+    clients.bar(rounds, accepted, label="accepted")
     clients.bar(
         rounds,
-        [int(r["rejected"]) + int(r["failed"]) for r in trained],  # type: ignore[call-overload]
-        bottom=[int(r["accepted"]) for r in trained],
-        label="rejected / failed",  # type: ignore[call-overload]
+        [int_value(r, "rejected") + int_value(r, "failed") for r in trained],
+        bottom=accepted,
+        label="rejected / failed",
     )
     clients.set(title=f"clients per {step}", xlabel=step)
     clients.legend()
@@ -160,10 +163,10 @@ def plot_privacy(axes: object, rows: list[dict[str, object]]) -> None:
     The initial model (round 0) cost nothing: it is drawn at epsilon 0.
     """
     points = [
-        (0.0 if row["round"] == 0 else epsilon, float(row["central_accuracy"]))  # type: ignore[arg-type]
+        (0.0 if row["round"] == 0 else epsilon, accuracy)
         for row in rows
         if ((epsilon := round_epsilon(row)) is not None or row["round"] == 0)
-        and row["central_accuracy"] is not None
+        and (accuracy := real_or_none(row, "central_accuracy")) is not None
     ]
     finite = [(e, a) for e, a in points if e is not None and math.isfinite(e)]
     if len(finite) > 1 or (finite and len(points) == 1):

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from server.record.privacy_report import privacy_summary
+from server.record.schema import int_value, real_or_none, real_value
 from server.record.store import DB_NAME, RunStore, RunStoreError
 from task.config import fedcoord_home
 from task.names import RunNameError, find_run_dir_problem
@@ -77,7 +78,7 @@ def newest(runs: list[Path]) -> Path:
         except RunStoreError:
             return float("-inf")
         try:
-            created_at = float(store.run_row()["created_at"])  # type: ignore[arg-type]
+            created_at = real_value(store.run_row(), "created_at")
         except RunStoreError:
             return float("-inf")
         finally:
@@ -112,12 +113,13 @@ def run_status(run_dir: Path) -> dict[str, object]:
     finally:
         store.close()
     now = time.time()
-    heartbeat_at = run["heartbeat_at"]
-    completed = [r for r in rounds if int(r["round"]) > 0]  # type: ignore[call-overload]
-    num_rounds = int(run["num_rounds"])  # type: ignore[call-overload]
-    current = int(run["current_round"])  # type: ignore[call-overload]
+    heartbeat_at = real_or_none(run, "heartbeat_at")
+    completed = [r for r in rounds if int_value(r, "round") > 0]
+    num_rounds = int_value(run, "num_rounds")
+    current = int_value(run, "current_round")
     latest = rounds[-1] if rounds else None
-    state = effective_state(str(run["state"]), heartbeat_at, now)  # type: ignore[arg-type]
+    state = effective_state(str(run["state"]), heartbeat_at, now)
+    accuracies = [real_or_none(r, "central_accuracy") for r in rounds]
     return {
         "run_name": run["run_name"],
         "state": state,
@@ -131,10 +133,7 @@ def run_status(run_dir: Path) -> dict[str, object]:
         "replies_received": run["replies_received"],
         "replies_expected": run["replies_expected"],
         "metrics": _round_metrics(latest),
-        "best_accuracy": max(
-            (float(r["central_accuracy"]) for r in rounds if r["central_accuracy"] is not None),
-            default=None,
-        ),
+        "best_accuracy": max((a for a in accuracies if a is not None), default=None),
         "nodes": len(nodes),
         "heartbeat_age_s": None if heartbeat_at is None else round(now - heartbeat_at, 3),
         "server_pid": run["server_pid"],
@@ -211,5 +210,5 @@ def _eta(completed: list[dict[str, object]], remaining: int, state: str) -> floa
     if state != "running" or not completed or remaining <= 0:
         return None if remaining > 0 else 0.0
     recent = completed[-5:]
-    mean = sum(float(r["duration_s"]) for r in recent) / len(recent)  # type: ignore[arg-type]
+    mean = sum(real_value(r, "duration_s") for r in recent) / len(recent)
     return round(mean * remaining, 1)

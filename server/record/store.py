@@ -4,26 +4,15 @@ It is the only channel between the running ServerApp (the writer) and the
 control CLI (a reader that also queues commands). WAL mode lets the CLI read
 while the server writes; every write is one short transaction.
 
-``run.db`` is read back as untrusted input: opening it checks the schema
-version, every table and column, and the run row; every read checks the kind
-of each value. Anything else (truncated, random or empty files, another
-program's database, a half-written store, text where a number belongs) raises
-:class:`CorruptRunError` with one line naming the run and the problem. Readers
-open it read-only (``mode=ro``) and never change it.
-
-Tamper evidence (schema 2): each round row carries a hash chained over every
-other column of the row and the previous row's hash, starting from a genesis
-hash bound to the run (name, creation time, config). The newest row's round
-and hash are kept apart as the chain head (``meta``), written in the same
-transaction, so deleting the newest rows is noticed too. Schema 1 stores
-(older fedcoord) stay readable, not writable.
+``run.db`` is read back as untrusted input (:mod:`server.record.schema`: every
+table, column and value is checked; readers open it read-only, ``mode=ro``, and
+never change it) and its round rows are chained (:mod:`server.record.chain`).
+Schema 1 stores (older fedcoord) stay readable, not writable.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import sqlite3
 import threading
 import time
@@ -31,141 +20,33 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+from server.record.chain import (
+    CHAIN_HEAD_KEY,
+    GENESIS_HASH,
+    chain_hash,
+    genesis_hash,
+    parse_head,
+    write_head,
+)
+from server.record.schema import (
+    DB_NAME,
+    LEGACY_SCHEMA_VERSION,
+    SCHEMA,
+    SCHEMA_VERSION,
+    CorruptRunError,
+    RunStoreError,
+    check_layout,
+    checked_rows,
+    int_value,
+)
+
+if TYPE_CHECKING:  # the store itself never reads checkpoint files (nor imports numpy)
+    from server.record.checkpoints import SavedCheckpoint
 
 T = TypeVar("T")
-SCHEMA_VERSION = 2
-# Schema 1 (chain over model hash, round and metrics only) is read, never written.
-LEGACY_SCHEMA_VERSION = 1
-DB_NAME = "run.db"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS run (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    run_name TEXT NOT NULL,
-    state TEXT NOT NULL,
-    num_rounds INTEGER NOT NULL,
-    current_round INTEGER NOT NULL DEFAULT 0,
-    phase TEXT NOT NULL DEFAULT '',
-    replies_received INTEGER NOT NULL DEFAULT 0,
-    replies_expected INTEGER NOT NULL DEFAULT 0,
-    config_json TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    heartbeat_at REAL,
-    server_pid INTEGER,
-    flwr_run_id TEXT,
-    message TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY,
-    started_at REAL NOT NULL,
-    ended_at REAL NOT NULL,
-    duration_s REAL NOT NULL,
-    sampled INTEGER NOT NULL,
-    accepted INTEGER NOT NULL,
-    rejected INTEGER NOT NULL,
-    failed INTEGER NOT NULL,
-    updated INTEGER NOT NULL,
-    train_loss REAL,
-    central_loss REAL,
-    central_accuracy REAL,
-    federated_loss REAL,
-    federated_accuracy REAL,
-    metrics_json TEXT NOT NULL,
-    model_hash TEXT NOT NULL,
-    chain_hash TEXT NOT NULL,
-    note TEXT NOT NULL DEFAULT '',
-    checkpoint_sha256 TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS nodes (
-    node_id TEXT PRIMARY KEY,
-    partition_id INTEGER,
-    num_examples INTEGER NOT NULL DEFAULT 0,
-    device TEXT NOT NULL DEFAULT '',
-    rounds_joined INTEGER NOT NULL DEFAULT 0,
-    failures INTEGER NOT NULL DEFAULT 0,
-    rejected INTEGER NOT NULL DEFAULT 0,
-    weight REAL NOT NULL DEFAULT 1.0,
-    last_seen REAL,
-    last_error TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS rejections (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    round INTEGER NOT NULL,
-    node_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS commands (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    command TEXT NOT NULL,
-    argument TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    consumed_at REAL
-);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL,
-    message TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    round INTEGER PRIMARY KEY,
-    path TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    central_accuracy REAL,
-    created_at REAL NOT NULL
-);
-"""
-
-GENESIS_HASH = "0" * 64  # the first link of a schema 1 chain
-CHAIN_FORMAT = "fedcoord-chain-2"
-CHAIN_HEAD_KEY = "chain_head"
 HEARTBEAT_INTERVAL_S = 1.0
-# Columns schema 2 added; a schema 1 store has all the others.
-ADDED_IN_SCHEMA_2 = {"rounds": ("checkpoint_sha256",)}
-SQL_KINDS = {"INTEGER": int, "REAL": (int, float), "TEXT": str}
-_COLUMN = re.compile(r"^\s+(\w+) (INTEGER|REAL|TEXT)\b(.*?),?$")
-
-
-class RunStoreError(RuntimeError):
-    """The run store is missing, of another schema version, or inconsistent."""
-
-
-class CorruptRunError(RunStoreError):
-    """A ``run.db`` that cannot be read as a fedcoord run store; one line naming run and problem.
-
-    Attributes
-    ----------
-    problem : str
-        What is wrong, without the run's name.
-    """
-
-    def __init__(self, run_dir: Path, problem: str) -> None:
-        self.problem = problem
-        super().__init__(f"run {Path(run_dir).name!r} is unreadable: {problem}")
-
-
-def _columns_of(schema: str) -> dict[str, dict[str, tuple[type | tuple[type, ...], bool]]]:
-    """Table -> column -> (Python kinds of its values, whether NULL is allowed)."""
-    tables: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {}
-    current: dict[str, tuple[type | tuple[type, ...], bool]] = {}
-    for line in schema.splitlines():
-        if line.startswith("CREATE TABLE"):
-            current = tables.setdefault(line.split()[5], {})
-        elif match := _COLUMN.match(line):
-            name, kind, rest = match.groups()
-            current[name] = (SQL_KINDS[kind], "NOT NULL" not in rest and "PRIMARY KEY" not in rest)
-    return tables
-
-
-TABLE_COLUMNS = _columns_of(SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -183,36 +64,6 @@ class RoundRecord:
     metrics: Mapping[str, float]
     model_hash: str
     note: str = ""
-
-
-def legacy_chain_hash(previous: str, model_hash: str, server_round: int, metrics_json: str) -> str:
-    """Hash linking a schema 1 round row to the one before it (three of its columns)."""
-    payload = f"{previous}|{model_hash}|{server_round}|{metrics_json}".encode()
-    return hashlib.sha256(payload).hexdigest()
-
-
-def chain_hash(previous: str, row: Mapping[str, object]) -> str:
-    """Hash linking a round row to the one before it: every column but ``chain_hash``.
-
-    The values are encoded with their kinds (1, 1.0 and "1" differ; floats exactly,
-    by their shortest round-trip form), so any edit of any stored value changes it.
-    """
-    fields = [[name, _canonical(row[name])] for name in sorted(row) if name != "chain_hash"]
-    payload = json.dumps([CHAIN_FORMAT, previous, fields], separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def genesis_hash(run: Mapping[str, object]) -> str:
-    """The link before the first round row, bound to the run's name, creation time and config."""
-    fields = [_canonical(run[key]) for key in ("run_name", "created_at", "config_json")]
-    payload = json.dumps([CHAIN_FORMAT, "genesis", fields], separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def _canonical(value: object) -> object:
-    if isinstance(value, bytes):
-        return {"blob": value.hex()}
-    return [type(value).__name__, value]
 
 
 def connect(db_path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -267,7 +118,7 @@ class RunStore:
         except sqlite3.Error as error:
             raise CorruptRunError(self.run_dir, f"run.db cannot be opened ({error})") from None
         try:
-            self.schema_version = self._read(self._check_layout)
+            self.schema_version = self._read(lambda: check_layout(self._db, self.run_dir))
         except BaseException:
             self._db.close()
             raise
@@ -309,61 +160,9 @@ class RunStore:
                 " updated_at) VALUES (1, ?, 'running', ?, ?, ?, ?)",
                 (run_name, num_rounds, json.dumps(dict(config), default=str), now, now),
             )
-            _write_head(db, None, genesis_hash(_one_row(db, "SELECT * FROM run WHERE id = 1")), 0)
+            write_head(db, None, genesis_hash(_one_row(db, "SELECT * FROM run WHERE id = 1")), 0)
         db.close()
         return cls(run_dir)
-
-    def _check_layout(self) -> int:
-        """The schema version, after checking every table, column and the run row."""
-        tables = {
-            str(row[0])
-            for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
-        }
-        if "meta" not in tables:
-            found = ", ".join(sorted(tables)[:5]) or "none"
-            raise CorruptRunError(
-                self.run_dir, f"run.db is not a fedcoord run store (tables: {found})"
-            )
-        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        text = row["value"] if row is not None else None
-        if not (isinstance(text, str) and text.isascii() and text.isdigit() and len(text) < 6):
-            raise CorruptRunError(
-                self.run_dir, f"run.db has no valid schema version ({_show(text)})"
-            )
-        version = int(text)
-        if version not in (LEGACY_SCHEMA_VERSION, SCHEMA_VERSION):
-            raise CorruptRunError(
-                self.run_dir,
-                f"run.db has schema version {version}; this fedcoord reads versions "
-                f"{LEGACY_SCHEMA_VERSION} and {SCHEMA_VERSION}",
-            )
-        for table, columns in TABLE_COLUMNS.items():
-            if table not in tables:
-                raise CorruptRunError(
-                    self.run_dir, f"run.db has no table {table!r} (half-written?)"
-                )
-            present = {str(r["name"]) for r in self._db.execute(f"PRAGMA table_info({table})")}
-            needed = set(columns) - set(ADDED_IN_SCHEMA_2.get(table, ()) if version == 1 else ())
-            missing = sorted(needed - present)
-            if missing:
-                raise CorruptRunError(self.run_dir, f"table {table} has no column {missing[0]!r}")
-        self._checked("run", self._db.execute("SELECT * FROM run WHERE id = 1").fetchall(), 1)
-        return version
-
-    def _checked(
-        self, table: str, rows: list[sqlite3.Row], exactly: int | None = None
-    ) -> list[dict[str, object]]:
-        """``rows`` as dicts after checking the kind of every value of ``table``."""
-        if exactly is not None and len(rows) != exactly:
-            raise CorruptRunError(
-                self.run_dir, f"run.db has {len(rows)} {table} rows, not {exactly}"
-            )
-        checked = [dict(row) for row in rows]
-        for row in checked:
-            problem = find_value_problem(table, row)
-            if problem is not None:
-                raise CorruptRunError(self.run_dir, problem)
-        return checked
 
     def _read(self, read: Callable[[], T]) -> T:
         """``read()``, an SQLite error raised as :class:`CorruptRunError`."""
@@ -376,9 +175,11 @@ class RunStore:
     def _select(
         self, table: str, query: str, parameters: tuple[object, ...] = ()
     ) -> list[dict[str, object]]:
-        return self._read(
-            lambda: self._checked(table, self._db.execute(query, parameters).fetchall())
-        )
+        def select() -> list[dict[str, object]]:
+            rows = self._db.execute(query, parameters).fetchall()
+            return checked_rows(self.run_dir, table, rows)
+
+        return self._read(select)
 
     def close(self) -> None:
         """Close the connection."""
@@ -421,10 +222,10 @@ class RunStore:
             "INSERT INTO events (at, kind, message) VALUES (?, ?, ?)", (time.time(), kind, message)
         )
 
-    def record_round(self, record: RoundRecord, checkpoint: tuple[Path, str] | None = None) -> str:
+    def record_round(self, record: RoundRecord, checkpoint: SavedCheckpoint | None = None) -> str:
         """Insert a completed round, chained to the previous row; return its chain hash.
 
-        The round row, its checkpoint row (``(path, sha256)``) and the chain head
+        The round row, its checkpoint row (file name and SHA-256) and the chain head
         are written in one transaction: all are on record or none is. The hash is
         computed from the row as SQLite stores it (read back), so a reader
         recomputes exactly the same value.
@@ -448,7 +249,7 @@ class RunStore:
             "model_hash": record.model_hash,
             "chain_hash": "",
             "note": record.note,
-            "checkpoint_sha256": checkpoint[1] if checkpoint is not None else "",
+            "checkpoint_sha256": checkpoint.sha256 if checkpoint is not None else "",
         }
         with _transaction(self._db):
             if checkpoint is not None:
@@ -456,8 +257,8 @@ class RunStore:
                     "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
                     (
                         record.round,
-                        checkpoint[0].name,
-                        checkpoint[1],
+                        checkpoint.path.name,
+                        checkpoint.sha256,
                         record.metrics.get("central-accuracy"),
                         time.time(),
                     ),
@@ -490,9 +291,9 @@ class RunStore:
             "SELECT round, chain_hash FROM rounds ORDER BY round DESC LIMIT 1"
         ).fetchone()
         if last is None:
-            _write_head(self._db, None, self.genesis(), 0)
+            write_head(self._db, None, self.genesis(), 0)
         else:
-            _write_head(self._db, int(last["round"]), str(last["chain_hash"]), count)
+            write_head(self._db, int(last["round"]), str(last["chain_hash"]), count)
 
     def record_node_reply(  # noqa: PLR0913
         self,
@@ -544,7 +345,7 @@ class RunStore:
         """
         dropped = self.pending_commands()
         for command in dropped:
-            self.consume_command(int(command["id"]))  # type: ignore[call-overload]
+            self.consume_command(int_value(command, "id"))
         return [str(command["command"]) for command in dropped]
 
     def consume_command(self, command_id: int) -> None:
@@ -621,52 +422,13 @@ class RunStore:
                 "SELECT value FROM meta WHERE key = ?", (CHAIN_HEAD_KEY,)
             ).fetchone()
         )
-        try:
-            head = json.loads(row["value"]) if row is not None else None
-        except (TypeError, ValueError, RecursionError):
-            return None
-        valid = (
-            isinstance(head, dict)
-            and set(head) == {"round", "hash", "rows"}
-            and (head["round"] is None or type(head["round"]) is int)
-            and isinstance(head["hash"], str)
-            and type(head["rows"]) is int
-        )
-        return head if valid else None
-
-
-def find_value_problem(table: str, row: Mapping[str, object]) -> str | None:
-    """The first value of ``row`` (of ``table``) that is not of its column's kind, or None."""
-    for name, (kinds, nullable) in TABLE_COLUMNS[table].items():
-        if name not in row:
-            continue  # a schema 1 store lacks the columns schema 2 added
-        value = row[name]
-        if value is None and nullable:
-            continue
-        if not isinstance(value, kinds):
-            return f"{table}.{name} holds {_show(value)}, not {_kind_name(kinds)}"
-    return None
-
-
-def _kind_name(kinds: type | tuple[type, ...]) -> str:
-    return {int: "an integer", str: "text"}.get(kinds, "a number")  # type: ignore[call-overload]
-
-
-def _show(value: object, limit: int = 60) -> str:
-    """A value as one short line, for messages about what a file holds."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+        return parse_head(row["value"] if row is not None else None)
 
 
 def _one_row(
     db: sqlite3.Connection, query: str, parameters: tuple[object, ...] = ()
 ) -> dict[str, object]:
     return dict(db.execute(query, parameters).fetchone())
-
-
-def _write_head(db: sqlite3.Connection, server_round: int | None, link: str, rows: int) -> None:
-    head = json.dumps({"round": server_round, "hash": link, "rows": rows})
-    db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (CHAIN_HEAD_KEY, head))
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """``fedcoord verify``: check a run's record against itself and its checkpoint files.
 
-What is checked (schema 2, see :mod:`server.record.store`):
+What is checked (schema 2, see :mod:`server.record.chain`):
 
 - the chain: each round row's hash over all its columns and the previous hash,
   from the genesis hash bound to the run's name, creation time and config;
@@ -17,9 +17,10 @@ chain leaves out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from server.record.chain import chain_hash, legacy_chain_hash
 from server.record.checkpoints import (
     CHECKPOINT_DIR,
     Checkpoint,
@@ -29,7 +30,8 @@ from server.record.checkpoints import (
     load_checkpoint,
     model_hash,
 )
-from server.record.store import LEGACY_SCHEMA_VERSION, RunStore, chain_hash, legacy_chain_hash
+from server.record.schema import LEGACY_SCHEMA_VERSION, int_value
+from server.record.store import RunStore
 
 Row = Mapping[str, object]
 LEGACY_NOTE = (
@@ -42,16 +44,17 @@ def link_of(previous: str, row: Row, schema_version: int) -> str:
     """The chain hash ``row`` should carry after ``previous``, in the store's format."""
     if schema_version == LEGACY_SCHEMA_VERSION:
         metrics_json = str(row["metrics_json"])
-        return legacy_chain_hash(previous, str(row["model_hash"]), int(row["round"]), metrics_json)  # type: ignore[call-overload]
+        model = str(row["model_hash"])
+        return legacy_chain_hash(previous, model, int_value(row, "round"), metrics_json)
     return chain_hash(previous, row)
 
 
-def verify_chain(rounds: list[Row], genesis: str, schema_version: int) -> list[str]:
+def verify_chain(rounds: Sequence[Row], genesis: str, schema_version: int) -> list[str]:
     """Problems in the chain of round rows, oldest first (empty list when intact)."""
     problems = []
     previous = genesis
     for index, row in enumerate(rounds):
-        if index and row["round"] != int(rounds[index - 1]["round"]) + 1:  # type: ignore[call-overload]
+        if index and row["round"] != int_value(rounds[index - 1], "round") + 1:
             problems.append(
                 f"round {row['round']}: the row before it is round {rounds[index - 1]['round']} "
                 "(rows in between are missing)"
@@ -65,7 +68,7 @@ def verify_chain(rounds: list[Row], genesis: str, schema_version: int) -> list[s
     return problems
 
 
-def verify_head(rounds: list[Row], head: Row | None, current_round: int) -> list[str]:
+def verify_head(rounds: Sequence[Row], head: Row | None, current_round: int) -> list[str]:
     """Problems binding the newest round row: the chain head and ``run.current_round``."""
     if head is None:
         return ["the chain head (newest round and hash) is missing from run.db or malformed"]
@@ -91,7 +94,7 @@ def verify_head(rounds: list[Row], head: Row | None, current_round: int) -> list
 
 def verify_checkpoint(run_dir: Path, checkpoint: Row, round_row: Row | None) -> list[str]:
     """Problems of one kept checkpoint: its file, its hashes, the model it holds."""
-    server_round = int(checkpoint["round"])  # type: ignore[call-overload]
+    server_round = int_value(checkpoint, "round")
     prefix = f"round {server_round}: checkpoint"
     name_problem = checkpoint_file_problem(server_round, checkpoint["path"])
     if name_problem is not None:
@@ -130,7 +133,9 @@ def verify_checkpoint(run_dir: Path, checkpoint: Row, round_row: Row | None) -> 
     return problems
 
 
-def verify_checkpoints(run_dir: Path, checkpoints: list[Row], rounds: list[Row]) -> list[str]:
+def verify_checkpoints(
+    run_dir: Path, checkpoints: Sequence[Row], rounds: Sequence[Row]
+) -> list[str]:
     """Problems of every kept checkpoint (empty list when all are intact)."""
     by_round = {row["round"]: row for row in rounds}
     problems: list[str] = []
@@ -139,17 +144,17 @@ def verify_checkpoints(run_dir: Path, checkpoints: list[Row], rounds: list[Row])
     return problems
 
 
-def verify_newest_checkpointed(checkpoints: list[Row], rounds: list[Row]) -> list[str]:
+def verify_newest_checkpointed(checkpoints: Sequence[Row], rounds: Sequence[Row]) -> list[str]:
     """The newest trained round must keep the checkpoint its chained row records.
 
     Without this, deleting the newest checkpoint rows and files would roll a run
     back unnoticed: resume would go on from an older checkpoint and drop rounds.
     """
-    trained = [row for row in rounds if int(row["round"]) >= 1]  # type: ignore[call-overload]
+    trained = [row for row in rounds if int_value(row, "round") >= 1]
     if not trained or not trained[-1].get("checkpoint_sha256"):  # the chain records none
         return []
-    newest = int(trained[-1]["round"])  # type: ignore[call-overload]
-    if newest in {int(row["round"]) for row in checkpoints}:  # type: ignore[call-overload]
+    newest = int_value(trained[-1], "round")
+    if newest in {int_value(row, "round") for row in checkpoints}:
         return []
     return [
         f"round {newest}: the newest round has no checkpoint row (kept checkpoints: "
@@ -174,7 +179,7 @@ def verify_run(run_dir: Path) -> tuple[list[str], str]:
     try:
         rounds, checkpoints = store.rounds(), store.checkpoints()
         version, genesis = store.schema_version, store.genesis()
-        head, current = store.chain_head(), int(store.run_row()["current_round"])  # type: ignore[call-overload]
+        head, current = store.chain_head(), int_value(store.run_row(), "current_round")
     finally:
         store.close()
     problems = verify_chain(rounds, genesis, version)
@@ -216,7 +221,8 @@ def load_verified_checkpoint(store: RunStore) -> Checkpoint | None:
         return None
     latest = rows[-1]
     problems = verify_chain(rounds, store.genesis(), store.schema_version)
-    problems += verify_head(rounds, store.chain_head(), int(store.run_row()["current_round"]))  # type: ignore[call-overload]
+    current = int_value(store.run_row(), "current_round")
+    problems += verify_head(rounds, store.chain_head(), current)
     by_round = {row["round"]: row for row in rounds}
     problems += verify_checkpoint(store.run_dir, latest, by_round.get(latest["round"]))
     if problems:

@@ -15,11 +15,10 @@ from server.record import lifecycle
 from server.record.compare import (
     CompareError,
     compare_run_dirs,
-    format_comparison,
-    plot_comparison,
     resolve_compared,
     validate_target,
 )
+from server.record.compare_report import format_comparison, plot_comparison
 from server.record.operations import request_command, request_weight
 from server.record.privacy_report import privacy_line
 from server.record.results import plot_rounds, strict_json, write_rows
