@@ -65,6 +65,11 @@ from task.config import RunConfig
 COMMAND_POLL_S = 0.25
 EXPIRE_POLL_S = 1.0
 NODE_REFRESH_S = 0.5
+# While trainings are in flight, a new node's roll call waits this long, and a node
+# that does not answer is asked again at most this many times in all (then it is
+# known without a partition).
+ASYNC_ROLL_CALL_S = 2.0
+ASYNC_ROLL_CALL_ATTEMPTS = 3
 SAMPLE_ALL = 1e-9  # with minimum=n, NodeSampler.sample draws exactly n nodes
 
 
@@ -153,7 +158,9 @@ class AsyncCoordinator(Coordinator):
         if free <= 0:
             return
         busy = {training.node_id for training in self.in_flight.values()}
-        idle = [node_id for node_id in self._available_nodes() if node_id not in busy]
+        # Only nodes the roll call knows: a node's identity is what it answered there
+        known = [node_id for node_id in self._available_nodes() if node_id in self.partitions]
+        idle = [node_id for node_id in known if node_id not in busy]
         if not idle:
             return
         chosen = self.strategy.sample_nodes(idle, SAMPLE_ALL, min(free, len(idle)), self._node_key)
@@ -174,7 +181,12 @@ class AsyncCoordinator(Coordinator):
             self._next["nodes"] = time.monotonic() + NODE_REFRESH_S
         elif self._due("nodes", NODE_REFRESH_S):
             self._node_ids = list(self.grid.get_node_ids())
-        self._roll_call(self.version + 1, self._node_ids)
+        if not self.in_flight:  # nothing waits on it: as long as the nodes need
+            self._roll_call(self.version + 1, self._node_ids)
+        else:  # short and repeated, so replies in flight are collected meanwhile
+            self._roll_call(
+                self.version + 1, self._node_ids, ASYNC_ROLL_CALL_S, ASYNC_ROLL_CALL_ATTEMPTS
+            )
         return self._node_ids
 
     def _train_message(self, node_id: int) -> Message:
@@ -229,7 +241,7 @@ class AsyncCoordinator(Coordinator):
             self._specs,
             RoundReplyTracker(building),
             check_finite=False,
-            expected_partition=self.partitions.get(node_id),
+            roll_call=self.partitions,
         )
         if client_arrays is not None:
             self._fold(outcome, client_arrays, reference, self.version - training.version)

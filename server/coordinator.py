@@ -54,6 +54,8 @@ EvaluateFn = Callable[[NamedArrays], tuple[float, float]]
 """Central evaluation: global arrays -> (loss, accuracy)."""
 
 NODE_POLL_INTERVAL_S = 0.5
+# Event of a roll-call answer refused because another node holds that partition.
+ROLL_CALL_REFUSED = "roll-call-refused"
 NODE_SETTLE_S = 1.0
 
 
@@ -100,6 +102,8 @@ class Coordinator:
         # Node id -> partition id from the roll call (None: asked, no valid answer);
         # the strategy checks each reply's partition-id against it
         self.partitions: dict[int, int | None] = {}
+        # Node id -> roll calls it did not answer, while it is not known
+        self._roll_call_asked: dict[int, int] = {}
         self.strategy.set_node_partitions(self.partitions)
 
     # ------------------------------------------------------------------ run
@@ -284,26 +288,41 @@ class Coordinator:
         partition = self.partitions.get(node_id)
         return (0, partition, node_id) if partition is not None else (1, 0, node_id)
 
-    def _roll_call(self, server_round: int, node_ids: list[int]) -> None:
-        """Ask each node not asked before for its partition id (a ``query`` message).
+    def _roll_call(
+        self,
+        server_round: int,
+        node_ids: list[int],
+        timeout_s: float | None = None,
+        attempts: int = 1,
+    ) -> None:
+        """Ask each node not yet known for its partition id (a ``query`` message).
 
         Simulated nodes get new random ids in every run, so sampling and folding
         by node id would differ between two runs of one configuration; by
-        partition id they do not. Each node is asked once, when it is first
-        seen (nodes that left are forgotten): no step here is O(nodes) per round
-        but the bookkeeping of the node list. A node that gives no valid answer
-        within ``round-timeout`` is ordered after the others, by id, and an
-        invalid answer is recorded as a rejected reply. (The roll call is each
-        simulated node's first message, so it carries the ClientApp's start-up:
-        a shorter deadline would leave nodes unknown on a loaded machine.)
+        partition id they do not. The partition a node gives here is its identity
+        for the rest of the run: its weight, its place in the sample and fold
+        order, and the partition its train replies must agree with (see
+        :func:`strategies.replies.check_train_reply`). Nodes that left are
+        forgotten; no step here is O(nodes) per round but the node list's
+        bookkeeping.
+
+        A node is known once it answered, or once it was asked ``attempts`` times
+        (each phase ends at ``timeout_s``, default ``round-timeout``) without an
+        answer; until then it is asked again at each roll call. A node known
+        without a partition (-1: its own data; an invalid answer, recorded as a
+        rejected reply; no answer) is weighed with the default weight 1.0 and
+        ordered after the others, by id. A partition already held by another
+        present node is refused, so no reply can borrow another node's weight.
         """
         present = set(node_ids)
         for gone in [node_id for node_id in self.partitions if node_id not in present]:
             del self.partitions[gone]
+        for gone in [node_id for node_id in self._roll_call_asked if node_id not in present]:
+            del self._roll_call_asked[gone]
         unknown = [node_id for node_id in node_ids if node_id not in self.partitions]
         if not unknown:
             return
-        self.partitions.update(dict.fromkeys(unknown))
+        answered: dict[int, int | None] = {}
 
         def learn(round_: int, reply: Message) -> None:
             node_id = reply.metadata.src_node_id
@@ -312,20 +331,43 @@ class Coordinator:
             problem = (
                 "carries no partition-id" if value is None else find_partition_id_problem(value)
             )
+            answered[node_id] = None
             if problem is not None:
                 self._reject(round_, node_id, f"query reply: {problem}")
             elif isinstance(value, int | float) and value >= 0:  # -1: own data, no partition
-                self.partitions[node_id] = int(value)
+                self._claim_partition(round_, node_id, int(value), answered)
 
         content = RecordDict({keys.CONFIG: ConfigRecord(self._round_config(server_round))})
         started = time.perf_counter()
-        self.phases.run(server_round, "query", sorted(unknown), content, learn)
-        answered = sum(self.partitions[node_id] is not None for node_id in unknown)
+        self.phases.run(server_round, "query", sorted(unknown), content, learn, timeout_s)
+        self.partitions.update(answered)
+        for node_id in unknown:
+            if node_id not in answered:
+                self._roll_call_asked[node_id] = self._roll_call_asked.get(node_id, 0) + 1
+                if self._roll_call_asked[node_id] >= attempts:
+                    self.partitions[node_id] = None
+        gave = sum(answered.get(node_id) is not None for node_id in unknown)
         self.store.add_event(
             "roll-call",
-            f"round {server_round}: {answered}/{len(unknown)} new node(s) gave their partition "
+            f"round {server_round}: {gave}/{len(unknown)} new node(s) gave their partition "
             f"in {time.perf_counter() - started:.1f}s",
         )
+
+    def _claim_partition(
+        self, server_round: int, node_id: int, partition: int, answered: dict[int, int | None]
+    ) -> None:
+        """Record ``partition`` as ``node_id``'s, unless another present node holds it."""
+        holders = {**self.partitions, **answered}
+        holder = next((n for n, p in holders.items() if p == partition and n != node_id), None)
+        if holder is None:
+            answered[node_id] = partition
+            return
+        detail = (
+            f"partition-id {partition} is already node {holder}'s; this node takes part "
+            "without a partition (check the nodes' --partition-id)"
+        )
+        self._reject(server_round, node_id, f"query reply: {detail}")
+        self.store.add_event(ROLL_CALL_REFUSED, f"round {server_round}: node {node_id}: {detail}")
 
     def _evaluate_federated(
         self, server_round: int, arrays: NamedArrays, node_ids: Iterable[int]

@@ -105,19 +105,23 @@ class PhaseRunner:
         node_ids: list[int],
         content: RecordDict,
         on_reply: OnReplyFn,
+        timeout_s: float | None = None,
     ) -> PhaseResult:
         """Push one message per node, then pull and hand over replies until done.
 
         Replies are handed over in the order of ``node_ids`` (see
         :mod:`server.reply_order`), so that a round folds the same updates in
-        the same order whatever order they arrive in.
+        the same order whatever order they arrive in. The phase ends at
+        ``timeout_s`` (default: ``round-timeout``); a node whose reply did not
+        come is recorded as a failure.
         """
+        timeout_s = self.round_timeout if timeout_s is None else timeout_s
         messages = [Message(content, node_id, message_type) for node_id in node_ids]
         message_ids = list(self.grid.push_messages(messages))
         pending = {mid: nid for mid, nid in zip(message_ids, node_ids, strict=True) if mid}
         result = PhaseResult(sampled=len(node_ids))
         order: ReplyOrder[Message] = ReplyOrder(pending.values())
-        deadline = time.monotonic() + self.round_timeout
+        deadline = time.monotonic() + timeout_s
         while pending and time.monotonic() < deadline:
             replies = self.pull(server_round, message_type, pending, deadline)
             for reply in replies:
@@ -135,7 +139,8 @@ class PhaseRunner:
         result.most_held = order.most_held
         result.timed_out = sorted(pending.values())
         for node_id in result.timed_out:
-            reason = f"no {message_type} reply within round-timeout={self.round_timeout}s"
+            limit = "round-timeout=" if timeout_s == self.round_timeout else ""
+            reason = f"no {message_type} reply within {limit}{timeout_s}s"
             self.store.record_node_fault(node_id, server_round, "failure", reason)
         return result
 

@@ -88,8 +88,8 @@ class FlowerStrategyAdapter(SamplesNodes, RoundStrategy):
         self.min_train_nodes = min_train_nodes
         self.sampler = NodeSampler(seed)
         self._round = TrainRound(0, {})
-        # Node id -> partition from the coordinator's roll call (replies must agree)
-        self.node_partitions: Mapping[int, int | None] = {}
+        # Node id -> partition from the coordinator's roll call; None: no roll call
+        self.node_partitions: Mapping[int, int | None] | None = None
         self._accepted: list[tuple[Message, ArrayRecord]] = []
 
     def set_node_partitions(self, partitions: Mapping[int, int | None]) -> None:

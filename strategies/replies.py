@@ -110,7 +110,7 @@ def check_train_reply(
     tracker: RoundReplyTracker,
     *,
     check_finite: bool = True,
-    expected_partition: int | None = None,
+    roll_call: Mapping[int, int | None] | None = None,
 ) -> tuple[ReplyOutcome, NamedArrays | None]:
     """Validate one training reply against the global model's ``specs``; never raise.
 
@@ -120,9 +120,15 @@ def check_train_reply(
     everything ``validate_reply`` checks are rejected with a reason; so is a
     reply whose reading raises anything else. With ``check_finite=False`` the
     caller checks the values for NaN and infinities (see ``validate_reply``).
-    ``expected_partition`` is the partition the node gave at the roll call: a
-    reply that claims another one is rejected (operator weights go by
-    partition), and one that names none is taken as that partition's.
+    ``roll_call`` maps node ids to the partition each gave at the roll call
+    (None: no partition recorded, such as a node with its own data or one
+    without a valid answer; a node missing from it has none recorded either).
+    A node's identity is what the server recorded, never what a reply says: a
+    reply that claims another partition than the record, or any partition
+    when none is recorded, is rejected (operator weights go by partition); one
+    that names none is taken as the record's, and the accepted outcome carries
+    the recorded partition. Without ``roll_call`` (no coordinator, e.g. a
+    strategy used on its own) the reply's own valid ``partition-id`` is taken.
     """
     node_id = reply.metadata.src_node_id
     try:
@@ -136,7 +142,7 @@ def check_train_reply(
         duplicate = tracker.check_duplicate(node_id)
         if duplicate is not None:
             return ReplyOutcome(node_id, False, duplicate), None
-        return _read_train_reply(reply, specs, check_finite, expected_partition)
+        return _read_train_reply(reply, specs, check_finite, roll_call)
     except Exception as error:  # noqa: BLE001 - the trust boundary: one reply, never the run
         return ReplyOutcome(node_id, False, unreadable(error)), None
 
@@ -145,6 +151,29 @@ def _read_info(reply: Message) -> dict[str, str]:
     record = reply.content.config_records.get(keys.INFO)
     items = list(record.items())[:MAX_INFO_ITEMS] if record else []
     return {node_text(k, MAX_INFO_TEXT): node_text(v, MAX_INFO_TEXT) for k, v in items}
+
+
+def _find_identity_problem(
+    metrics: Mapping[str, object] | None, claimed: int | None, recorded: int | None
+) -> str | None:
+    """Why a reply's ``partition-id`` contradicts the roll call's record, or None.
+
+    An invalid claim is left to ``validate_reply``, which names its fault; -1 (own
+    data, no partition) and no claim agree with a node that has none recorded.
+    """
+    if metrics is None or metrics.get(keys.PARTITION_ID) is None or claimed is None:
+        return None
+    if recorded is None and claimed >= 0:
+        return (
+            f"partition-id {claimed} claimed, but this node gave no partition at the roll "
+            "call (it is weighed and sampled as a node without one)"
+        )
+    if recorded is not None and claimed != recorded:
+        return (
+            f"partition-id {claimed} differs from partition {recorded} this node gave at the "
+            "roll call"
+        )
+    return None
 
 
 def _read_partition_id(metrics: Mapping[str, object] | None) -> int | None:
@@ -157,7 +186,7 @@ def _read_train_reply(
     reply: Message,
     specs: Mapping[str, ArraySpec],
     check_finite: bool,
-    expected_partition: int | None,
+    roll_call: Mapping[int, int | None] | None,
 ) -> tuple[ReplyOutcome, NamedArrays | None]:
     node_id = reply.metadata.src_node_id
     content = reply.content
@@ -168,19 +197,20 @@ def _read_train_reply(
     info = _read_info(reply)
     partition = _read_partition_id(metrics)
     rejected = ReplyOutcome(node_id, False, info=info, partition_id=partition)
-    if expected_partition is not None and metrics is not None:
-        claimed = metrics.get(keys.PARTITION_ID)
-        if claimed is None:
-            metrics[keys.PARTITION_ID] = expected_partition
-            partition = rejected.partition_id = expected_partition
-        # An invalid claim is left to validate_reply, which names its fault
-        elif partition is not None and partition != expected_partition:
-            rejected.reason = (
-                f"partition-id {str(claimed)[:30]} differs from partition {expected_partition} "
-                "this node gave at the roll call"
-            )
-            rejected.partition_id = expected_partition
+    if roll_call is not None:
+        recorded = roll_call.get(node_id)
+        rejected.partition_id = recorded
+        problem = _find_identity_problem(metrics, partition, recorded)
+        if problem is not None:
+            rejected.reason = problem
             return rejected, None
+        invalid_claim = metrics is not None and metrics.get(keys.PARTITION_ID) is not None
+        invalid_claim = invalid_claim and partition is None  # validate_reply names it
+        partition = recorded
+        if metrics is not None and not invalid_claim:  # weights read the record, not the reply
+            metrics.pop(keys.PARTITION_ID, None)
+            if recorded is not None:
+                metrics[keys.PARTITION_ID] = recorded
     if array_record is not None and not is_packed(array_record):
         # Named arrays: their names are checked before any of them is read
         rejected.reason = find_array_names_problem(array_record, specs) or ""  # type: ignore[arg-type]
@@ -236,19 +266,19 @@ class TrainRound:
     global_arrays : Mapping[str, np.ndarray]
         The global model sent to the clients; replies must match its names,
         shapes and dtypes.
-    partitions : Mapping[int, int | None] or None
+    roll_call : Mapping[int, int | None] or None
         Node id -> the partition it gave at the roll call (see
-        :func:`check_train_reply`'s ``expected_partition``).
+        :func:`check_train_reply`); None: no roll call, replies' own claims count.
     """
 
     def __init__(
         self,
         server_round: int,
         global_arrays: Mapping[str, np.ndarray],
-        partitions: Mapping[int, int | None] | None = None,
+        roll_call: Mapping[int, int | None] | None = None,
     ) -> None:
         self.server_round = server_round
-        self.partitions = partitions or {}
+        self.roll_call = roll_call
         self.global_arrays: NamedArrays = dict(global_arrays)
         self.specs = specs_from_arrays(self.global_arrays)
         self.outcomes: list[ReplyOutcome] = []
@@ -263,7 +293,7 @@ class TrainRound:
             self.specs,
             self._tracker,
             check_finite=check_finite,
-            expected_partition=self.partitions.get(reply.metadata.src_node_id),
+            roll_call=self.roll_call,
         )
         self.outcomes.append(outcome)
         return outcome, arrays

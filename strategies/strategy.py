@@ -142,8 +142,8 @@ class FedCoordStrategy(SamplesNodes, Strategy, RoundStrategy):
         self.sampler = NodeSampler(seed)
         self._aggregator: Aggregator = make_aggregator(aggregator, **self.aggregator_options)
         self._round = TrainRound(0, {})
-        # Node id -> partition from the coordinator's roll call (replies must agree)
-        self.node_partitions: Mapping[int, int | None] = {}
+        # Node id -> partition from the coordinator's roll call; None: no roll call
+        self.node_partitions: Mapping[int, int | None] | None = None
         self._fixed_denominator = False
         self._scratch: NamedArrays = {}
 

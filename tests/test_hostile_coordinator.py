@@ -125,7 +125,7 @@ def test_a_reply_that_raises_anywhere_is_rejected_and_the_round_goes_on(tmp_path
 
     grid = ReplyingGrid([2, 3, 4], reply_fn, failing_pulls=1)
     coordinator = make_coordinator(tmp_path, grid)
-    coordinator.partitions = {2: 2, 3: 3, 4: 4}  # roll call done: the first pull is train's
+    coordinator.partitions.update({2: 2, 3: 3, 4: 4})  # roll call done: the first pull is train's
     add_reply = coordinator.strategy.add_reply
 
     def add_reply_raising_for_node_4(reply: Message):  # noqa: ANN202
