@@ -35,6 +35,7 @@ from server.record.round_result import (
     record_initial_evaluation,
     record_round_result,
 )
+from server.record.runs import ROLL_CALL_REFUSED
 from server.record.store import RoundRecord, RunStore
 from strategies.accountant import EPSILON_METRIC
 from strategies.accounted import accounted
@@ -54,8 +55,6 @@ EvaluateFn = Callable[[NamedArrays], tuple[float, float]]
 """Central evaluation: global arrays -> (loss, accuracy)."""
 
 NODE_POLL_INTERVAL_S = 0.5
-# Event of a roll-call answer refused because another node holds that partition.
-ROLL_CALL_REFUSED = "roll-call-refused"
 NODE_SETTLE_S = 1.0
 
 

@@ -16,6 +16,8 @@ from test_hostile_coordinator import (  # noqa: F401 - server_identity is an aut
     server_identity,
 )
 
+from server.record.runs import run_status
+from server.ui import cli
 from strategies.records import pack_arrays
 from task import keys
 
@@ -69,7 +71,7 @@ def test_a_node_without_a_partition_cannot_claim_one_to_take_its_weight(tmp_path
     assert coordinator.partitions == {20: 0, 30: None, 40: 2}
 
 
-def test_a_partition_given_by_two_nodes_is_refused_to_the_second(tmp_path):
+def test_a_partition_given_by_two_nodes_is_refused_to_the_second(tmp_path, capsys):
     # Prepare: nodes 20 and 30 both answer partition 0 (say, two nodes started with
     # --partition-id 0); partition 0 weighs 1000
     roll_call = {20: 0, 30: 0, 40: 1}
@@ -104,6 +106,9 @@ def test_a_partition_given_by_two_nodes_is_refused_to_the_second(tmp_path):
     ]
     last_error = {int(n["node_id"]): n["last_error"] for n in coordinator.store.nodes()}
     assert "partition-id 0 claimed" in str(last_error[30])
+    assert run_status(tmp_path / "run")["roll_call_refused"] == events
+    assert cli.main(["--runs-dir", str(tmp_path), "status", "run"]) == 0
+    assert "roll call  refused round 1: node 30: partition-id 0" in capsys.readouterr().out
 
 
 def test_a_node_silent_at_a_short_roll_call_is_asked_again_then_known_without_one(tmp_path):

@@ -15,6 +15,8 @@ from task.names import RunNameError, find_run_dir_problem
 
 FINAL_STATES = ("stopped", "completed", "failed")
 STALE_HEARTBEAT_S = 15.0
+# The coordinator's event for a roll-call answer naming a partition another node holds.
+ROLL_CALL_REFUSED = "roll-call-refused"
 
 
 class RunNotFoundError(LookupError):
@@ -110,6 +112,7 @@ def run_status(run_dir: Path) -> dict[str, object]:
         run = store.run_row()
         rounds = store.rounds()
         nodes = store.nodes()
+        refused = store.events_of_kind(ROLL_CALL_REFUSED, limit=5)
     finally:
         store.close()
     now = time.time()
@@ -135,6 +138,7 @@ def run_status(run_dir: Path) -> dict[str, object]:
         "metrics": _round_metrics(latest),
         "best_accuracy": max((a for a in accuracies if a is not None), default=None),
         "nodes": len(nodes),
+        "roll_call_refused": [str(event["message"]) for event in refused],
         "heartbeat_age_s": None if heartbeat_at is None else round(now - heartbeat_at, 3),
         "server_pid": run["server_pid"],
         "flwr_run_id": run["flwr_run_id"],

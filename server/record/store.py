@@ -395,6 +395,11 @@ class RunStore:
         rows = self._select("events", "SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
         return rows[::-1]
 
+    def events_of_kind(self, kind: str, limit: int = 50) -> list[dict[str, object]]:
+        """The latest events of one kind, oldest first."""
+        query = "SELECT * FROM events WHERE kind = ? ORDER BY id DESC LIMIT ?"
+        return self._select("events", query, (kind, limit))[::-1]
+
     def rejections(self, limit: int = 50) -> list[dict[str, object]]:
         """The latest rejected updates and failures with their reasons, newest first."""
         query = "SELECT * FROM rejections ORDER BY id DESC LIMIT ?"
