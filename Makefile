@@ -9,6 +9,10 @@ STAMP := $(VENV)/.fedcoord-installed
 SUPERNODES ?= 10
 RUN_CONFIG ?=
 NUM_CPUS ?= 1
+# GPU share per simulated node (auto: the visible GPUs shared among the nodes at once)
+NUM_GPUS ?= auto
+# HOST:PORT of a running Ray cluster to simulate on (empty: a local Ray, started and stopped)
+RAY_ADDRESS ?=
 FLWR_HOME_DIR := $(CURDIR)/.flwr_home
 # Tests that need no simulation, no browser and no network namespace.
 FAST_TESTS := -m "not slow"
@@ -28,6 +32,7 @@ system-deps:
 
 demo: setup
 	@$(BIN)/python -m server.launch.simulation --supernodes $(SUPERNODES) --num-cpus $(NUM_CPUS) \
+		--num-gpus $(NUM_GPUS) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) \
 		--flwr-home $(FLWR_HOME_DIR) --run-config "$(RUN_CONFIG)"
 
 lint: setup

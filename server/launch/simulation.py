@@ -24,7 +24,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from pathlib import Path
 import httpx
 
 from server.launch.processes import flwr_env, free_port, stop_process, stop_tree
+from server.launch.resources import SimulationResources, plan_resources
 from server.preflight import check_resumable_exists, check_run_name_free, parse_app_run_config
 from server.record.runs import run_status
 from server.record.store import DB_NAME, RunStoreError
@@ -93,7 +94,9 @@ def _wait_healthy(process: subprocess.Popen[bytes], port: int, log_file: Path) -
 
 
 @contextmanager
-def local_superlink(flwr_home: Path) -> Iterator[LocalSuperLink]:
+def local_superlink(
+    flwr_home: Path, extra_env: Mapping[str, str] | None = None
+) -> Iterator[LocalSuperLink]:
     """Start a simulation SuperLink under ``flwr_home``; stop it (by PID) on exit.
 
     The SuperLink runs in its own process group so that the simulation
@@ -122,7 +125,7 @@ def local_superlink(flwr_home: Path) -> Iterator[LocalSuperLink]:
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
             command,
-            env=flwr_env(flwr_home),
+            env={**flwr_env(flwr_home), **(extra_env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -137,10 +140,21 @@ def local_superlink(flwr_home: Path) -> Iterator[LocalSuperLink]:
 
 
 def flwr_run_command(
-    app_dir: Path, supernodes: int, run_config: str, num_cpus: float, stream: bool = True
+    app_dir: Path,
+    supernodes: int,
+    run_config: str,
+    num_cpus: float,
+    stream: bool = True,
+    num_gpus: float = 0.0,
 ) -> list[str]:
-    """The ``flwr run`` command line for a simulation with ``supernodes`` nodes."""
+    """The ``flwr run`` command line for a simulation with ``supernodes`` nodes.
+
+    ``num_gpus`` > 0 asks Ray for that share of a GPU per simulated node: Ray hides
+    every GPU from a node that asks for none (``CUDA_VISIBLE_DEVICES=''``).
+    """
     federation = f"num-supernodes={supernodes} client-resources-num-cpus={num_cpus:g}"
+    if num_gpus > 0:
+        federation += f" client-resources-num-gpus={num_gpus:g}"
     command = [
         str(Path(sys.executable).with_name("flwr")),
         "run",
@@ -156,12 +170,25 @@ def flwr_run_command(
     return command
 
 
-def run_simulation(
-    app_dir: Path, flwr_home: Path, supernodes: int, run_config: str, num_cpus: float = 1.0
+def run_simulation(  # noqa: PLR0913
+    app_dir: Path,
+    flwr_home: Path,
+    supernodes: int,
+    run_config: str,
+    num_cpus: float = 1.0,
+    resources: SimulationResources | None = None,
 ) -> int:
-    """Run the app to completion on a fresh SuperLink; return ``flwr run``'s exit code."""
-    with local_superlink(flwr_home) as link:
-        command = flwr_run_command(app_dir, supernodes, run_config, num_cpus)
+    """Run the app to completion on a fresh SuperLink; return ``flwr run``'s exit code.
+
+    With ``resources.ray_address`` the simulation joins that Ray cluster (Ray's
+    ``RAY_ADDRESS``); the cluster is the user's: it is never started or stopped here.
+    """
+    resources = resources or SimulationResources()
+    extra_env = {"RAY_ADDRESS": resources.ray_address} if resources.ray_address else {}
+    with local_superlink(flwr_home, extra_env) as link:
+        command = flwr_run_command(
+            app_dir, supernodes, run_config, num_cpus, num_gpus=resources.num_gpus
+        )
         process = subprocess.Popen(command, env=link.env(), start_new_session=True)
         try:
             return process.wait()
@@ -176,6 +203,7 @@ class PlannedRun:
     run_config: str
     run_dir: Path
     previous_flwr_run_id: str | None
+    device: str = "auto"
 
 
 def plan_run(app_dir: Path, run_config: str) -> PlannedRun:
@@ -196,7 +224,7 @@ def plan_run(app_dir: Path, run_config: str) -> PlannedRun:
         if not config.run_name:
             run_config = f"{run_config} run-name='{run_name}'".strip()
     run_dir = config.resolved_runs_dir / run_name
-    return PlannedRun(run_config, run_dir, _flwr_run_id(run_dir))
+    return PlannedRun(run_config, run_dir, _flwr_run_id(run_dir), config.device)
 
 
 def _read_status(run_dir: Path) -> dict[str, object] | None:
@@ -248,8 +276,20 @@ def launch(args: argparse.Namespace) -> int:
         _say(str(error))
         return EXIT_CONFIG
     try:
+        resources = plan_resources(
+            args.num_gpus, args.ray_address, planned.device, args.supernodes, args.num_cpus
+        )
+    except ConfigError as error:
+        _say(str(error))
+        return EXIT_CONFIG
+    try:
         run_simulation(
-            app_dir, Path(args.flwr_home), args.supernodes, planned.run_config, args.num_cpus
+            app_dir,
+            Path(args.flwr_home),
+            args.supernodes,
+            planned.run_config,
+            args.num_cpus,
+            resources,
         )
     except KeyboardInterrupt:
         _say(
@@ -281,6 +321,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--supernodes", type=int, default=10, help="simulated nodes")
     parser.add_argument("--run-config", default="", help='e.g. "num-server-rounds=3"')
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per simulated node")
+    parser.add_argument(
+        "--num-gpus",
+        default="auto",
+        help="GPU share per simulated node, e.g. 0.25 (default auto: the visible GPUs shared "
+        "among the nodes that run at once; 0 without CUDA)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default="",
+        help="HOST:PORT of a running Ray cluster to simulate on (never started or stopped here)",
+    )
     parser.add_argument("--flwr-home", default=".flwr_home", help="FLWR_HOME for this run")
     parser.add_argument(
         "--debug", action="store_true", help="log tracebacks of config and node errors too"
