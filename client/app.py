@@ -18,7 +18,8 @@ from client.hostile import (
 from client.shard import NodeData, load_node_data, model_for, node_partition_id
 from strategies.records import arrays_to_numpy, record_like
 from task import keys
-from task.config import RunConfig, parse_partition_ids, parse_run_config
+from task.config import RunConfig, parse_run_config
+from task.config_values import parse_partition_ids
 from task.training import load_numpy_into, model_to_numpy, resolve_device, test, train
 
 app = ClientApp()

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from task.config import FAULT_KINDS, parse_faults
+from task.config_values import FAULT_KINDS, parse_faults
 
 __all__ = ["FAULT_KINDS", "InjectedFaultError", "after_training", "before_training", "parse_faults"]
 

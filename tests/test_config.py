@@ -1,7 +1,8 @@
 import pytest
 
 from strategies.registry import build_strategy
-from task.config import ConfigError, RunConfig, config_to_dict, parse_node_weights, parse_run_config
+from task.config import ConfigError, RunConfig, config_to_dict, parse_run_config
+from task.config_values import parse_node_weights
 
 
 def test_defaults_parse_and_are_frozen():

@@ -16,7 +16,8 @@ from server.export import tracking
 from server.export.tracking import TRACKING_FILE, start_tracking
 from server.record.checkpoints import model_hash, save_checkpoint
 from server.record.store import RoundRecord, RunStore
-from task.config import TRACKING_FORMS, ConfigError, parse_run_config
+from task.config import ConfigError, parse_run_config
+from task.config_values import TRACKING_FORMS
 from tests.conftest import APP_DIR, fedcoord
 
 ACCURACIES = (0.1, 0.5, 0.8, 0.9)

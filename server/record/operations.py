@@ -12,7 +12,7 @@ from pathlib import Path
 from server.record import lifecycle
 from server.record.runs import run_status
 from server.record.store import RunStore
-from task.config import MAX_OPERATOR_WEIGHT, PARTITION_LIMIT
+from task.config_values import MAX_OPERATOR_WEIGHT, PARTITION_LIMIT
 
 WHEN = {
     "pause": "after the round in flight is aggregated and checkpointed",
