@@ -7,8 +7,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.byzantine import byzantine_arrays
-from client.delay import parse_client_delay, sleep_before_training
-from client.faults import after_training, before_training, parse_faults
+from client.delay import sleep_before_training
+from client.faults import after_training, before_training
 from client.hostile import (
     evaluate_kind,
     hostile_evaluate_content,
@@ -19,7 +19,6 @@ from client.shard import NodeData, load_node_data, model_for, node_partition_id
 from strategies.records import arrays_to_numpy, record_like
 from task import keys
 from task.config import RunConfig, parse_run_config
-from task.config_values import parse_partition_ids
 from task.training import load_numpy_into, model_to_numpy, resolve_device, test, train
 
 app = ClientApp()
@@ -43,17 +42,19 @@ def train_fn(msg: Message, context: Context) -> Message:
     sent = msg.content[keys.ARRAYS]
     received = arrays_to_numpy(sent)
     round_config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
-    hostile = parse_partition_ids("hostile", config.hostile)
-    if data.partition_id in hostile:
-        kind = train_kind(_server_round(round_config), data.partition_id, hostile)
+    if data.partition_id in config.hostile:
+        kind = train_kind(_server_round(round_config), data.partition_id, config.hostile)
         content = hostile_train_content(kind, received, data.partition_id)
         return Message(content=content, reply_to=msg)
     load_numpy_into(model, received)
-    fault = parse_faults(config.faults).get(data.partition_id)
+    fault = config.faults.get(data.partition_id)
     before_training(fault, config.round_timeout)
-    delay = parse_client_delay(config.client_delay)
     sleep_before_training(
-        delay, config.seed, data.partition_id, _server_round(round_config), config.round_timeout
+        config.client_delay,
+        config.seed,
+        data.partition_id,
+        _server_round(round_config),
+        config.round_timeout,
     )
     seed = config.seed + _server_round(round_config) * 1000 + data.partition_id
     result = train(
@@ -78,7 +79,7 @@ def train_fn(msg: Message, context: Context) -> Message:
     )
     arrays = after_training(fault, model_to_numpy(model))
     info = ConfigRecord({keys.DEVICE: str(device)})
-    if data.partition_id in config.parsed_byzantine_partitions:
+    if data.partition_id in config.byzantine_partitions:
         rng = np.random.default_rng(seed)
         arrays = byzantine_arrays(received, arrays, config.byzantine_mode, rng)
         info[keys.BYZANTINE] = config.byzantine_mode
@@ -92,10 +93,9 @@ def train_fn(msg: Message, context: Context) -> Message:
 def evaluate_fn(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local test split."""
     config, data = _node_data(context)
-    hostile = parse_partition_ids("hostile", config.hostile)
-    if data.partition_id in hostile:
+    if data.partition_id in config.hostile:
         round_config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
-        kind = evaluate_kind(_server_round(round_config), data.partition_id, hostile)
+        kind = evaluate_kind(_server_round(round_config), data.partition_id, config.hostile)
         return Message(content=hostile_evaluate_content(kind, data.partition_id), reply_to=msg)
     device = resolve_device(config.device)
     model = model_for(config, data, device)

@@ -115,7 +115,7 @@ class Coordinator:
         self._aggregation_s = 0.0
         self._record_cache: tuple[NamedArrays, ArrayRecord] | None = None
         self._last_pull_error = ""
-        self.operator_weights = dict(config.parsed_node_weights)
+        self.operator_weights = dict(config.node_weights)
         self.control = ControlChannel(store, self._set_operator_weight)
         # Node id -> partition id from the roll call (None: asked, no valid answer);
         # the aggregating strategy (inside the accounting wrapper) checks each

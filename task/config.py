@@ -13,15 +13,23 @@ import importlib.util
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from task.config_values import (
+    ClientDelay,
     ConfigError,
+    FrozenMap,
     coerce_value,
     expanded_path,
     fedcoord_home,
+    format_client_delay,
+    format_faults,
+    format_node_weights,
+    format_partition_ids,
     parse_client_delay,
     parse_faults,
     parse_node_weights,
@@ -85,7 +93,8 @@ class RunConfig:
     server_lr: float = 1.0
     clip_norm: float = 1.0
     noise_multiplier: float = 0.0
-    node_weights: str = ""
+    # Operator weight by partition id, e.g. "0=2.0,3=0.5" (strategy weighted).
+    node_weights: FrozenMap[int, float] = FrozenMap()
     dataset: str = "digits"
     data_dir: str = ""
     partitioner: str = "iid"
@@ -113,13 +122,13 @@ class RunConfig:
     # dp-adaptive-clipping: noise std of the clipped count (0 = none; needs > noise-multiplier / 2).
     dp_clipped_count_stddev: float = 0.0
     # Test only: partitions whose clients send Byzantine updates, e.g. "0,1,2"; "" = none.
-    byzantine_partitions: str = ""
+    byzantine_partitions: frozenset[int] = frozenset()
     # Test only: flip (received - 10 * honest update) or noise (norm 100x the honest update).
     byzantine_mode: str = "flip"
-    # Test only: injected client faults by partition, e.g. "0=raise,1=sleep,2=nan,3=delay".
-    faults: str = ""
+    # Test only: injected client fault kind by partition, e.g. "0=raise,1=sleep,2=nan,3=delay".
+    faults: FrozenMap[int, str] = FrozenMap()
     # Test only: partitions that send malformed replies of every kind, e.g. "0,1"; "" = none.
-    hostile: str = ""
+    hostile: frozenset[int] = frozenset()
     device: str = "auto"
     seed: int = 42
     run_name: str = ""
@@ -147,8 +156,8 @@ class RunConfig:
     staleness_weight: str = "polynomial"
     staleness_exponent: float = 0.5
     # Test/bench only: simulated client slowness (CLIENT_DELAY_FORMS); "" = none.
-    client_delay: str = ""
-    # MLflow tracking store (see TRACKING_FORMS); "" = no tracking.
+    client_delay: ClientDelay = ClientDelay()
+    # MLflow tracking store (see TRACKING_FORMS), relative paths resolved; "" = no tracking.
     tracking_uri: str = ""
     # MLflow experiment that holds the run; "" = "fedcoord".
     tracking_experiment: str = ""
@@ -162,6 +171,9 @@ class RunConfig:
     dataset_defaults: tuple[str, ...] = field(default=TRAINING_KEYS, compare=False)
     # Extra keys that a strategy reads (e.g. Flower built-ins' parameters).
     extra: Mapping[str, object] = field(default_factory=dict, compare=False)
+    # The run-config text of the keys parsed into structured values (node-weights, ...),
+    # as given: what config_to_dict stores. Set by parse_run_config only.
+    given_text: Mapping[str, str] = field(default=FrozenMap(), compare=False)
 
     @property
     def resolved_runs_dir(self) -> Path:
@@ -176,11 +188,6 @@ class RunConfig:
         if self.data_dir:
             return Path(self.data_dir).expanduser().resolve()
         return fedcoord_home() / "data"
-
-    @property
-    def resolved_tracking_uri(self) -> str:
-        """The MLflow tracking URI of ``tracking-uri`` ("" = off), relative paths resolved."""
-        return resolve_tracking_uri(self.tracking_uri)
 
     @property
     def experiment_name(self) -> str:
@@ -204,16 +211,6 @@ class RunConfig:
         if not self.dataset_defaults:
             return values
         return f"{values} ({self.dataset} defaults: {', '.join(self.dataset_defaults)})"
-
-    @property
-    def parsed_node_weights(self) -> dict[int, float]:
-        """Operator weights by partition id from ``node-weights``."""
-        return parse_node_weights(self.node_weights)
-
-    @property
-    def parsed_byzantine_partitions(self) -> frozenset[int]:
-        """Partition ids of the Byzantine clients from ``byzantine-partitions``."""
-        return parse_partition_ids("byzantine-partitions", self.byzantine_partitions)
 
 
 def make_run_name() -> str:
@@ -311,7 +308,6 @@ def validate_config(config: RunConfig) -> None:
         not config.resume or bool(config.run_name),
         "resume=true needs run-name='NAME' of the run to continue",
     )
-    parse_node_weights(config.node_weights)
     _validate_tracking(config)
     _validate_async(config)
     _validate_privacy(config)
@@ -338,7 +334,7 @@ def _validate_tracking(config: RunConfig) -> None:
         f"tracking-experiment must be printable and at most 200 characters, "
         f"got {config.tracking_experiment[:100]!r}",
     )
-    if not config.resolved_tracking_uri:
+    if not config.tracking_uri:
         return
     require(
         mlflow_installed(),
@@ -368,7 +364,6 @@ def _validate_async(config: RunConfig) -> None:
         "target-epsilon and sampling are not accounted in mode='async' (FedBuff samples "
         "whichever node is idle); use mode='sync' for a privacy budget",
     )
-    parse_client_delay(config.client_delay)
 
 
 def _validate_strategy_options(config: RunConfig) -> None:
@@ -388,9 +383,6 @@ def _validate_strategy_options(config: RunConfig) -> None:
         f"dp-clipped-count-stddev must be >= 0, got {config.dp_clipped_count_stddev}",
     )
     _require_choice("byzantine-mode", config.byzantine_mode, BYZANTINE_MODES)
-    parse_partition_ids("byzantine-partitions", config.byzantine_partitions)
-    parse_faults(config.faults)
-    parse_partition_ids("hostile", config.hostile)
 
 
 def parse_run_config(run_config: Mapping[str, object]) -> RunConfig:
@@ -408,21 +400,51 @@ def parse_run_config(run_config: Mapping[str, object]) -> RunConfig:
     known = {_key(f.name): f.name for f in fields(RunConfig) if f.name not in _NOT_KEYS}
     values: dict[str, object] = {}
     extra: dict[str, object] = {}
+    given_text: dict[str, str] = {}
     for key, value in run_config.items():
         if key in TRAINING_KEYS and value == DATASET_DEFAULT:
             continue
-        if key in known:
+        if key in STRUCTURED_KEYS:
+            given_text[key] = str(value)
+            values[known[key]] = STRUCTURED_KEYS[key].parse(given_text[key])
+        elif key in known:
             attribute = known[key]
             values[attribute] = coerce_value(key, value, getattr(defaults, attribute))
         else:
             extra[key] = value
     dataset_defaults = _apply_dataset_defaults(values, str(values.get("dataset", defaults.dataset)))
-    config = RunConfig(**values, dataset_defaults=dataset_defaults, extra=extra)  # type: ignore[arg-type]
+    config = RunConfig(
+        **values,  # type: ignore[arg-type]
+        dataset_defaults=dataset_defaults,
+        extra=extra,
+        given_text=FrozenMap(given_text),
+    )
     validate_config(config)
     return config
 
 
-_NOT_KEYS = ("extra", "dataset_defaults")
+_NOT_KEYS = ("extra", "dataset_defaults", "given_text")
+
+
+@dataclass(frozen=True)
+class StructuredKey:
+    """A key whose text is parsed into a structured value, and written back as text."""
+
+    parse: Callable[[str], Any]
+    format: Callable[[Any], str]
+
+
+# The keys parsed beyond a type: partition lists, weights, faults, delays, the tracking URI.
+STRUCTURED_KEYS: dict[str, StructuredKey] = {
+    "node-weights": StructuredKey(parse_node_weights, format_node_weights),
+    "byzantine-partitions": StructuredKey(
+        partial(parse_partition_ids, "byzantine-partitions"), format_partition_ids
+    ),
+    "faults": StructuredKey(parse_faults, format_faults),
+    "hostile": StructuredKey(partial(parse_partition_ids, "hostile"), format_partition_ids),
+    "client-delay": StructuredKey(parse_client_delay, format_client_delay),
+    "tracking-uri": StructuredKey(resolve_tracking_uri, str),
+}
 
 
 def _apply_dataset_defaults(values: dict[str, object], dataset: str) -> tuple[str, ...]:
@@ -448,9 +470,15 @@ def _key_attribute(key: str) -> str:
 
 
 def config_to_dict(config: RunConfig) -> dict[str, object]:
-    """Return the config as run-config keys, for the run store and checkpoints."""
+    """Return the config as run-config keys, for the run store and checkpoints.
+
+    A structured key (:data:`STRUCTURED_KEYS`) is written as the text it was given,
+    e.g. ``node-weights="0=2.0, 3=0.5"``; one never given is written from its value.
+    """
     data = {
         _key(f.name): getattr(config, f.name) for f in fields(config) if f.name not in _NOT_KEYS
     }
+    for key, structured in STRUCTURED_KEYS.items():
+        data[key] = config.given_text.get(key, structured.format(data[key]))
     data.update(config.extra)
     return data

@@ -11,10 +11,14 @@ import contextlib
 import math
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlparse
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 NODE_WEIGHTS_PATTERN = re.compile(r"^\s*[0-9]+\s*=\s*[-+0-9.eE]+\s*$")
 FAULT_KINDS: tuple[str, ...] = ("raise", "sleep", "nan", "delay")
@@ -39,6 +43,33 @@ _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 class ConfigError(ValueError):
     """A run-config value that cannot be used; the message names the fix."""
+
+
+class FrozenMap(Mapping[K, V]):
+    """An immutable, hashable mapping, so that a frozen dataclass holding one stays hashable.
+
+    It compares equal to any mapping with the same items (``FrozenMap({1: 2}) == {1: 2}``).
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[K, V] | Iterable[tuple[K, V]] = ()) -> None:
+        self._items: dict[K, V] = dict(items)
+
+    def __getitem__(self, key: K) -> V:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._items!r})"
 
 
 def require(condition: bool, message: str) -> None:
@@ -91,7 +122,7 @@ def coerce_value(key: str, value: object, default: object) -> object:
     return str(value)
 
 
-def parse_node_weights(text: str) -> dict[int, float]:
+def parse_node_weights(text: str) -> FrozenMap[int, float]:
     """Parse ``"0=2.0,3=0.5"`` into ``{0: 2.0, 3: 0.5}``.
 
     Raises
@@ -119,7 +150,12 @@ def parse_node_weights(text: str) -> dict[int, float]:
         if int(partition) >= PARTITION_LIMIT:
             raise ConfigError(f"node-weights: partition {partition} must be in [0, 2^31)")
         weights[int(partition)] = weight
-    return weights
+    return FrozenMap(weights)
+
+
+def format_node_weights(weights: Mapping[int, float]) -> str:
+    """The ``node-weights`` text of ``weights``: ``{0: 2.0}`` -> ``"0=2.0"``."""
+    return ",".join(f"{partition}={weight!r}" for partition, weight in weights.items())
 
 
 def parse_partition_ids(key: str, text: str) -> frozenset[int]:
@@ -136,7 +172,12 @@ def parse_partition_ids(key: str, text: str) -> frozenset[int]:
     return frozenset(int(entry) for entry in entries)
 
 
-def parse_faults(text: str) -> dict[int, str]:
+def format_partition_ids(partitions: Iterable[int]) -> str:
+    """The text of a partition list: ``{2, 0}`` -> ``"0,2"``."""
+    return ",".join(str(partition) for partition in sorted(partitions))
+
+
+def parse_faults(text: str) -> FrozenMap[int, str]:
     """Parse ``faults``: ``"0=raise,2=nan"`` -> ``{0: "raise", 2: "nan"}``.
 
     Raises
@@ -153,7 +194,12 @@ def parse_faults(text: str) -> dict[int, str]:
                 f"{', '.join(FAULT_KINDS)}"
             )
         faults[int(partition)] = kind
-    return faults
+    return FrozenMap(faults)
+
+
+def format_faults(faults: Mapping[int, str]) -> str:
+    """The ``faults`` text of ``faults``: ``{0: "raise"}`` -> ``"0=raise"``."""
+    return ",".join(f"{partition}={kind}" for partition, kind in faults.items())
 
 
 @dataclass(frozen=True)
@@ -161,7 +207,7 @@ class ClientDelay:
     """A parsed ``client-delay``: lognormal seconds, or fixed seconds by partition."""
 
     sigma: float | None = None
-    seconds: Mapping[int, float] = field(default_factory=dict)
+    seconds: FrozenMap[int, float] = FrozenMap()
     default_s: float = 0.0
 
     @property
@@ -203,7 +249,15 @@ def parse_client_delay(text: str) -> ClientDelay:
                 int(partition) < PARTITION_LIMIT, f"client-delay: partition {partition} >= 2^31"
             )
             seconds[int(partition)] = delay
-    return ClientDelay(seconds=seconds, default_s=default_s)
+    return ClientDelay(seconds=FrozenMap(seconds), default_s=default_s)
+
+
+def format_client_delay(delay: ClientDelay) -> str:
+    """The ``client-delay`` text of ``delay``; ``""`` when no partition is slowed down."""
+    if delay.sigma is not None:
+        return f"lognormal:{delay.sigma!r}"
+    rest = [f"*={delay.default_s!r}"] if delay.default_s else []
+    return ",".join(rest + [f"{partition}={s!r}" for partition, s in delay.seconds.items()])
 
 
 def _finite_number(text: str, refused: str) -> float:

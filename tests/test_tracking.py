@@ -317,7 +317,7 @@ def test_tracking_without_the_extra_is_refused_naming_the_install(monkeypatch):
 def test_relative_paths_go_under_fedcoord_home(monkeypatch, tmp_path):
     monkeypatch.setenv("FEDCOORD_HOME", str(tmp_path))
     resolved = {
-        text: parse_run_config({"tracking-uri": text}).resolved_tracking_uri
+        text: parse_run_config({"tracking-uri": text}).tracking_uri
         for text in ("sqlite:///mlruns.db", "mlruns", "file:///abs/mlruns", "http://h:5000")
     }
     assert resolved == {
