@@ -15,21 +15,24 @@ from client.hostile import (
     hostile_train_content,
     train_kind,
 )
+from client.messages import (
+    proximal_mu,
+    run_config_of,
+    sent_arrays,
+    server_round,
+    training_seed,
+)
 from client.shard import NodeData, load_node_data, model_for, node_partition_id
 from strategies.records import arrays_to_numpy, record_like
 from task import keys
-from task.config import RunConfig, parse_run_config
+from task.config import RunConfig
 from task.training import load_numpy_into, model_to_numpy, resolve_device, test, train
 
 app = ClientApp()
 
 
-def _server_round(round_config: ConfigRecord) -> int:
-    return int(round_config.get(keys.SERVER_ROUND, 0))  # type: ignore[call-overload]
-
-
 def _node_data(context: Context) -> tuple[RunConfig, NodeData]:
-    config = parse_run_config(context.run_config)
+    config = run_config_of(context)
     return config, load_node_data(config, dict(context.node_config))
 
 
@@ -39,24 +42,19 @@ def train_fn(msg: Message, context: Context) -> Message:
     config, data = _node_data(context)
     device = resolve_device(config.device)
     model = model_for(config, data, device)
-    sent = msg.content[keys.ARRAYS]
+    sent = sent_arrays(msg)
     received = arrays_to_numpy(sent)
-    round_config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
     if data.partition_id in config.hostile:
-        kind = train_kind(_server_round(round_config), data.partition_id, config.hostile)
+        kind = train_kind(server_round(msg), data.partition_id, config.hostile)
         content = hostile_train_content(kind, received, data.partition_id)
         return Message(content=content, reply_to=msg)
     load_numpy_into(model, received)
     fault = config.faults.get(data.partition_id)
     before_training(fault, config.round_timeout)
     sleep_before_training(
-        config.client_delay,
-        config.seed,
-        data.partition_id,
-        _server_round(round_config),
-        config.round_timeout,
+        config.client_delay, config.seed, data.partition_id, server_round(msg), config.round_timeout
     )
-    seed = config.seed + _server_round(round_config) * 1000 + data.partition_id
+    seed = training_seed(config, server_round(msg), data.partition_id)
     result = train(
         model,
         data.train,
@@ -66,7 +64,7 @@ def train_fn(msg: Message, context: Context) -> Message:
         momentum=config.momentum,
         device=device,
         seed=seed,
-        proximal_mu=float(round_config.get(keys.PROXIMAL_MU, 0.0)),
+        proximal_mu=proximal_mu(msg),
     )
     metrics = MetricRecord(
         {
@@ -94,12 +92,11 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local test split."""
     config, data = _node_data(context)
     if data.partition_id in config.hostile:
-        round_config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
-        kind = evaluate_kind(_server_round(round_config), data.partition_id, config.hostile)
+        kind = evaluate_kind(server_round(msg), data.partition_id, config.hostile)
         return Message(content=hostile_evaluate_content(kind, data.partition_id), reply_to=msg)
     device = resolve_device(config.device)
     model = model_for(config, data, device)
-    load_numpy_into(model, arrays_to_numpy(msg.content[keys.ARRAYS]))
+    load_numpy_into(model, arrays_to_numpy(sent_arrays(msg)))
     result = test(model, data.test, batch_size=max(256, config.batch_size), device=device)
     metrics = MetricRecord(
         {
