@@ -1,19 +1,22 @@
-"""ClientApp entry: train and evaluate on this node's shard, on its local device."""
+"""ClientApp entry: train and evaluate on this node's shard, on its local device.
+
+``train_fn`` and ``evaluate_fn`` are the honest path. The test and bench hooks
+(hostile replies, Byzantine updates, injected faults, simulated slowness) wrap
+them as Flower mods (``client/hooks.py``), each off unless its key is set.
+"""
 
 from __future__ import annotations
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
-from client.byzantine import byzantine_arrays
-from client.delay import sleep_before_training
-from client.faults import after_training, before_training
-from client.hostile import (
-    evaluate_kind,
-    hostile_evaluate_content,
-    hostile_train_content,
-    train_kind,
+from client.hooks import (
+    byzantine_mod,
+    client_delay_mod,
+    faults_mod,
+    hostile_evaluate_mod,
+    hostile_train_mod,
 )
 from client.messages import (
     proximal_mu,
@@ -28,6 +31,11 @@ from task import keys
 from task.config import RunConfig
 from task.training import load_numpy_into, model_to_numpy, resolve_device, test, train
 
+# Test and bench hooks, outermost first: a hostile partition never trains; the
+# Byzantine attack applies to the reply the faults left.
+TRAIN_HOOKS: list[Mod] = [hostile_train_mod, byzantine_mod, faults_mod, client_delay_mod]
+EVALUATE_HOOKS: list[Mod] = [hostile_evaluate_mod]
+
 app = ClientApp()
 
 
@@ -36,25 +44,14 @@ def _node_data(context: Context) -> tuple[RunConfig, NodeData]:
     return config, load_node_data(config, dict(context.node_config))
 
 
-@app.train()
+@app.train(mods=TRAIN_HOOKS)
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the received global model on the local shard; reply arrays and metrics."""
     config, data = _node_data(context)
     device = resolve_device(config.device)
     model = model_for(config, data, device)
     sent = sent_arrays(msg)
-    received = arrays_to_numpy(sent)
-    if data.partition_id in config.hostile:
-        kind = train_kind(server_round(msg), data.partition_id, config.hostile)
-        content = hostile_train_content(kind, received, data.partition_id)
-        return Message(content=content, reply_to=msg)
-    load_numpy_into(model, received)
-    fault = config.faults.get(data.partition_id)
-    before_training(fault, config.round_timeout)
-    sleep_before_training(
-        config.client_delay, config.seed, data.partition_id, server_round(msg), config.round_timeout
-    )
-    seed = training_seed(config, server_round(msg), data.partition_id)
+    load_numpy_into(model, arrays_to_numpy(sent))
     result = train(
         model,
         data.train,
@@ -63,7 +60,7 @@ def train_fn(msg: Message, context: Context) -> Message:
         lr=config.lr,
         momentum=config.momentum,
         device=device,
-        seed=seed,
+        seed=training_seed(config, server_round(msg), data.partition_id),
         proximal_mu=proximal_mu(msg),
     )
     metrics = MetricRecord(
@@ -75,25 +72,20 @@ def train_fn(msg: Message, context: Context) -> Message:
             keys.TRAIN_SECONDS: result.seconds,
         }
     )
-    arrays = after_training(fault, model_to_numpy(model))
-    info = ConfigRecord({keys.DEVICE: str(device)})
-    if data.partition_id in config.byzantine_partitions:
-        rng = np.random.default_rng(seed)
-        arrays = byzantine_arrays(received, arrays, config.byzantine_mode, rng)
-        info[keys.BYZANTINE] = config.byzantine_mode
     content = RecordDict(
-        {keys.ARRAYS: record_like(arrays, sent), keys.METRICS: metrics, keys.INFO: info}
+        {
+            keys.ARRAYS: record_like(model_to_numpy(model), sent),
+            keys.METRICS: metrics,
+            keys.INFO: ConfigRecord({keys.DEVICE: str(device)}),
+        }
     )
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
+@app.evaluate(mods=EVALUATE_HOOKS)
 def evaluate_fn(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local test split."""
     config, data = _node_data(context)
-    if data.partition_id in config.hostile:
-        kind = evaluate_kind(server_round(msg), data.partition_id, config.hostile)
-        return Message(content=hostile_evaluate_content(kind, data.partition_id), reply_to=msg)
     device = resolve_device(config.device)
     model = model_for(config, data, device)
     load_numpy_into(model, arrays_to_numpy(sent_arrays(msg)))
