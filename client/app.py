@@ -1,60 +1,57 @@
-"""ClientApp entry: train and evaluate on this node's shard, on its local device."""
+"""ClientApp entry: train and evaluate on this node's shard, on its local device.
+
+``train_fn`` and ``evaluate_fn`` are the honest path. The test and bench hooks
+(hostile replies, Byzantine updates, injected faults, simulated slowness) wrap
+them as Flower mods (``client/hooks.py``), each off unless its key is set.
+"""
 
 from __future__ import annotations
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
-from client.byzantine import byzantine_arrays
-from client.delay import parse_client_delay, sleep_before_training
-from client.faults import after_training, before_training, parse_faults
-from client.hostile import (
-    evaluate_kind,
-    hostile_evaluate_content,
-    hostile_train_content,
-    train_kind,
+from client.hooks import (
+    byzantine_mod,
+    client_delay_mod,
+    faults_mod,
+    hostile_evaluate_mod,
+    hostile_train_mod,
+)
+from client.messages import (
+    proximal_mu,
+    run_config_of,
+    sent_arrays,
+    server_round,
+    training_seed,
 )
 from client.shard import NodeData, load_node_data, model_for, node_partition_id
 from strategies.records import arrays_to_numpy, record_like
 from task import keys
-from task.config import RunConfig, parse_partition_ids, parse_run_config
+from task.config import RunConfig
 from task.training import load_numpy_into, model_to_numpy, resolve_device, test, train
+
+# Test and bench hooks, outermost first: a hostile partition never trains; the
+# Byzantine attack applies to the reply the faults left.
+TRAIN_HOOKS: list[Mod] = [hostile_train_mod, byzantine_mod, faults_mod, client_delay_mod]
+EVALUATE_HOOKS: list[Mod] = [hostile_evaluate_mod]
 
 app = ClientApp()
 
 
-def _server_round(round_config: ConfigRecord) -> int:
-    return int(round_config.get(keys.SERVER_ROUND, 0))  # type: ignore[call-overload]
-
-
 def _node_data(context: Context) -> tuple[RunConfig, NodeData]:
-    config = parse_run_config(context.run_config)
+    config = run_config_of(context)
     return config, load_node_data(config, dict(context.node_config))
 
 
-@app.train()
+@app.train(mods=TRAIN_HOOKS)
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the received global model on the local shard; reply arrays and metrics."""
     config, data = _node_data(context)
     device = resolve_device(config.device)
     model = model_for(config, data, device)
-    sent = msg.content[keys.ARRAYS]
-    received = arrays_to_numpy(sent)
-    round_config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
-    hostile = parse_partition_ids("hostile", config.hostile)
-    if data.partition_id in hostile:
-        kind = train_kind(_server_round(round_config), data.partition_id, hostile)
-        content = hostile_train_content(kind, received, data.partition_id)
-        return Message(content=content, reply_to=msg)
-    load_numpy_into(model, received)
-    fault = parse_faults(config.faults).get(data.partition_id)
-    before_training(fault, config.round_timeout)
-    delay = parse_client_delay(config.client_delay)
-    sleep_before_training(
-        delay, config.seed, data.partition_id, _server_round(round_config), config.round_timeout
-    )
-    seed = config.seed + _server_round(round_config) * 1000 + data.partition_id
+    sent = sent_arrays(msg)
+    load_numpy_into(model, arrays_to_numpy(sent))
     result = train(
         model,
         data.train,
@@ -63,8 +60,8 @@ def train_fn(msg: Message, context: Context) -> Message:
         lr=config.lr,
         momentum=config.momentum,
         device=device,
-        seed=seed,
-        proximal_mu=float(round_config.get(keys.PROXIMAL_MU, 0.0)),
+        seed=training_seed(config, server_round(msg), data.partition_id),
+        proximal_mu=proximal_mu(msg),
     )
     metrics = MetricRecord(
         {
@@ -75,30 +72,23 @@ def train_fn(msg: Message, context: Context) -> Message:
             keys.TRAIN_SECONDS: result.seconds,
         }
     )
-    arrays = after_training(fault, model_to_numpy(model))
-    info = ConfigRecord({keys.DEVICE: str(device)})
-    if data.partition_id in config.parsed_byzantine_partitions:
-        rng = np.random.default_rng(seed)
-        arrays = byzantine_arrays(received, arrays, config.byzantine_mode, rng)
-        info[keys.BYZANTINE] = config.byzantine_mode
     content = RecordDict(
-        {keys.ARRAYS: record_like(arrays, sent), keys.METRICS: metrics, keys.INFO: info}
+        {
+            keys.ARRAYS: record_like(model_to_numpy(model), sent),
+            keys.METRICS: metrics,
+            keys.INFO: ConfigRecord({keys.DEVICE: str(device)}),
+        }
     )
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
+@app.evaluate(mods=EVALUATE_HOOKS)
 def evaluate_fn(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local test split."""
     config, data = _node_data(context)
-    hostile = parse_partition_ids("hostile", config.hostile)
-    if data.partition_id in hostile:
-        round_config = msg.content.config_records.get(keys.CONFIG, ConfigRecord())
-        kind = evaluate_kind(_server_round(round_config), data.partition_id, hostile)
-        return Message(content=hostile_evaluate_content(kind, data.partition_id), reply_to=msg)
     device = resolve_device(config.device)
     model = model_for(config, data, device)
-    load_numpy_into(model, arrays_to_numpy(msg.content[keys.ARRAYS]))
+    load_numpy_into(model, arrays_to_numpy(sent_arrays(msg)))
     result = test(model, data.test, batch_size=max(256, config.batch_size), device=device)
     metrics = MetricRecord(
         {

@@ -20,9 +20,7 @@ import time
 
 import numpy as np
 
-from task.config import ClientDelay, parse_client_delay
-
-__all__ = ["ClientDelay", "delay_seconds", "parse_client_delay", "sleep_before_training"]
+from task.config_values import ClientDelay
 
 
 def delay_seconds(

@@ -4,7 +4,8 @@ Off by default: the ``faults`` run-config key is ``""``. ``"0=raise,1=sleep,2=na
 makes partition 0 raise during training, partition 1 sleep past the round
 deadline, and partition 2 reply NaN weights. ``delay`` makes a straggler: the
 partition waits ``DELAY_S`` seconds (at most a quarter of ``round-timeout``),
-then trains and replies as usual.
+then trains and replies as usual. ``client/hooks.py`` acts them out around the
+honest ``train_fn``.
 """
 
 from __future__ import annotations
@@ -12,11 +13,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
-from task.config import FAULT_KINDS, parse_faults
-
-__all__ = ["FAULT_KINDS", "InjectedFaultError", "after_training", "before_training", "parse_faults"]
-
 
 DELAY_S = 3.0
 

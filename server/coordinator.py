@@ -95,7 +95,7 @@ class Coordinator:
         self.evaluate_fn = evaluate_fn
         self._aggregation_s = 0.0
         self._record_cache: tuple[NamedArrays, ArrayRecord] | None = None
-        self.operator_weights = dict(config.parsed_node_weights)
+        self.operator_weights = dict(config.node_weights)
         self.control = ControlChannel(store, self._set_operator_weight)
         self.phases = PhaseRunner(grid, store, self.control, config.round_timeout, self._reject)
         # Node id -> partition id from the roll call (None: asked, no valid answer);

@@ -81,7 +81,7 @@ def _weight_fn(config: RunConfig) -> WeightFn:
     if config.strategy == "fedavg":
         return weight_by_examples
     if config.strategy == "weighted":
-        return OperatorWeights(config.parsed_node_weights)
+        return OperatorWeights(config.node_weights)
     return uniform_weight
 
 

@@ -184,11 +184,12 @@ def load_dataset(
     train = _open_vision(spec, root, True, download, extra_dirs)
     test = _open_vision(spec, root, False, download, extra_dirs)
     train_split = _to_split(train, spec)
+    channels, height, width = train_split.x.shape[1:]
     return DatasetSplits(
         train=train_split,
         test=_to_split(test, spec),
         num_classes=spec.num_classes,
-        input_shape=tuple(train_split.x.shape[1:]),
+        input_shape=(channels, height, width),
         name=name,
     )
 

@@ -9,7 +9,7 @@ PyTorch loop costs.
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -350,15 +350,15 @@ def load_numpy_into(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 def _add_proximal_gradient(
-    params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float
+    params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float
 ) -> None:
     """Add ``mu * (w - w_global)`` to each parameter's gradient."""
-    pairs = [(p, a) for p, a in zip(params, anchors, strict=True) if p.grad is not None]
-    if not pairs:
+    triples = [(p.grad, p, a) for p, a in zip(params, anchors, strict=True) if p.grad is not None]
+    if not triples:
         return
     with torch.no_grad():
-        grads = [p.grad for p, _ in pairs]
-        deltas = torch._foreach_sub([p.detach() for p, _ in pairs], [a for _, a in pairs])
+        grads = [grad for grad, _, _ in triples]
+        deltas = torch._foreach_sub([p.detach() for _, p, _ in triples], [a for _, _, a in triples])
         torch._foreach_add_(grads, deltas, alpha=mu)
 
 

@@ -33,7 +33,8 @@ from strategies.fedbuff import (
 from strategies.records import pack_arrays
 from strategies.registry import build_strategy
 from task import keys
-from task.config import ConfigError, config_to_dict, parse_client_delay, parse_run_config
+from task.config import ConfigError, config_to_dict, parse_run_config
+from task.config_values import parse_client_delay
 
 # ---------------------------------------------------------------- pure math
 

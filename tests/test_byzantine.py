@@ -93,8 +93,8 @@ def test_byzantine_keys_parse_and_default_to_off():
     chosen = parse_run_config({"byzantine-partitions": "0, 2,5", "byzantine-mode": "noise"})
 
     # Assert
-    assert default.parsed_byzantine_partitions == frozenset()
-    assert chosen.parsed_byzantine_partitions == frozenset({0, 2, 5})
+    assert default.byzantine_partitions == frozenset()
+    assert chosen.byzantine_partitions == frozenset({0, 2, 5})
     assert chosen.byzantine_mode == "noise"
 
 

@@ -1,7 +1,8 @@
 import pytest
 
 from strategies.registry import build_strategy
-from task.config import ConfigError, RunConfig, config_to_dict, parse_node_weights, parse_run_config
+from task.config import ConfigError, RunConfig, config_to_dict, parse_run_config
+from task.config_values import FrozenMap, parse_client_delay, parse_node_weights
 
 
 def test_defaults_parse_and_are_frozen():
@@ -71,6 +72,48 @@ def test_node_weights_parse():
     assert parse_node_weights("") == {}
     with pytest.raises(ConfigError):
         parse_node_weights("1=-1")
+
+
+def test_structured_keys_are_parsed_once_and_stored_as_given():
+    # Prepare
+    given = {
+        "node-weights": "0=2.0, 3=0.5",
+        "faults": "1=nan",
+        "byzantine-partitions": "2, 0",
+        "hostile": "4",
+        "client-delay": "*=0.5, 3=2.5",
+    }
+
+    # Execute
+    config = parse_run_config(given)
+    stored = config_to_dict(config)
+
+    # Assert: typed fields, the user's text in the stored config, still hashable
+    assert config.node_weights == {0: 2.0, 3: 0.5} and config.faults == {1: "nan"}
+    assert config.byzantine_partitions == {0, 2} and config.hostile == {4}
+    assert config.client_delay.seconds == {3: 2.5} and config.client_delay.default_s == 0.5
+    assert {key: stored[key] for key in given} == given
+    assert parse_run_config(stored) == config
+    assert hash(parse_run_config(stored)) == hash(config)
+
+
+def test_structured_values_built_by_hand_are_stored_as_their_text():
+    # Prepare
+    config = RunConfig(
+        node_weights=FrozenMap({0: 2.0}),
+        faults=FrozenMap({1: "raise"}),
+        byzantine_partitions=frozenset({2, 0}),
+        client_delay=parse_client_delay("lognormal:1"),
+    )
+
+    # Execute
+    stored = config_to_dict(config)
+
+    # Assert
+    assert stored["node-weights"] == "0=2.0" and stored["faults"] == "1=raise"
+    assert stored["byzantine-partitions"] == "0,2" and stored["client-delay"] == "lognormal:1.0"
+    assert parse_run_config(stored) == config
+    assert config_to_dict(RunConfig())["node-weights"] == ""
 
 
 def test_config_round_trips_through_its_dict(tmp_path):

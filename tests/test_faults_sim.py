@@ -5,9 +5,10 @@ import sqlite3
 import numpy as np
 import pytest
 
-from client.faults import InjectedFaultError, after_training, before_training, parse_faults
+from client.faults import InjectedFaultError, after_training, before_training
 from server.phases import summarize_error
 from task.config import ConfigError
+from task.config_values import parse_faults
 
 ROUNDS = 2
 

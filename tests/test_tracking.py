@@ -16,7 +16,8 @@ from server.export import tracking
 from server.export.tracking import TRACKING_FILE, start_tracking
 from server.record.checkpoints import model_hash, save_checkpoint
 from server.record.store import RoundRecord, RunStore
-from task.config import TRACKING_FORMS, ConfigError, parse_run_config
+from task.config import ConfigError, parse_run_config
+from task.config_values import TRACKING_FORMS
 from tests.conftest import APP_DIR, fedcoord
 
 ACCURACIES = (0.1, 0.5, 0.8, 0.9)
@@ -316,7 +317,7 @@ def test_tracking_without_the_extra_is_refused_naming_the_install(monkeypatch):
 def test_relative_paths_go_under_fedcoord_home(monkeypatch, tmp_path):
     monkeypatch.setenv("FEDCOORD_HOME", str(tmp_path))
     resolved = {
-        text: parse_run_config({"tracking-uri": text}).resolved_tracking_uri
+        text: parse_run_config({"tracking-uri": text}).tracking_uri
         for text in ("sqlite:///mlruns.db", "mlruns", "file:///abs/mlruns", "http://h:5000")
     }
     assert resolved == {

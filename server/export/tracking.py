@@ -114,7 +114,7 @@ def tracked_params(config: RunConfig) -> dict[str, str]:
 
 def start_tracking(config: RunConfig, run_dir: Path) -> RunTracker | None:
     """Start mirroring the run into MLflow when ``tracking-uri`` is set; None otherwise."""
-    uri = config.resolved_tracking_uri
+    uri = config.tracking_uri
     if not uri:
         return None
     tracker = RunTracker(run_dir, uri, config.experiment_name, tracked_params(config))
@@ -130,7 +130,7 @@ class RunTracker:
     run_dir : Path
         The run directory; its ``run.db`` is read (read-only) at each sync.
     tracking_uri : str
-        A resolved MLflow tracking URI (``RunConfig.resolved_tracking_uri``).
+        A resolved MLflow tracking URI (``RunConfig.tracking_uri``).
     experiment : str
         The MLflow experiment, created if absent.
     params : Mapping[str, str]

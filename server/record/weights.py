@@ -8,7 +8,7 @@ again before applying a queued one, and neither needs the other to do so.
 from __future__ import annotations
 
 from server.record import lifecycle
-from task.config import MAX_OPERATOR_WEIGHT, PARTITION_LIMIT
+from task.config_values import MAX_OPERATOR_WEIGHT, PARTITION_LIMIT
 
 
 def find_weight_problem(partition: object, weight: object) -> str | None:

@@ -137,7 +137,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if isinstance(privacy, dict):
         say(f"privacy    {privacy_line(privacy)}")
     say(f"nodes      {status['nodes']}")
-    for refusal in status.get("roll_call_refused") or []:  # type: ignore[union-attr]
+    refused = status.get("roll_call_refused")
+    for refusal in refused if isinstance(refused, list) else []:
         say(f"roll call  refused {refusal}")
     say(f"eta        {_fmt_seconds(status['eta_s'])}")
     say(
