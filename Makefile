@@ -37,7 +37,7 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy strategies --ignore-missing-imports
+	$(BIN)/mypy strategies server client task --ignore-missing-imports
 
 test: lint system-deps
 	$(BIN)/python -m pytest -ra tests
