@@ -29,7 +29,14 @@ from client.shard import NodeData, load_node_data, model_for, node_partition_id
 from strategies.records import arrays_to_numpy, record_like
 from task import keys
 from task.config import RunConfig
-from task.training import load_numpy_into, model_to_numpy, resolve_device, test, train
+from task.training import (
+    describe_device,
+    load_numpy_into,
+    model_to_numpy,
+    resolve_device,
+    test,
+    train,
+)
 
 # Test and bench hooks, outermost first: a hostile partition never trains; the
 # Byzantine attack applies to the reply the faults left.
@@ -62,6 +69,8 @@ def train_fn(msg: Message, context: Context) -> Message:
         device=device,
         seed=training_seed(config, server_round(msg), data.partition_id),
         proximal_mu=proximal_mu(msg),
+        precision=config.precision,
+        cuda_graphs=config.cuda_graphs,
     )
     metrics = MetricRecord(
         {
@@ -76,7 +85,7 @@ def train_fn(msg: Message, context: Context) -> Message:
         {
             keys.ARRAYS: record_like(model_to_numpy(model), sent),
             keys.METRICS: metrics,
-            keys.INFO: ConfigRecord({keys.DEVICE: str(device)}),
+            keys.INFO: ConfigRecord({keys.DEVICE: describe_device(device, config)}),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -89,7 +98,13 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     device = resolve_device(config.device)
     model = model_for(config, data, device)
     load_numpy_into(model, arrays_to_numpy(sent_arrays(msg)))
-    result = test(model, data.test, batch_size=max(256, config.batch_size), device=device)
+    result = test(
+        model,
+        data.test,
+        batch_size=max(256, config.batch_size),
+        device=device,
+        precision=config.precision,
+    )
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: result.num_examples,

@@ -38,9 +38,11 @@ from task.config_values import (
     resolve_tracking_uri,
 )
 from task.names import (
+    CUDA_GRAPH_CHOICES,
     DATASET_NAMES,
     MODEL_NAMES,
     PARTITIONER_NAMES,
+    PRECISION_CHOICES,
     RUN_NAME_HINT,
     find_run_name_problem,
 )
@@ -130,6 +132,11 @@ class RunConfig:
     # Test only: partitions that send malformed replies of every kind, e.g. "0,1"; "" = none.
     hostile: frozenset[int] = frozenset()
     device: str = "auto"
+    # Local training arithmetic: auto (fp32: bf16 measured slower on every shipped model),
+    # fp32, bf16 (autocast).
+    precision: str = "auto"
+    # One SGD step captured as a CUDA graph and replayed: auto (on CUDA), on, off.
+    cuda_graphs: str = "auto"
     seed: int = 42
     run_name: str = ""
     runs_dir: str = ""
@@ -239,6 +246,8 @@ def validate_config(config: RunConfig) -> None:
     _require_choice("dataset", config.dataset, DATASET_NAMES)
     _require_choice("model", config.model, MODEL_NAMES)
     _require_choice("partitioner", config.partitioner, PARTITIONER_NAMES)
+    _require_choice("precision", config.precision, PRECISION_CHOICES)
+    _require_choice("cuda-graphs", config.cuda_graphs, CUDA_GRAPH_CHOICES)
     require(
         bool(DEVICE_PATTERN.match(config.device)),
         f"unknown device {config.device!r}; valid: {DEVICE_FORMS}",

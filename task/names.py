@@ -9,6 +9,9 @@ from pathlib import Path
 DATASET_NAMES: tuple[str, ...] = ("digits", "mnist", "fashion-mnist", "cifar10")
 MODEL_NAMES: tuple[str, ...] = ("simple-cnn", "resnet18", "mobilenet-v2")
 PARTITIONER_NAMES: tuple[str, ...] = ("iid", "dirichlet", "pathological", "shard")
+# Local training on CUDA: arithmetic precision, and one SGD step captured as a CUDA graph.
+PRECISION_CHOICES: tuple[str, ...] = ("auto", "fp32", "bf16")
+CUDA_GRAPH_CHOICES: tuple[str, ...] = ("auto", "on", "off")
 
 # A run name is one folder directly under the runs directory, typed in shells and URLs.
 RUN_NAME_MAX_CHARS = 100

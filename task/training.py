@@ -19,10 +19,9 @@ from torch import nn
 
 from task.datasets import TensorSplit
 from task.graphed_step import GraphedStep
+from task.names import CUDA_GRAPH_CHOICES, PRECISION_CHOICES
 
 DEVICE_CHOICES = "auto (cuda, then mps, then cpu), cpu, mps, cuda, cuda:N"
-PRECISION_CHOICES: tuple[str, ...] = ("auto", "fp32", "bf16")
-CUDA_GRAPH_CHOICES: tuple[str, ...] = ("auto", "on", "off")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda|cuda:(\d+))$")
 
 
@@ -92,6 +91,20 @@ def resolve_device(spec: str) -> torch.device:
             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
         )
     return torch.device("cuda", index)
+
+
+def describe_device(device: torch.device, settings: object) -> str:
+    """Where and how a node trains, as the operator sees it: ``cpu``, ``cuda:0 fp32 graphs``.
+
+    ``settings`` carries ``precision`` and ``cuda_graphs`` (a RunConfig). On the CPU
+    only the device is named unless bf16 was asked for.
+    """
+    precision = str(getattr(settings, "precision", "auto"))
+    graphs = str(getattr(settings, "cuda_graphs", "auto"))
+    arithmetic = "bf16" if precision == "bf16" else "fp32"
+    if device.type != "cuda":
+        return f"{device} bf16" if precision == "bf16" else str(device)
+    return f"{device} {arithmetic}" + (" graphs" if graphs != "off" else "")
 
 
 def move_split(split: TensorSplit, device: torch.device) -> TensorSplit:

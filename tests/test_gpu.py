@@ -161,3 +161,22 @@ def test_gpu_bundle_packs_the_project_data_and_commands_under_60_mib(tmp_path):
         ["tools/gpu_bundle.sh", str(bundle)], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert refused.returncode == 2 and "not empty" in refused.stderr
+
+
+@pytest.mark.parametrize(("key", "value"), [("precision", "fp16"), ("cuda-graphs", "yes")])
+def test_a_precision_or_graph_choice_not_offered_is_refused_at_start(key, value):
+    from task.config import ConfigError, parse_run_config
+
+    with pytest.raises(ConfigError, match=f"{key}.*{value}"):
+        parse_run_config({key: value})
+
+
+def test_each_node_says_where_and_how_it_trains():
+    from task.config import parse_run_config
+
+    bf16 = parse_run_config({"precision": "bf16", "cuda-graphs": "off"})
+    default = parse_run_config({})
+    assert training.describe_device(torch.device("cpu"), default) == "cpu"
+    assert training.describe_device(torch.device("cpu"), bf16) == "cpu bf16"
+    assert training.describe_device(torch.device("cuda", 0), default) == "cuda:0 fp32 graphs"
+    assert training.describe_device(torch.device("cuda", 1), bf16) == "cuda:1 bf16"
