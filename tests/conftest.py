@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 from server.launch.simulation import LocalSuperLink, flwr_run_command, local_superlink
 
@@ -118,6 +119,19 @@ class SimulationRun:
 def run_config_text(settings: dict[str, object]) -> str:
     """``{"k": v}`` -> ``k=v`` pairs in TOML syntax for ``--run-config``."""
     return " ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
+
+
+@pytest.fixture()
+def server_identity() -> Iterator[None]:
+    """Message() reads the ServerApp's identity, as Flower sets it in a ServerApp process.
+
+    Modules that build Messages outside a ServerApp use it for every test:
+    ``pytestmark = pytest.mark.usefixtures("server_identity")``.
+    """
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from test_hostile_coordinator import ReplyingGrid, honest, model, server_identity  # noqa: F401
 
 from client.delay import delay_seconds
 from server import async_rounds
@@ -34,6 +33,10 @@ from strategies.records import pack_arrays
 from strategies.registry import build_strategy
 from task import keys
 from task.config import ConfigError, config_to_dict, parse_client_delay, parse_run_config
+from tests.helpers import ReplyingGrid, honest, model
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
 
 # ---------------------------------------------------------------- pure math
 

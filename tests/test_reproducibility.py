@@ -9,13 +9,6 @@ import sqlite3
 import numpy as np
 import pytest
 from flwr.app import MetricRecord, RecordDict
-from test_hostile_coordinator import (  # noqa: F401 - server_identity is an autouse fixture
-    ReplyingGrid,
-    make_coordinator,
-    model,
-    rejections,
-    server_identity,
-)
 from test_tracking import history, mlflow_client
 
 from server.coordinator import Coordinator
@@ -27,8 +20,9 @@ from strategies.records import pack_arrays
 from strategies.registry import build_strategy
 from strategies.sampling import NodeSampler
 from task import keys
+from tests.helpers import NamedArrays, ReplyingGrid, make_coordinator, model, rejections
 
-NamedArrays = dict[str, np.ndarray]
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 # -- ReplyOrder ----------------------------------------------------------------
