@@ -7,14 +7,18 @@ from one another.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from server.coordinator import Coordinator
-from server.record.store import RunStore
+from server.record.checkpoints import model_hash, save_checkpoint
+from server.record.store import RoundRecord, RunStore
 from strategies.records import arrays_to_numpy, pack_arrays
 from strategies.registry import build_strategy
 from task import keys
@@ -112,3 +116,126 @@ def model() -> NamedArrays:
 def rejections(tmp_path) -> list[tuple[int, str, str]]:  # noqa: ANN001
     with sqlite3.connect(tmp_path / "run" / "run.db") as db:
         return db.execute("SELECT round, node_id, reason FROM rejections ORDER BY id").fetchall()
+
+
+# ---------------------------------------------------------------------------
+# Run directories written through the real run store
+# ---------------------------------------------------------------------------
+
+SERVER_PID = 4242  # the server pid a made-up live run names
+
+
+def round_record(server_round: int, **fields: object) -> RoundRecord:
+    """Round ``server_round`` of a made-up run: 3 nodes sampled, 2 accepted, 1 rejected.
+
+    Round 0 (the model before training) is not an update; ``fields`` replace any
+    of these values.
+    """
+    values: dict[str, object] = {
+        "round": server_round,
+        "started_at": 0.0,
+        "ended_at": 2.0,
+        "sampled": 3,
+        "accepted": 2,
+        "rejected": 1,
+        "failed": 0,
+        "updated": server_round > 0,
+        "metrics": {"central-accuracy": 0.3 * server_round, "central-loss": 1.0},
+        "model_hash": "h",
+    }
+    return RoundRecord(**(values | fields))  # type: ignore[arg-type]
+
+
+def add_round(  # noqa: PLR0913
+    store: RunStore,
+    server_round: int,
+    record_fn: Callable[[int], RoundRecord] = round_record,
+    model_fn: Callable[[int], NamedArrays] | None = None,
+    strategy_state: Mapping[str, np.ndarray] | None = None,
+    metadata: Mapping[str, object] | None = None,
+) -> None:
+    """Record ``record_fn(server_round)`` in ``store``.
+
+    With ``model_fn`` the round also gets a checkpoint of ``model_fn(server_round)``
+    (with ``strategy_state`` and ``metadata``) and that model's hash, as the
+    coordinator writes them.
+    """
+    record = record_fn(server_round)
+    if model_fn is None:
+        store.record_round(record)
+        return
+    model = model_fn(server_round)
+    checkpoint = save_checkpoint(
+        store.run_dir, server_round, model, strategy_state or {}, metadata or {}
+    )
+    store.record_round(replace(record, model_hash=model_hash(model)), checkpoint=checkpoint)
+
+
+def make_run(  # noqa: PLR0913
+    runs_dir: Path,
+    name: str = "run",
+    *,
+    config: Mapping[str, object] | None = None,
+    num_rounds: int = 5,
+    state: str | None = "running",
+    rounds: Iterable[int] = range(3),
+    nodes: bool = True,
+    **round_options: object,
+) -> RunStore:
+    """The run ``runs_dir / name`` written through the real store; the store is left open.
+
+    config: the run config it stores (default: fedavg, seed 1)
+    state: set with a fresh heartbeat and SERVER_PID; None leaves the run as created
+    rounds: the rounds on record, each written by ``add_round(store, round, **round_options)``
+    nodes: node 11 joined, node 12's update was rejected in round 1, and a start event
+    """
+    stored = {"strategy": "fedavg", "seed": 1} if config is None else dict(config)
+    store = RunStore.create(runs_dir / name, name, stored, num_rounds=num_rounds)
+    if state is not None:
+        store.update_run(state=state, heartbeat_at=time.time(), server_pid=SERVER_PID)
+    for server_round in rounds:
+        add_round(store, server_round, **round_options)  # type: ignore[arg-type]
+    if nodes:
+        store.record_node_reply(11, partition_id=0, num_examples=100, device="cpu", joined=True)
+        store.record_node_fault(12, 1, "rejected", "array 'w' contains NaN")
+        store.add_event("start", "run started")
+    return store
+
+
+COMPARED_CONFIG = {"strategy": "fedavg", "seed": 1, "lr": 0.05, "run-name": "x", "runs-dir": "/r"}
+
+
+def make_run_reaching(  # noqa: PLR0913
+    runs_dir: Path,
+    name: str,
+    accuracies: list[float],
+    state: str = "completed",
+    duration_s: float = 10.0,
+    rejected: int = 0,
+    epsilons: list[float] | None = None,
+    **config: object,
+) -> Path:
+    """A run whose round k (0 = before training) took ``duration_s`` and reached accuracies[k].
+
+    Its stored config is COMPARED_CONFIG with ``config`` and its name; the store is closed.
+    """
+
+    def record(server_round: int) -> RoundRecord:
+        accuracy = accuracies[server_round]
+        metrics = {"central-accuracy": accuracy, "central-loss": 1.0 - accuracy}
+        if epsilons is not None:
+            metrics["epsilon"] = epsilons[server_round]
+        return round_record(
+            server_round,
+            started_at=100.0 * server_round,
+            ended_at=100.0 * server_round + duration_s,
+            accepted=3 - rejected,
+            rejected=rejected if server_round else 0,
+            metrics=metrics,
+        )
+
+    settings = {**COMPARED_CONFIG, **config, "run-name": name}
+    rounds = range(len(accuracies))
+    kept = {"num_rounds": len(accuracies) - 1, "state": state, "nodes": False}
+    make_run(runs_dir, name, config=settings, rounds=rounds, record_fn=record, **kept).close()
+    return runs_dir / name

@@ -9,7 +9,6 @@ follow one rule in the run-config, the CLI and the dashboard.
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,18 +26,8 @@ from server.ui import cli
 from server.ui.dashboard.views import validate_run_name as dashboard_validate_run_name
 from task.config import ConfigError, parse_run_config
 from task.names import RunNameError, find_run_name_problem
+from tests.helpers import make_run
 from tests.test_dashboard_unreadable import checkpointed_copy, execute, write_db
-
-
-def make_run(runs_dir: Path, name: str, state: str = "running") -> RunStore:
-    store = RunStore.create(runs_dir / name, name, {"seed": 1}, num_rounds=5)
-    store.update_run(state=state, heartbeat_at=time.time(), server_pid=4242)
-    for server_round in range(3):
-        store.record_round(
-            RoundRecord(server_round, 0.0, 2.0, 3, 2, 1, 0, True, {"central-accuracy": 0.5}, "h")
-        )
-    store.record_node_reply(11, partition_id=0, num_examples=100, device="cpu", joined=True)
-    return store
 
 
 def edited(script: str) -> Callable[[Path, bytes], None]:

@@ -31,7 +31,8 @@ from server.ui.dashboard.strict_json import (
     parse_json_body,
     validate_weight_body,
 )
-from tests.test_dashboard import ACTION, LOCAL, make_run
+from tests.helpers import make_run
+from tests.test_dashboard import ACTION, LOCAL
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)

@@ -19,7 +19,8 @@ from starlette.exceptions import StarletteDeprecationWarning
 from server.record.store import DB_NAME, RoundRecord
 from server.ui.dashboard import DashboardSettings, create_app
 from server.ui.dashboard.security import LOOPBACK_NAMES
-from tests.test_dashboard import ACTION, LOCAL, make_run
+from tests.helpers import make_run
+from tests.test_dashboard import ACTION, LOCAL
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
