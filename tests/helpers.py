@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -15,14 +16,23 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from starlette.exceptions import StarletteDeprecationWarning
 
 from server.coordinator import Coordinator
 from server.record.checkpoints import model_hash, save_checkpoint
-from server.record.store import RoundRecord, RunStore
+from server.record.store import DB_NAME, RoundRecord, RunStore
+from server.ui.dashboard import DashboardSettings, create_app
+from server.ui.dashboard.security import LOOPBACK_NAMES
 from strategies.records import arrays_to_numpy, pack_arrays
 from strategies.registry import build_strategy
 from task import keys
 from task.config import parse_run_config
+
+with warnings.catch_warnings():
+    # Starlette 1.3 prefers httpx2 for its TestClient; httpx (a Flower dependency) still works.
+    warnings.simplefilter("ignore", StarletteDeprecationWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from starlette.testclient import TestClient
 
 NamedArrays = dict[str, np.ndarray]
 ReplyFn = Callable[[int, str, NamedArrays], RecordDict]
@@ -239,3 +249,48 @@ def make_run_reaching(  # noqa: PLR0913
     kept = {"num_rounds": len(accuracies) - 1, "state": state, "nodes": False}
     make_run(runs_dir, name, config=settings, rounds=rounds, record_fn=record, **kept).close()
     return runs_dir / name
+
+
+def checkpointed_copy(runs_dir: Path) -> bytes:
+    """The bytes of a good run.db with its WAL folded in, to cut short or edit."""
+    make_run(runs_dir, "good-source")
+    db = sqlite3.connect(runs_dir / "good-source" / DB_NAME)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    return (runs_dir / "good-source" / DB_NAME).read_bytes()
+
+
+def write_db(run_dir: Path, data: bytes) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / DB_NAME).write_bytes(data)
+
+
+def execute(run_dir: Path, script: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(run_dir / DB_NAME)
+    db.executescript(script)
+    db.close()
+
+
+# ---------------------------------------------------------------------------
+# The dashboard and MLflow, read back
+# ---------------------------------------------------------------------------
+
+LOCAL = "http://127.0.0.1:8765"
+ACTION = {"X-Fedcoord-Request": "1"}
+
+
+def local_client(runs_dir: Path, **settings: object) -> TestClient:
+    """A client of the dashboard as ``fedcoord dashboard`` binds it by default."""
+    app = create_app(DashboardSettings(runs_dir, allowed_hosts=LOOPBACK_NAMES, **settings))
+    return TestClient(app, base_url=LOCAL)
+
+
+def mlflow_client(uri: str):  # noqa: ANN201 - MLflow is imported when used: it is slow to import
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:  # noqa: ANN001
+    return [(m.step, round(m.value, 6)) for m in client.get_metric_history(run_id, key)]

@@ -26,8 +26,7 @@ from server.ui import cli
 from server.ui.dashboard.views import validate_run_name as dashboard_validate_run_name
 from task.config import ConfigError, parse_run_config
 from task.names import RunNameError, find_run_name_problem
-from tests.helpers import make_run
-from tests.test_dashboard_unreadable import checkpointed_copy, execute, write_db
+from tests.helpers import checkpointed_copy, execute, make_run, write_db
 
 
 def edited(script: str) -> Callable[[Path, bytes], None]:

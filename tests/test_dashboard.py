@@ -4,11 +4,9 @@ import json
 import math
 import sqlite3
 import time
-import warnings
 from pathlib import Path
 
 import pytest
-from starlette.exceptions import StarletteDeprecationWarning
 
 from server.record.store import RoundRecord, RunStore
 from server.ui import cli
@@ -16,22 +14,7 @@ from server.ui.dashboard import DashboardSettings, create_app, dashboard_setting
 from server.ui.dashboard.charts import nice_ticks, render_chart
 from server.ui.dashboard.security import LOOPBACK_NAMES, host_name, is_loopback
 from server.ui.dashboard.views import RunNameError, validate_run_name
-from tests.helpers import make_run
-
-with warnings.catch_warnings():
-    # Starlette 1.3 prefers httpx2 for its TestClient; httpx (a Flower dependency) still works.
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from starlette.testclient import TestClient
-
-LOCAL = "http://127.0.0.1:8765"
-ACTION = {"X-Fedcoord-Request": "1"}
-
-
-def local_client(runs_dir: Path, **settings: object) -> TestClient:
-    """A client of the dashboard as ``fedcoord dashboard`` binds it by default."""
-    app = create_app(DashboardSettings(runs_dir, allowed_hosts=LOOPBACK_NAMES, **settings))
-    return TestClient(app, base_url=LOCAL)
+from tests.helpers import ACTION, LOCAL, TestClient, local_client, make_run
 
 
 @pytest.fixture()

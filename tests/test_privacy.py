@@ -30,7 +30,7 @@ from strategies.sampling import NodeSampler
 from task import keys
 from task.config import ConfigError, parse_run_config
 from tests.conftest import APP_DIR
-from tests.helpers import ReplyingGrid, honest, make_coordinator, model
+from tests.helpers import ReplyingGrid, honest, local_client, make_coordinator, model
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -587,8 +587,6 @@ def test_status_watch_export_plot_and_dashboard_show_epsilon(tmp_path, capsys):
     import csv
     import io
     import json
-
-    from test_dashboard import local_client
 
     from server.ui import cli
 

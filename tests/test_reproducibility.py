@@ -9,7 +9,6 @@ import sqlite3
 import numpy as np
 import pytest
 from flwr.app import MetricRecord, RecordDict
-from test_tracking import history, mlflow_client
 
 from server.coordinator import Coordinator
 from server.export.tracking import TRACKING_FILE
@@ -20,7 +19,15 @@ from strategies.records import pack_arrays
 from strategies.registry import build_strategy
 from strategies.sampling import NodeSampler
 from task import keys
-from tests.helpers import NamedArrays, ReplyingGrid, make_coordinator, model, rejections
+from tests.helpers import (
+    NamedArrays,
+    ReplyingGrid,
+    history,
+    make_coordinator,
+    mlflow_client,
+    model,
+    rejections,
+)
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 

@@ -18,7 +18,7 @@ from server.record.checkpoints import model_hash
 from server.record.store import RoundRecord, RunStore
 from task.config import TRACKING_FORMS, ConfigError, parse_run_config
 from tests.conftest import APP_DIR, fedcoord
-from tests.helpers import add_round, make_run, round_record
+from tests.helpers import add_round, history, make_run, mlflow_client, round_record
 
 ACCURACIES = (0.1, 0.5, 0.8, 0.9)
 
@@ -67,16 +67,6 @@ def track(store: RunStore, state: str, **run_config: object) -> str:
     store.update_run(state=state)
     tracker.finish(timeout_s=60)
     return json.loads((store.run_dir / TRACKING_FILE).read_text())["run-id"]
-
-
-def mlflow_client(uri: str):  # noqa: ANN201 - MLflow is imported when used: it is slow to import
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(m.step, round(m.value, 6)) for m in client.get_metric_history(run_id, key)]
 
 
 def test_run_config_params_round_metrics_tags_and_artifacts(tmp_path, tracking_uri):

@@ -30,7 +30,7 @@ from server.record.store import (
 from server.record.verify import load_verified_checkpoint, verify_run
 from server.ui import cli
 from task.config import ConfigError, parse_run_config
-from tests.helpers import make_run, round_record
+from tests.helpers import execute, make_run, round_record
 
 ROUNDS = 3
 
@@ -107,12 +107,6 @@ VERIFIED_RUN = {
     "strategy_state": {"rng": np.arange(3)},
     "metadata": METADATA,
 }
-
-
-def execute(run_dir: Path, script: str) -> None:
-    db = sqlite3.connect(run_dir / DB_NAME)
-    db.executescript(script)
-    db.close()
 
 
 def swap_checkpoint(run_dir: Path, server_round: int, model: dict, state: dict) -> str:
