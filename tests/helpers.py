@@ -6,11 +6,14 @@ from one another.
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from flwr.serverapp import Grid
 from starlette.exceptions import StarletteDeprecationWarning
 
 from server.coordinator import Coordinator
+from server.launch.simulation import LocalSuperLink, flwr_run_command
 from server.record.checkpoints import model_hash, save_checkpoint
 from server.record.store import DB_NAME, RoundRecord, RunStore
 from server.ui.dashboard import DashboardSettings, create_app
@@ -36,6 +40,91 @@ with warnings.catch_warnings():
 
 NamedArrays = dict[str, np.ndarray]
 ReplyFn = Callable[[int, str, NamedArrays], RecordDict]
+
+
+# ---------------------------------------------------------------------------
+# The app as a user runs it: the CLI and simulations
+# ---------------------------------------------------------------------------
+
+APP_DIR = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT_S = 900
+
+
+def fedcoord(runs_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the ``fedcoord`` CLI as a user would, on ``runs_dir``."""
+    return subprocess.run(
+        [sys.executable, "-m", "server.ui.cli", "--runs-dir", str(runs_dir), *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        cwd=APP_DIR,
+    )
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> object:
+    """Poll ``predicate()`` until it returns a truthy value; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except (FileNotFoundError, subprocess.CalledProcessError, json.JSONDecodeError) as error:
+            last = error
+        else:
+            if last:
+                return last
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last: {last!r}")
+
+
+@dataclass
+class SimulationRun:
+    """The outcome of one ``flwr run`` in simulation."""
+
+    returncode: int
+    output: str
+    run_dir: Path
+
+    def status(self) -> dict:
+        """``fedcoord status --json`` for this run."""
+        return json.loads(self.cli("status", self.run_dir.name, "--json").stdout)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``fedcoord ARGS`` on this run's runs directory."""
+        return fedcoord(self.run_dir.parent, *args, check=check)
+
+
+def run_config_text(settings: dict[str, object]) -> str:
+    """``{"k": v}`` -> ``k=v`` pairs in TOML syntax for ``--run-config``."""
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
+
+
+def run_flwr_simulation(  # noqa: PLR0913
+    superlink: LocalSuperLink,
+    runs_dir: Path,
+    supernodes: int,
+    run_name: str,
+    run_config: dict[str, object],
+    wait: bool = True,
+) -> SimulationRun:
+    """``flwr run`` the app on ``superlink``; its run directory goes under ``runs_dir``.
+
+    ``wait=False`` submits the run and returns at once (``flwr run`` without
+    ``--stream``); follow it through ``SimulationRun.status()``.
+    """
+    settings = {"run-name": run_name, "runs-dir": str(runs_dir), **run_config}
+    command = flwr_run_command(
+        APP_DIR, supernodes, run_config_text(settings), num_cpus=1, stream=wait
+    )
+    result = subprocess.run(
+        command,
+        env=superlink.env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        cwd=APP_DIR,
+    )
+    return SimulationRun(result.returncode, result.stdout + result.stderr, runs_dir / run_name)
 
 
 # ---------------------------------------------------------------------------

@@ -19,8 +19,7 @@ import pytest
 from server.launch.processes import free_port
 from server.record.runs import run_status
 from server.record.store import RunStoreError
-from tests.conftest import APP_DIR, wait_until
-from tests.helpers import make_run, make_run_reaching
+from tests.helpers import APP_DIR, make_run, make_run_reaching, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.system_package("chromium")]
 

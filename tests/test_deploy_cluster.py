@@ -33,7 +33,7 @@ from deploy.certs import create_node_keys
 from deploy.connection import DEFAULT_CONNECTION, flwr_executable, write_connection
 from deploy.local_cluster import PROJECT_DIR, LocalDeployment, snapshot_app
 from server.launch.processes import flwr_env, stop_tree
-from tests.conftest import fedcoord, run_config_text, wait_until
+from tests.helpers import fedcoord, run_config_text, wait_until
 
 pytestmark = [
     pytest.mark.slow,

@@ -29,8 +29,7 @@ from strategies.registry import build_strategy
 from strategies.sampling import NodeSampler
 from task import keys
 from task.config import ConfigError, parse_run_config
-from tests.conftest import APP_DIR
-from tests.helpers import ReplyingGrid, honest, local_client, make_coordinator, model
+from tests.helpers import APP_DIR, ReplyingGrid, honest, local_client, make_coordinator, model
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 

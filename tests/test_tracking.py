@@ -17,8 +17,15 @@ from server.export.tracking import TRACKING_FILE, start_tracking
 from server.record.checkpoints import model_hash
 from server.record.store import RoundRecord, RunStore
 from task.config import TRACKING_FORMS, ConfigError, parse_run_config
-from tests.conftest import APP_DIR, fedcoord
-from tests.helpers import add_round, history, make_run, mlflow_client, round_record
+from tests.helpers import (
+    APP_DIR,
+    add_round,
+    fedcoord,
+    history,
+    make_run,
+    mlflow_client,
+    round_record,
+)
 
 ACCURACIES = (0.1, 0.5, 0.8, 0.9)
 
