@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -43,6 +44,18 @@ def missing_package_message(package: str) -> str:
         f"needs the Debian package {package}: run `sudo make system-deps` "
         f"(or apt-get install {package})"
     )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Train and evaluate with one torch thread in this process.
+
+    The tests' models and batches are tiny: a second thread gains nothing, and on
+    a busy 2-core machine threads waiting for each other made the training tests
+    10 times slower. Subprocesses (simulations, the CLI) keep torch's default.
+    """
+    torch = sys.modules.get("torch")  # imported by the collected modules, if any needs it
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
