@@ -9,6 +9,7 @@ follow one rule in the run-config, the CLI and the dashboard.
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,13 +90,21 @@ VERBS: dict[str, list[str]] = {
 }
 
 
-@pytest.fixture()
-def runs_dir(tmp_path: Path) -> Path:
-    """A good run beside one run directory per kind of damage."""
-    runs = tmp_path / "runs"
-    good = checkpointed_copy(tmp_path / "source")
+@pytest.fixture(scope="module")
+def damaged_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run directory per kind of damage, made once for the module."""
+    runs = tmp_path_factory.mktemp("damaged") / "runs"
+    good = checkpointed_copy(tmp_path_factory.mktemp("source"))
     for name, damage in (DAMAGE | PARTIAL_DAMAGE).items():
         damage(runs / name, good)
+    return runs
+
+
+@pytest.fixture()
+def runs_dir(tmp_path: Path, damaged_runs: Path) -> Path:
+    """A good run beside a copy of each damaged run (a test may write to its copy)."""
+    runs = tmp_path / "runs"
+    shutil.copytree(damaged_runs, runs, symlinks=True)
     make_run(runs, "good").close()
     return runs
 

@@ -8,6 +8,7 @@ it serves is parsed strictly (no NaN, no Infinity).
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,14 +81,22 @@ def client_of(runs_dir: Path) -> TestClient:
     return TestClient(create_app(settings), base_url=LOCAL, raise_server_exceptions=False)
 
 
-@pytest.fixture()
-def runs_dir(tmp_path: Path) -> Path:
-    """A good live run beside one run directory per kind of damage."""
-    runs = tmp_path / "runs"
-    good = checkpointed_copy(tmp_path / "source")
-    make_run(runs, "good")
+@pytest.fixture(scope="module")
+def damaged_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run directory per kind of damage, made once for the module."""
+    runs = tmp_path_factory.mktemp("damaged") / "runs"
+    good = checkpointed_copy(tmp_path_factory.mktemp("source"))
     for name, damage in DAMAGE.items():
         damage(runs / name, good)
+    return runs
+
+
+@pytest.fixture()
+def runs_dir(tmp_path: Path, damaged_runs: Path) -> Path:
+    """A good live run beside a copy of each damaged run (a test may write to its copy)."""
+    runs = tmp_path / "runs"
+    shutil.copytree(damaged_runs, runs, symlinks=True)
+    make_run(runs, "good")
     return runs
 
 
