@@ -393,7 +393,7 @@ def test_an_error_reply_or_a_bad_update_never_ends_the_run(tmp_path):
     final = coordinator.run(model())
     reasons = " ".join(r[2] for r in rejections(tmp_path))
     assert "NaN" in reasons and "arrays" in reasons
-    assert all(np.isfinite(v).all() for v in final.values())
+    assert final and all(np.isfinite(v).all() for v in final.values())
 
 
 # ------------------------------------------------------- a real simulation
