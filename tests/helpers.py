@@ -1,4 +1,4 @@
-"""Plain helpers shared by test modules: fake Grids, made-up runs, clients.
+"""Plain helpers shared by test modules: the CLI and simulations, a fake Grid, made-up runs.
 
 Fixtures live in conftest.py; test modules import helpers from here and never
 from one another.
@@ -194,6 +194,7 @@ class ReplyingGrid(Grid):
 
 
 def honest(node_id: int, message_type: str, received: NamedArrays) -> RecordDict:
+    """A ReplyFn: node ``n`` adds 0.01 n to every array; evaluation gives 0.8 accuracy."""
     if message_type == "evaluate":
         metrics = {keys.NUM_EXAMPLES: 10, keys.EVAL_LOSS: 0.5, keys.EVAL_ACCURACY: 0.8}
         return RecordDict({keys.METRICS: MetricRecord(metrics)})
@@ -203,16 +204,19 @@ def honest(node_id: int, message_type: str, received: NamedArrays) -> RecordDict
 
 
 def make_coordinator(tmp_path, grid: Grid, **run_config: object) -> Coordinator:  # noqa: ANN001
+    """A Coordinator of run ``tmp_path / "run"`` on ``grid``; central evaluation is fixed."""
     config = parse_run_config({"runs-dir": str(tmp_path), "round-timeout": 5.0, **run_config})
     store = RunStore.create(tmp_path / "run", "run", {}, config.num_server_rounds)
     return Coordinator(grid, build_strategy(config), store, config, lambda arrays: (0.1, 0.9))
 
 
 def model() -> NamedArrays:
+    """A small global model: ``w`` zeros (2, 3), ``b`` ones (3,)."""
     return {"w": np.zeros((2, 3), dtype=np.float32), "b": np.ones(3, dtype=np.float32)}
 
 
 def rejections(tmp_path) -> list[tuple[int, str, str]]:  # noqa: ANN001
+    """(round, node id, reason) of each rejection of run ``tmp_path / "run"``, in order."""
     with sqlite3.connect(tmp_path / "run" / "run.db") as db:
         return db.execute("SELECT round, node_id, reason FROM rejections ORDER BY id").fetchall()
 
