@@ -1,23 +1,21 @@
-"""Shared fixtures: a real simulation SuperLink per test session, stopped by PID."""
+"""Shared fixtures and hooks: a real simulation SuperLink per test session, stopped by PID.
+
+Plain helpers (the CLI, simulations, fake Grids, made-up runs) are in helpers.py.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
-from server.launch.simulation import LocalSuperLink, flwr_run_command, local_superlink
-
-APP_DIR = Path(__file__).resolve().parent.parent
-RUN_TIMEOUT_S = 900
+from server.launch.simulation import LocalSuperLink, local_superlink
+from tests.helpers import run_flwr_simulation
 
 # Debian packages some tests use, and how to tell that each is installed.
 # `make system-deps` (run by `make test`) installs the missing ones when root.
@@ -48,6 +46,18 @@ def missing_package_message(package: str) -> str:
     )
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Train and evaluate with one torch thread in this process.
+
+    The tests' models and batches are tiny: a second thread gains nothing, and on
+    a busy 2-core machine threads waiting for each other made the training tests
+    10 times slower. Subprocesses (simulations, the CLI) keep torch's default.
+    """
+    torch = sys.modules.get("torch")  # imported by the collected modules, if any needs it
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Skip (fail under CI=true) a test whose Debian package is missing."""
     for marker in item.iter_markers("system_package"):
@@ -71,53 +81,17 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         )
 
 
-def fedcoord(runs_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the ``fedcoord`` CLI as a user would, on ``runs_dir``."""
-    return subprocess.run(
-        [sys.executable, "-m", "server.ui.cli", "--runs-dir", str(runs_dir), *args],
-        capture_output=True,
-        text=True,
-        check=check,
-        cwd=APP_DIR,
-    )
+@pytest.fixture()
+def server_identity() -> Iterator[None]:
+    """Message() reads the ServerApp's identity, as Flower sets it in a ServerApp process.
 
-
-def wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> object:
-    """Poll ``predicate()`` until it returns a truthy value; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except (FileNotFoundError, subprocess.CalledProcessError, json.JSONDecodeError) as error:
-            last = error
-        else:
-            if last:
-                return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last: {last!r}")
-
-
-@dataclass
-class SimulationRun:
-    """The outcome of one ``flwr run`` in simulation."""
-
-    returncode: int
-    output: str
-    run_dir: Path
-
-    def status(self) -> dict:
-        """``fedcoord status --json`` for this run."""
-        return json.loads(self.cli("status", self.run_dir.name, "--json").stdout)
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """``fedcoord ARGS`` on this run's runs directory."""
-        return fedcoord(self.run_dir.parent, *args, check=check)
-
-
-def run_config_text(settings: dict[str, object]) -> str:
-    """``{"k": v}`` -> ``k=v`` pairs in TOML syntax for ``--run-config``."""
-    return " ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
+    Modules that build Messages outside a ServerApp use it for every test:
+    ``pytestmark = pytest.mark.usefixtures("server_identity")``.
+    """
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 @pytest.fixture(scope="session")
@@ -125,34 +99,6 @@ def superlink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSuperLi
     """A simulation SuperLink with its own FLWR_HOME and ports, stopped after the session."""
     with local_superlink(tmp_path_factory.mktemp("flwr_home")) as link:
         yield link
-
-
-def run_flwr_simulation(  # noqa: PLR0913
-    superlink: LocalSuperLink,
-    runs_dir: Path,
-    supernodes: int,
-    run_name: str,
-    run_config: dict[str, object],
-    wait: bool = True,
-) -> SimulationRun:
-    """``flwr run`` the app on ``superlink``; its run directory goes under ``runs_dir``.
-
-    ``wait=False`` submits the run and returns at once (``flwr run`` without
-    ``--stream``); follow it through ``SimulationRun.status()``.
-    """
-    settings = {"run-name": run_name, "runs-dir": str(runs_dir), **run_config}
-    command = flwr_run_command(
-        APP_DIR, supernodes, run_config_text(settings), num_cpus=1, stream=wait
-    )
-    result = subprocess.run(
-        command,
-        env=superlink.env(),
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_S,
-        cwd=APP_DIR,
-    )
-    return SimulationRun(result.returncode, result.stdout + result.stderr, runs_dir / run_name)
 
 
 @pytest.fixture()

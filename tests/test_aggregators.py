@@ -129,6 +129,7 @@ def test_mean_matches_unweighted_numpy_average() -> None:
     result = aggregate("mean", updates, weights)
 
     # Assert
+    assert len(result) == len(updates[0])
     for index, array in enumerate(result):
         np.testing.assert_allclose(array, stacked(updates, index).mean(axis=0), atol=1e-6)
 
@@ -143,6 +144,7 @@ def test_weighted_names_match_numpy_weighted_average(name: str) -> None:
     result = aggregate(name, updates, weights)
 
     # Assert
+    assert len(result) == len(updates[0])
     for index, array in enumerate(result):
         expected = np.average(stacked(updates, index), axis=0, weights=weights)
         np.testing.assert_allclose(array, expected, atol=1e-6)
@@ -167,6 +169,7 @@ def test_clipped_matches_clip_then_unweighted_mean() -> None:
     result = aggregator.result()
 
     # Assert
+    assert len(result) == len(updates[0])
     for index, array in enumerate(result):
         np.testing.assert_allclose(array, np.mean([c[index] for c in clipped], axis=0), atol=1e-6)
     assert aggregator.num_clipped == sum(norm > clip_norm for norm in norms)
@@ -203,6 +206,7 @@ def test_median_matches_numpy_median(num_updates: int) -> None:
     result = aggregate("median", updates)
 
     # Assert
+    assert len(result) == len(updates[0])
     for index, array in enumerate(result):
         np.testing.assert_allclose(array, np.median(stacked(updates, index), axis=0), atol=1e-6)
         assert array.dtype == np.float32
@@ -219,6 +223,7 @@ def test_trimmed_mean_matches_scipy_trim_mean(num_updates: int, beta: float) -> 
     result = aggregate("trimmed-mean", updates, beta=beta)
 
     # Assert
+    assert len(result) == len(updates[0])
     for index, array in enumerate(result):
         expected = scipy.stats.trim_mean(stacked(updates, index), beta, axis=0)
         np.testing.assert_allclose(array, expected, atol=1e-6)
@@ -375,6 +380,7 @@ def test_zero_weight_update_is_counted_but_not_folded_in() -> None:
 
     # Assert
     assert aggregator.count == 3
+    assert len(result) == len(good[0])
     for index, array in enumerate(result):
         expected = np.average(stacked(good, index), axis=0, weights=[3.0, 1.0])
         np.testing.assert_allclose(array, expected, atol=1e-6)
@@ -541,6 +547,7 @@ def test_result_does_not_consume_the_aggregator(name: str) -> None:
 
     # Assert
     assert aggregator.count == 7
+    assert len(first) == len(updates[0])
     for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
     expected = aggregate(name, updates, **ROBUST_OPTIONS[name])
@@ -571,6 +578,7 @@ def test_order_of_updates_does_not_matter(
     )
 
     # Assert
+    assert len(forward) == len(updates[0])
     for a, b in zip(forward, shuffled, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=float32_tolerance(updates))
 
@@ -585,6 +593,7 @@ def test_krum_order_of_updates_does_not_matter() -> None:
     shuffled = aggregate("krum", [updates[i] for i in order], num_malicious=2, num_selected=3)
 
     # Assert
+    assert len(forward) == len(updates[0])
     for a, b in zip(forward, shuffled, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -606,6 +615,7 @@ def test_scaling_all_weights_changes_nothing(
     scaled = aggregate(name, updates, [w * factor for w in weights])
 
     # Assert
+    assert len(plain) == len(updates[0])
     for a, b in zip(plain, scaled, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=float32_tolerance(updates))
 
@@ -620,6 +630,7 @@ def test_streaming_result_equals_the_batch_formula(data: tuple[list, list[float]
     result = aggregate("fedavg", updates, weights)
 
     # Assert
+    assert len(result) == len(updates[0])
     for index, array in enumerate(result):
         expected = np.average(stacked(updates, index), axis=0, weights=weights)
         np.testing.assert_allclose(array, expected, rtol=1e-5, atol=float32_tolerance(updates))
@@ -794,7 +805,9 @@ def test_add_difference_equals_add_of_the_difference(name: str) -> None:
         fused.add_difference(client, global_arrays, weight)
         plain.add([c - g for c, g in zip(client, global_arrays, strict=True)], weight)
     assert fused.count == plain.count == 5
-    for ours, theirs in zip(fused.result(), plain.result(), strict=True):
+    fused_result, plain_result = fused.result(), plain.result()
+    assert len(fused_result) == len(global_arrays)
+    for ours, theirs in zip(fused_result, plain_result, strict=True):
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
     if name == "clipped":
@@ -818,6 +831,7 @@ def test_add_difference_rejects_a_non_finite_update_leaving_the_sum_exactly(
         aggregator.add_difference(hostile, global_arrays, 1000.0)  # a new largest weight too
     assert caught.value.index == 0
     assert aggregator.count == 1
+    assert len(before) == len(global_arrays)
     for after, expected in zip(aggregator.result(), before, strict=True):
         np.testing.assert_array_equal(after, expected)
 

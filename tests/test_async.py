@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from test_hostile_coordinator import ReplyingGrid, honest, model, server_identity  # noqa: F401
 
 from client.delay import delay_seconds
 from server import async_rounds
@@ -35,6 +34,10 @@ from strategies.registry import build_strategy
 from task import keys
 from task.config import ConfigError, config_to_dict, parse_run_config
 from task.config_values import parse_client_delay
+from tests.helpers import ReplyingGrid, honest, model
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
 
 # ---------------------------------------------------------------- pure math
 
@@ -391,7 +394,7 @@ def test_an_error_reply_or_a_bad_update_never_ends_the_run(tmp_path):
     final = coordinator.run(model())
     reasons = " ".join(r[2] for r in rejections(tmp_path))
     assert "NaN" in reasons and "arrays" in reasons
-    assert all(np.isfinite(v).all() for v in final.values())
+    assert final and all(np.isfinite(v).all() for v in final.values())
 
 
 # ------------------------------------------------------- a real simulation

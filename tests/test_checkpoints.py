@@ -6,11 +6,11 @@ from server.record.checkpoints import (
     checkpoint_path,
     files_to_prune,
     load_checkpoint,
-    model_hash,
     save_checkpoint,
 )
-from server.record.store import RoundRecord, RunStore
+from server.record.store import RoundRecord
 from server.record.verify import verify_run
+from tests.helpers import make_run, round_record
 
 
 def arrays(seed: int) -> dict[str, np.ndarray]:
@@ -71,32 +71,28 @@ def test_pruning_keeps_the_last_three_and_the_best():
     assert pruned == [1, 3]
 
 
-def make_run(tmp_path, rounds: int) -> RunStore:
-    store = RunStore.create(tmp_path / "run", "run", {"seed": 1}, rounds)
-    for server_round in range(1, rounds + 1):
-        model = arrays(server_round)
-        checkpoint = save_checkpoint(store.run_dir, server_round, model, {}, {})
-        store.record_round(
-            RoundRecord(
-                round=server_round,
-                started_at=0.0,
-                ended_at=1.0,
-                sampled=2,
-                accepted=2,
-                rejected=0,
-                failed=0,
-                updated=True,
-                metrics={"central-accuracy": 0.1 * server_round},
-                model_hash=model_hash(model),
-            ),
-            checkpoint=checkpoint,
-        )
-    return store
+def checkpointed_round(server_round: int) -> RoundRecord:
+    metrics = {"central-accuracy": 0.1 * server_round}
+    return round_record(
+        server_round, ended_at=1.0, sampled=2, rejected=0, updated=True, metrics=metrics
+    )
+
+
+# Three rounds, each with its checkpoint.
+CHECKPOINTED_RUN = {
+    "config": {"seed": 1},
+    "num_rounds": 3,
+    "state": None,
+    "rounds": range(1, 4),
+    "nodes": False,
+    "record_fn": checkpointed_round,
+    "model_fn": arrays,
+}
 
 
 def test_verify_passes_an_intact_run_and_names_an_altered_checkpoint(tmp_path):
     # Prepare
-    store = make_run(tmp_path, 3)
+    store = make_run(tmp_path, **CHECKPOINTED_RUN)
     problems, _ = verify_run(store.run_dir)
     assert problems == []
     target = checkpoint_path(store.run_dir, 2)
@@ -114,7 +110,7 @@ def test_verify_passes_an_intact_run_and_names_an_altered_checkpoint(tmp_path):
 
 def test_verify_detects_an_edited_round_row(tmp_path):
     # Prepare
-    store = make_run(tmp_path, 3)
+    store = make_run(tmp_path, **CHECKPOINTED_RUN)
     store._db.execute("UPDATE rounds SET metrics_json = '{}' WHERE round = 2")
 
     # Execute
@@ -126,7 +122,7 @@ def test_verify_detects_an_edited_round_row(tmp_path):
 
 def test_round_and_checkpoint_rows_are_written_together_and_truncated(tmp_path):
     # Prepare
-    store = make_run(tmp_path, 3)
+    store = make_run(tmp_path, **CHECKPOINTED_RUN)
 
     # Execute
     deleted = store.truncate_after(1)

@@ -7,34 +7,8 @@ import time
 
 import pytest
 
-from server.record.checkpoints import model_hash, save_checkpoint
-from server.record.store import RoundRecord, RunStore
 from server.ui import cli
-
-
-def make_run(runs_dir, name: str, state: str = "running", rounds: int = 2) -> RunStore:
-    store = RunStore.create(runs_dir / name, name, {"seed": 1}, num_rounds=5)
-    store.update_run(state=state, heartbeat_at=time.time(), server_pid=4242)
-    for server_round in range(rounds + 1):
-        checkpoint = save_checkpoint(store.run_dir, server_round, {}, {}, {})
-        store.record_round(
-            RoundRecord(
-                round=server_round,
-                started_at=0.0,
-                ended_at=2.0,
-                sampled=3,
-                accepted=3,
-                rejected=0,
-                failed=0,
-                updated=server_round > 0,
-                metrics={"central-accuracy": 0.3 * server_round, "central-loss": 1.0},
-                model_hash=model_hash({}),
-            ),
-            checkpoint=checkpoint,
-        )
-    store.record_node_reply(11, partition_id=0, num_examples=100, device="cpu", joined=True)
-    store.record_node_fault(12, 1, "rejected", "array 'w' contains NaN")
-    return store
+from tests.helpers import make_run
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
@@ -121,7 +95,7 @@ def test_weight_is_validated_and_queued(tmp_path, capsys):
 
 def test_runs_nodes_export_and_plot(tmp_path, capsys):
     # Prepare
-    make_run(tmp_path, "r1", state="completed")
+    make_run(tmp_path, "r1", state="completed", model_fn=lambda server_round: {})
 
     # Execute / Assert: runs
     _, out, _ = run_cli(capsys, "--runs-dir", tmp_path, "runs")

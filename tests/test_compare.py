@@ -3,53 +3,14 @@
 import json
 import math
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
 
 from server.record.compare import compare_run_dirs, differing_keys, mean_std, time_to_target
 from server.record.compare import round_points as points_of
-from server.record.store import RoundRecord, RunStore
 from server.ui import cli
-
-BASE = {"strategy": "fedavg", "seed": 1, "lr": 0.05, "run-name": "x", "runs-dir": "/r"}
-
-
-def make_run(  # noqa: PLR0913
-    runs_dir: Path,
-    name: str,
-    accuracies: list[float],
-    state: str = "completed",
-    duration_s: float = 10.0,
-    rejected: int = 0,
-    epsilons: list[float] | None = None,
-    **config: object,
-) -> Path:
-    """A run whose round k (0 = before training) took ``duration_s`` and reached accuracies[k]."""
-    settings = {**BASE, **config, "run-name": name}
-    store = RunStore.create(runs_dir / name, name, settings, num_rounds=len(accuracies) - 1)
-    store.update_run(state=state, heartbeat_at=time.time())
-    for server_round, accuracy in enumerate(accuracies):
-        metrics = {"central-accuracy": accuracy, "central-loss": 1.0 - accuracy}
-        if epsilons is not None:
-            metrics["epsilon"] = epsilons[server_round]
-        store.record_round(
-            RoundRecord(
-                round=server_round,
-                started_at=100.0 * server_round,
-                ended_at=100.0 * server_round + duration_s,
-                sampled=3,
-                accepted=3 - rejected,
-                rejected=rejected if server_round else 0,
-                failed=0,
-                updated=server_round > 0,
-                metrics=metrics,
-                model_hash="h",
-            )
-        )
-    store.close()
-    return runs_dir / name
+from tests.helpers import make_run_reaching
 
 
 def run_cli(capsys, runs_dir: Path, *args: object) -> tuple[int, str, str]:
@@ -61,8 +22,10 @@ def run_cli(capsys, runs_dir: Path, *args: object) -> tuple[int, str, str]:
 @pytest.fixture()
 def runs_dir(tmp_path: Path) -> Path:
     runs = tmp_path / "runs"
-    make_run(runs, "avg", [0.1, 0.5, 0.8, 0.9], duration_s=10.0)
-    make_run(runs, "med", [0.1, 0.4, 0.6, 0.7], duration_s=20.0, strategy="median", rejected=1)
+    make_run_reaching(runs, "avg", [0.1, 0.5, 0.8, 0.9], duration_s=10.0)
+    make_run_reaching(
+        runs, "med", [0.1, 0.4, 0.6, 0.7], duration_s=20.0, strategy="median", rejected=1
+    )
     return runs
 
 
@@ -116,10 +79,10 @@ def test_impossible_numbers_are_missing_and_never_a_traceback(tmp_path, capsys):
     # Prepare: rows that pass the schema check but no run can write: accuracies of
     # 1e308 in two seeds, durations summing past float range, an infinite duration
     runs = tmp_path / "runs"
-    make_run(runs, "big-1", [1e308, 1e308], seed=1)
-    make_run(runs, "big-2", [1e308, 1e308], seed=2)
-    make_run(runs, "sums-inf", [0.1, 0.2, 0.3], duration_s=1e308, seed=3)
-    make_run(runs, "inf-wall", [0.1, 0.2], seed=4)
+    make_run_reaching(runs, "big-1", [1e308, 1e308], seed=1)
+    make_run_reaching(runs, "big-2", [1e308, 1e308], seed=2)
+    make_run_reaching(runs, "sums-inf", [0.1, 0.2, 0.3], duration_s=1e308, seed=3)
+    make_run_reaching(runs, "inf-wall", [0.1, 0.2], seed=4)
     with sqlite3.connect(runs / "inf-wall" / "run.db") as db:
         db.execute("UPDATE rounds SET duration_s = 1e999")
     names = ["big-1", "big-2", "sums-inf", "inf-wall"]
@@ -143,8 +106,8 @@ def test_impossible_numbers_are_missing_and_never_a_traceback(tmp_path, capsys):
 def test_names_with_bidi_or_zero_width_characters_are_shown_escaped(tmp_path, capsys):
     # Prepare: names the run-name rule allows (existing runs keep them)
     runs = tmp_path / "runs"
-    make_run(runs, "evil\u202egnp.exe", [0.1, 0.9], seed=1)
-    make_run(runs, "a\u200bb", [0.1, 0.5], seed=2)
+    make_run_reaching(runs, "evil\u202egnp.exe", [0.1, 0.9], seed=1)
+    make_run_reaching(runs, "a\u200bb", [0.1, 0.5], seed=2)
 
     # Execute
     code, out, _ = run_cli(capsys, runs, "compare", "evil\u202egnp.exe", "a\u200bb")
@@ -174,7 +137,7 @@ def test_runs_over_seeds_get_mean_and_std_per_other_combination(tmp_path):
     # Prepare: two strategies x two seeds
     runs = tmp_path / "runs"
     dirs = [
-        make_run(runs, f"{strategy}-{seed}", [0.1, final], strategy=strategy, seed=seed)
+        make_run_reaching(runs, f"{strategy}-{seed}", [0.1, final], strategy=strategy, seed=seed)
         for strategy, finals in (("fedavg", (0.8, 0.9)), ("median", (0.6, 0.7)))
         for seed, final in zip((1, 2), finals, strict=True)
     ]
@@ -213,8 +176,8 @@ def test_compare_prints_the_table_with_target_columns(runs_dir, capsys):
 def test_target_never_reached_is_a_dash_and_epsilon_is_shown_when_recorded(tmp_path, capsys):
     # Prepare
     runs = tmp_path / "runs"
-    make_run(runs, "dp", [0.1, 0.3, 0.4], strategy="clipped", epsilons=[0.0, 1.5, 2.25])
-    make_run(runs, "nodp", [0.1, 0.3, 0.5], epsilons=[math.inf] * 3)
+    make_run_reaching(runs, "dp", [0.1, 0.3, 0.4], strategy="clipped", epsilons=[0.0, 1.5, 2.25])
+    make_run_reaching(runs, "nodp", [0.1, 0.3, 0.5], epsilons=[math.inf] * 3)
 
     # Execute
     code, out, _ = run_cli(capsys, runs, "compare", "dp", "nodp", "--target", "0.45")

@@ -9,7 +9,7 @@ follow one rule in the run-config, the CLI and the dashboard.
 import hashlib
 import json
 import os
-import time
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,18 +27,7 @@ from server.ui import cli
 from server.ui.dashboard.views import validate_run_name as dashboard_validate_run_name
 from task.config import ConfigError, parse_run_config
 from task.names import RunNameError, find_run_name_problem
-from tests.test_dashboard_unreadable import checkpointed_copy, execute, write_db
-
-
-def make_run(runs_dir: Path, name: str, state: str = "running") -> RunStore:
-    store = RunStore.create(runs_dir / name, name, {"seed": 1}, num_rounds=5)
-    store.update_run(state=state, heartbeat_at=time.time(), server_pid=4242)
-    for server_round in range(3):
-        store.record_round(
-            RoundRecord(server_round, 0.0, 2.0, 3, 2, 1, 0, True, {"central-accuracy": 0.5}, "h")
-        )
-    store.record_node_reply(11, partition_id=0, num_examples=100, device="cpu", joined=True)
-    return store
+from tests.helpers import checkpointed_copy, execute, make_run, write_db
 
 
 def edited(script: str) -> Callable[[Path, bytes], None]:
@@ -101,13 +90,21 @@ VERBS: dict[str, list[str]] = {
 }
 
 
-@pytest.fixture()
-def runs_dir(tmp_path: Path) -> Path:
-    """A good run beside one run directory per kind of damage."""
-    runs = tmp_path / "runs"
-    good = checkpointed_copy(tmp_path / "source")
+@pytest.fixture(scope="module")
+def damaged_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run directory per kind of damage, made once for the module."""
+    runs = tmp_path_factory.mktemp("damaged") / "runs"
+    good = checkpointed_copy(tmp_path_factory.mktemp("source"))
     for name, damage in (DAMAGE | PARTIAL_DAMAGE).items():
         damage(runs / name, good)
+    return runs
+
+
+@pytest.fixture()
+def runs_dir(tmp_path: Path, damaged_runs: Path) -> Path:
+    """A good run beside a copy of each damaged run (a test may write to its copy)."""
+    runs = tmp_path / "runs"
+    shutil.copytree(damaged_runs, runs, symlinks=True)
     make_run(runs, "good").close()
     return runs
 

@@ -4,11 +4,9 @@ import json
 import math
 import sqlite3
 import time
-import warnings
 from pathlib import Path
 
 import pytest
-from starlette.exceptions import StarletteDeprecationWarning
 
 from server.record.store import RoundRecord, RunStore
 from server.ui import cli
@@ -16,52 +14,14 @@ from server.ui.dashboard import DashboardSettings, create_app, dashboard_setting
 from server.ui.dashboard.charts import nice_ticks, render_chart
 from server.ui.dashboard.security import LOOPBACK_NAMES, host_name, is_loopback
 from server.ui.dashboard.views import RunNameError, validate_run_name
-
-with warnings.catch_warnings():
-    # Starlette 1.3 prefers httpx2 for its TestClient; httpx (a Flower dependency) still works.
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from starlette.testclient import TestClient
-
-LOCAL = "http://127.0.0.1:8765"
-ACTION = {"X-Fedcoord-Request": "1"}
-
-
-def make_run(runs_dir: Path, name: str, state: str = "running", rounds: int = 2) -> RunStore:
-    store = RunStore.create(runs_dir / name, name, {"strategy": "fedavg", "seed": 1}, num_rounds=5)
-    store.update_run(state=state, heartbeat_at=time.time(), server_pid=4242)
-    for server_round in range(rounds + 1):
-        store.record_round(
-            RoundRecord(
-                round=server_round,
-                started_at=0.0,
-                ended_at=2.0,
-                sampled=3,
-                accepted=2,
-                rejected=1,
-                failed=0,
-                updated=server_round > 0,
-                metrics={"central-accuracy": 0.3 * server_round, "central-loss": 1.0},
-                model_hash="h",
-            )
-        )
-    store.record_node_reply(11, partition_id=0, num_examples=100, device="cpu", joined=True)
-    store.record_node_fault(12, 1, "rejected", "array 'w' contains NaN")
-    store.add_event("start", "run started")
-    return store
-
-
-def local_client(runs_dir: Path, **settings: object) -> TestClient:
-    """A client of the dashboard as ``fedcoord dashboard`` binds it by default."""
-    app = create_app(DashboardSettings(runs_dir, allowed_hosts=LOOPBACK_NAMES, **settings))
-    return TestClient(app, base_url=LOCAL)
+from tests.helpers import ACTION, LOCAL, TestClient, local_client, make_run
 
 
 @pytest.fixture()
 def runs_dir(tmp_path: Path) -> Path:
     runs = tmp_path / "runs"
     make_run(runs, "live")
-    make_run(runs, "done", state="completed", rounds=5)
+    make_run(runs, "done", state="completed", rounds=range(6))
     return runs
 
 
@@ -98,7 +58,7 @@ def test_run_detail_has_rounds_nodes_rejection_reasons_and_events(runs_dir):
 
 def test_nan_metrics_are_sent_as_null(tmp_path):
     # Prepare
-    store = make_run(tmp_path, "nan", rounds=0)
+    store = make_run(tmp_path, "nan", rounds=range(1))
     store.record_round(
         RoundRecord(1, 0.0, 1.0, 3, 3, 0, 0, True, {"central-loss": math.nan}, model_hash="h")
     )

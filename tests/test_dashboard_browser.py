@@ -19,7 +19,7 @@ import pytest
 from server.launch.processes import free_port
 from server.record.runs import run_status
 from server.record.store import RunStoreError
-from tests.conftest import APP_DIR, wait_until
+from tests.helpers import APP_DIR, make_run, make_run_reaching, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.system_package("chromium")]
 
@@ -201,8 +201,6 @@ def test_dashboard_shows_unreadable_runs(tmp_path):
     require_browser()
     from playwright.sync_api import expect
 
-    from tests.test_dashboard import make_run
-
     # Prepare: a live run and one whose run.db is random bytes
     runs_dir = tmp_path / "runs"
     make_run(runs_dir, "live").close()
@@ -236,12 +234,10 @@ def test_dashboard_compares_the_runs_ticked_on_the_runs_page(tmp_path):
     require_browser()
     from playwright.sync_api import expect
 
-    from tests.test_compare import make_run
-
     # Prepare: two runs of different strategies, and one that cannot be read
     runs_dir = tmp_path / "runs"
-    make_run(runs_dir, "avg", [0.1, 0.5, 0.8, 0.9])
-    make_run(runs_dir, "med", [0.1, 0.4, 0.6, 0.7], duration_s=20.0, strategy="median")
+    make_run_reaching(runs_dir, "avg", [0.1, 0.5, 0.8, 0.9])
+    make_run_reaching(runs_dir, "med", [0.1, 0.4, 0.6, 0.7], duration_s=20.0, strategy="median")
     (runs_dir / "broken").mkdir()
     (runs_dir / "broken" / "run.db").write_bytes(b"\x13 not a database " * 300)
     viewport = {"width": 1360, "height": 1100}

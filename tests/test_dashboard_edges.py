@@ -9,7 +9,6 @@ import json
 import socket
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from starlette.exceptions import StarletteDeprecationWarning
+from starlette.websockets import WebSocketDisconnect
 
 from server.launch.processes import free_port
 from server.record.store import DB_NAME, RunStore
@@ -31,13 +30,7 @@ from server.ui.dashboard.strict_json import (
     parse_json_body,
     validate_weight_body,
 )
-from tests.test_dashboard import ACTION, LOCAL, make_run
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from starlette.testclient import TestClient
-    from starlette.websockets import WebSocketDisconnect
+from tests.helpers import ACTION, LOCAL, TestClient, make_run
 
 TOKEN = "s3cret-token"
 PUBLIC = "https://dash.example.org"

@@ -8,44 +8,16 @@ it serves is parsed strictly (no NaN, no Infinity).
 import hashlib
 import json
 import os
-import sqlite3
-import warnings
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from starlette.exceptions import StarletteDeprecationWarning
 
 from server.record.store import DB_NAME, RoundRecord
 from server.ui.dashboard import DashboardSettings, create_app
 from server.ui.dashboard.security import LOOPBACK_NAMES
-from tests.test_dashboard import ACTION, LOCAL, make_run
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from starlette.testclient import TestClient
-
-
-def checkpointed_copy(runs_dir: Path) -> bytes:
-    """The bytes of a good run.db with its WAL folded in, to cut short or edit."""
-    make_run(runs_dir, "good-source")
-    db = sqlite3.connect(runs_dir / "good-source" / DB_NAME)
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    db.close()
-    return (runs_dir / "good-source" / DB_NAME).read_bytes()
-
-
-def write_db(run_dir: Path, data: bytes) -> None:
-    run_dir.mkdir(parents=True)
-    (run_dir / DB_NAME).write_bytes(data)
-
-
-def execute(run_dir: Path, script: str) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(run_dir / DB_NAME)
-    db.executescript(script)
-    db.close()
+from tests.helpers import ACTION, LOCAL, TestClient, checkpointed_copy, execute, make_run, write_db
 
 
 def edit_run(run_dir: Path, script: str) -> None:
@@ -109,14 +81,22 @@ def client_of(runs_dir: Path) -> TestClient:
     return TestClient(create_app(settings), base_url=LOCAL, raise_server_exceptions=False)
 
 
-@pytest.fixture()
-def runs_dir(tmp_path: Path) -> Path:
-    """A good live run beside one run directory per kind of damage."""
-    runs = tmp_path / "runs"
-    good = checkpointed_copy(tmp_path / "source")
-    make_run(runs, "good")
+@pytest.fixture(scope="module")
+def damaged_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run directory per kind of damage, made once for the module."""
+    runs = tmp_path_factory.mktemp("damaged") / "runs"
+    good = checkpointed_copy(tmp_path_factory.mktemp("source"))
     for name, damage in DAMAGE.items():
         damage(runs / name, good)
+    return runs
+
+
+@pytest.fixture()
+def runs_dir(tmp_path: Path, damaged_runs: Path) -> Path:
+    """A good live run beside a copy of each damaged run (a test may write to its copy)."""
+    runs = tmp_path / "runs"
+    shutil.copytree(damaged_runs, runs, symlinks=True)
+    make_run(runs, "good")
     return runs
 
 

@@ -33,7 +33,7 @@ from deploy.certs import create_node_keys
 from deploy.connection import DEFAULT_CONNECTION, flwr_executable, write_connection
 from deploy.local_cluster import PROJECT_DIR, LocalDeployment, snapshot_app
 from server.launch.processes import flwr_env, stop_tree
-from tests.conftest import fedcoord, run_config_text, wait_until
+from tests.helpers import fedcoord, run_config_text, wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -328,6 +328,7 @@ def test_an_app_build_the_nodes_did_not_allow_is_not_executed_there(cluster, tmp
     output = result.stdout + result.stderr
     assert output.count(f"refused app build {digest}") == 3, output[-3000:]
     assert not marker.exists()
+    assert len(cluster.nodes) == 3
     for node in cluster.nodes:
         assert node.log_file is not None
         assert node.log_file.read_text().count(f"refused app build {digest}") == 1

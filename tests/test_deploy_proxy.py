@@ -409,6 +409,7 @@ def test_superlink_command_starts_both_and_stops_both_by_pid(pki, tmp_path, stop
         # Assert: the public port was nginx's; both children end with the command
         assert public == 403
         assert code == (0 if stop == signal.SIGTERM else -signal.SIGKILL)
+        assert len(pids) == 2, pids
         assert all(gone(pid) for pid in pids)
     finally:
         # SIGTERM first: a SIGKILLed nginx master would leave its worker behind

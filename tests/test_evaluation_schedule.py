@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from tests.test_hostile_coordinator import (  # noqa: F401 (server_identity: autouse fixture)
-    ReplyingGrid,
-    honest,
-    make_coordinator,
-    model,
-    server_identity,
-)
+import pytest
+
+from tests.helpers import ReplyingGrid, honest, make_coordinator, model
+
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def evaluate_messages_per_round(tmp_path, nodes: int, rounds: int, **run_config) -> list[int]:  # noqa: ANN001

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import math
 import re
-import time
-from pathlib import Path
 
 import pytest
 
 from server.control import ControlChannel, parse_weight_argument
 from server.record import lifecycle
 from server.record.operations import request_weight
-from server.record.store import RunStore
 from server.record.weights import find_weight_problem
 from server.ui import cli
-
-
-def make_running(runs_dir: Path, name: str = "w") -> RunStore:
-    store = RunStore.create(runs_dir / name, name, {"seed": 1}, num_rounds=5)
-    store.update_run(state="running", heartbeat_at=time.time(), server_pid=4242)
-    return store
+from tests.helpers import make_run
 
 
 @pytest.mark.parametrize(
@@ -58,7 +50,7 @@ def test_weight_commands_in_range_are_accepted(partition, weight):
 )
 def test_the_cli_refuses_at_enqueue_and_queues_nothing(tmp_path, capsys, argument, weight):
     # Prepare
-    store = make_running(tmp_path)
+    store = make_run(tmp_path, "w", rounds=(), nodes=False)
 
     # Execute
     code = cli.main(["--runs-dir", str(tmp_path), "weight", "w", "0", argument])
@@ -72,7 +64,7 @@ def test_the_cli_refuses_at_enqueue_and_queues_nothing(tmp_path, capsys, argumen
 
 def test_the_cli_refuses_a_partition_out_of_range(tmp_path, capsys):
     # Prepare
-    store = make_running(tmp_path)
+    store = make_run(tmp_path, "w", rounds=(), nodes=False)
 
     # Execute
     code = cli.main(["--runs-dir", str(tmp_path), "weight", "w", str(2**31), "1.0"])
@@ -101,7 +93,7 @@ def test_a_stored_weight_argument_is_checked_again(argument, expected):
 
 def test_a_queued_command_that_fails_when_applied_is_refused_once_and_never_retried(tmp_path):
     # Prepare: commands written straight into run.db, past the enqueue check
-    store = make_running(tmp_path)
+    store = make_run(tmp_path, "w", rounds=(), nodes=False)
     applied: list[tuple[int, float]] = []
     store.add_command("weight", "0=nan")
     store.add_command("weight", "3=1e300")
@@ -125,7 +117,7 @@ def test_a_queued_command_that_fails_when_applied_is_refused_once_and_never_retr
 
 def test_a_weight_callback_that_raises_refuses_the_command_and_the_run_goes_on(tmp_path):
     # Prepare
-    store = make_running(tmp_path)
+    store = make_run(tmp_path, "w", rounds=(), nodes=False)
     store.add_command("weight", "1=2.0")
 
     def explode(partition: int, weight: float) -> None:
@@ -145,7 +137,7 @@ def test_a_weight_callback_that_raises_refuses_the_command_and_the_run_goes_on(t
 
 def test_request_weight_queues_the_checked_values(tmp_path):
     # Prepare
-    store = make_running(tmp_path)
+    store = make_run(tmp_path, "w", rounds=(), nodes=False)
 
     # Execute
     message = request_weight(store.run_dir, 4, 2)

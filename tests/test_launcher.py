@@ -21,7 +21,7 @@ from server.launch.simulation import (
 )
 from server.record.store import RunStore
 from task.config import ConfigError
-from tests.conftest import APP_DIR, fedcoord, run_config_text, wait_until
+from tests.helpers import APP_DIR, fedcoord, run_config_text, wait_until
 
 LAUNCH_TIMEOUT_S = 600
 

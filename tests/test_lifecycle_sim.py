@@ -13,7 +13,7 @@ import pytest
 
 from server.launch.processes import descendants
 from server.launch.simulation import CONNECTION_NAME
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -12,13 +12,6 @@ from dp_accounting import dp_event
 from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 from flwr.app import Message, MetricRecord, RecordDict
-from test_hostile_coordinator import (  # noqa: F401 - server_identity is an autouse fixture
-    ReplyingGrid,
-    honest,
-    make_coordinator,
-    model,
-    server_identity,
-)
 
 from server.app import run_training
 from server.preflight import parse_app_run_config
@@ -37,9 +30,9 @@ from strategies.registry import build_strategy
 from strategies.sampling import NodeSampler
 from task import keys
 from task.config import ConfigError, parse_run_config
-from tests.conftest import APP_DIR
+from tests.helpers import APP_DIR, ReplyingGrid, honest, local_client, make_coordinator, model
 
-NamedArrays = dict[str, np.ndarray]
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def library_epsilon(event: object, rounds: int, delta: float, relation: object = None) -> float:
@@ -649,8 +642,6 @@ def test_status_watch_export_plot_and_dashboard_show_epsilon(tmp_path, capsys):
     import csv
     import io
     import json
-
-    from test_dashboard import local_client
 
     from server.ui import cli
 

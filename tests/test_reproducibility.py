@@ -9,15 +9,8 @@ import sqlite3
 import numpy as np
 import pytest
 from flwr.app import MetricRecord, RecordDict
-from test_hostile_coordinator import (  # noqa: F401 - server_identity is an autouse fixture
-    ReplyingGrid,
-    make_coordinator,
-    model,
-    rejections,
-    server_identity,
-)
-from test_tracking import history, mlflow_client
 
+from server import coordinator as coordinator_module
 from server.coordinator import Coordinator
 from server.export.tracking import TRACKING_FILE
 from server.record.checkpoints import model_hash
@@ -27,8 +20,17 @@ from strategies.records import pack_arrays
 from strategies.registry import build_strategy
 from strategies.sampling import NodeSampler
 from task import keys
+from tests.helpers import (
+    NamedArrays,
+    ReplyingGrid,
+    history,
+    make_coordinator,
+    mlflow_client,
+    model,
+    rejections,
+)
 
-NamedArrays = dict[str, np.ndarray]
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 # -- ReplyOrder ----------------------------------------------------------------
@@ -137,7 +139,11 @@ def run_three_rounds(tmp_path, seed: int) -> tuple[list[str], list[int], list[in
     return hashes, sampled, arrival
 
 
-def test_two_runs_with_other_node_ids_and_arrival_orders_make_identical_models(tmp_path):
+def test_two_runs_with_other_node_ids_and_arrival_orders_make_identical_models(
+    tmp_path, monkeypatch
+):
+    # Replies trickle in; pull again at once instead of waiting (57 waits took 3 s)
+    monkeypatch.setattr(coordinator_module, "POLL_INTERVAL_S", 0.0)
     first = run_three_rounds(tmp_path / "a", seed=1)
     second = run_three_rounds(tmp_path / "b", seed=2)
     assert first[2] != second[2]  # replies did arrive in other orders

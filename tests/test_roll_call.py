@@ -7,21 +7,17 @@ recorded; it may not claim one later. Two nodes cannot hold one partition.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from flwr.app import MetricRecord, RecordDict
-from test_hostile_coordinator import (  # noqa: F401 - server_identity is an autouse fixture
-    ReplyingGrid,
-    make_coordinator,
-    model,
-    rejections,
-    server_identity,
-)
 
 from server.record.runs import run_status
 from server.ui import cli
 from strategies.records import pack_arrays
 from task import keys
+from tests.helpers import ReplyingGrid, make_coordinator, model, rejections
 
 NamedArrays = dict[str, np.ndarray]
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def claiming_reply(claims: dict[int, int | None], step: dict[int, float]):  # noqa: ANN201

@@ -21,7 +21,7 @@ from server.launch.processes import free_port, process_alive, stop_tree
 from server.launch.resources import SimulationResources, plan_resources
 from server.launch.simulation import EXIT_CONFIG, flwr_run_command
 from task.config import ConfigError
-from tests.conftest import APP_DIR, run_config_text
+from tests.helpers import APP_DIR, run_config_text
 
 RAY = Path(sys.executable).with_name("ray")
 

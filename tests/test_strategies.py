@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
+import gc
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import pytest
 import safetensors.numpy
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
@@ -17,7 +17,6 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     MultiKrum,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from strategies.flower_builtin import FlowerStrategyAdapter
 from strategies.records import arrays_to_numpy, numpy_to_arrays, pack_arrays
@@ -36,9 +35,9 @@ from strategies.replies import (
 from strategies.strategy import FedCoordStrategy
 from task import keys
 from task.config import ConfigError, parse_run_config
+from tests.helpers import NamedArrays, ReplyFn, ReplyingGrid
 
-NamedArrays = dict[str, np.ndarray]
-SUPERLINK_NODE_ID = 1
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 # ---------------------------------------------------------------------------
@@ -47,12 +46,17 @@ SUPERLINK_NODE_ID = 1
 
 
 @pytest.fixture(autouse=True)
-def server_identity() -> Iterator[None]:
-    """Message() reads the ServerApp's identity, as Flower sets it in a ServerApp process."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+def frozen_heap() -> Iterator[None]:
+    """Keep gc.collect() cheap while a test runs.
+
+    Flower's Bulyan collects garbage for every reply it reads
+    (``ArrayRecord.to_numpy_ndarrays(keep_input=False)``); each collect walked the
+    whole test session's heap, about 0.2 s, and one Bulyan test took up to 8 s.
+    Frozen objects are skipped; what the test itself creates is still collected.
+    """
+    gc.freeze()
     yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    gc.unfreeze()
 
 
 def global_arrays() -> NamedArrays:
@@ -678,51 +682,21 @@ def test_krum_with_too_few_updates_keeps_the_global_model():
 # ---------------------------------------------------------------------------
 
 
-class FakeGrid(Grid):
-    """A Grid whose nodes answer train and evaluate messages at once."""
+def trained_by(train_fn: Callable[[int, NamedArrays], NamedArrays]) -> ReplyFn:
+    """Nodes that answer train messages with ``train_fn``'s arrays and evaluate ones at once."""
 
-    def __init__(self, node_ids: list[int], train_fn: Callable[[int, NamedArrays], NamedArrays]):
-        self.node_ids = node_ids
-        self.train_fn = train_fn
-        self.sent: list[Message] = []
+    def reply(node_id: int, message_type: str, received: NamedArrays) -> RecordDict:
+        if message_type == "train":
+            return RecordDict(
+                {
+                    keys.ARRAYS: numpy_to_arrays(train_fn(node_id, received)),
+                    keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10, keys.TRAIN_LOSS: 1.0}),
+                }
+            )
+        metrics = {keys.NUM_EXAMPLES: 5, keys.EVAL_ACCURACY: 0.5}
+        return RecordDict({keys.METRICS: MetricRecord(metrics)})
 
-    def set_run(self, run) -> None:  # noqa: ANN001
-        raise NotImplementedError
-
-    @property
-    def run(self):  # noqa: ANN201
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
-        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-    def push_messages(self, messages):  # noqa: ANN001, ANN201
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
-        replies = []
-        for message in messages:
-            self.sent.append(message)
-            node_id = message.metadata.dst_node_id
-            received = arrays_to_numpy(message.content.array_records[keys.ARRAYS])
-            if message.metadata.message_type == "train":
-                content = RecordDict(
-                    {
-                        keys.ARRAYS: numpy_to_arrays(self.train_fn(node_id, received)),
-                        keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10, keys.TRAIN_LOSS: 1.0}),
-                    }
-                )
-            else:
-                metrics = {keys.NUM_EXAMPLES: 5, keys.EVAL_ACCURACY: 0.5}
-                content = RecordDict({keys.METRICS: MetricRecord(metrics)})
-            replies.append(Message(content=content, reply_to=message))
-        return replies
+    return reply
 
 
 def test_fedcoord_strategy_runs_under_flowers_start():
@@ -735,7 +709,7 @@ def test_fedcoord_strategy_runs_under_flowers_start():
             arrays["fc.bias"][0] = np.nan
         return arrays
 
-    grid = FakeGrid([2, 3, 4], train)
+    grid = ReplyingGrid([2, 3, 4], trained_by(train))
     strategy = build("fedavg")
     assert isinstance(strategy, FedCoordStrategy)
 
@@ -767,6 +741,7 @@ def test_flower_strategy_state_is_deep_copied_by_state_dict():
     run_round(strategy, 2, first, honest_replies(first, 3))
 
     # Assert
+    assert state
     for key, value in state.items():
         np.testing.assert_array_equal(saved[key], value)
 
@@ -809,7 +784,7 @@ def test_a_new_global_model_that_is_not_finite_is_never_accepted(name, options):
     new_global, summary, outcomes = run_round(strategy, 1, base, huge_replies(base, 3))
 
     # Assert: the round keeps the previous model and says why
-    assert all(o.accepted for o in outcomes)
+    assert len(outcomes) == 3 and all(o.accepted for o in outcomes)
     assert new_global is None and not summary.updated
     assert "not finite" in summary.reason and "global model kept" in summary.reason
     assert snapshot(base) == before
@@ -829,7 +804,7 @@ def test_a_kept_round_restores_the_flower_strategys_state():
     # Assert: the momentum is that of round 1, still finite
     assert kept is None and "not finite" in summary.reason
     state = strategy.state_dict()
-    assert set(state) == set(moments)
+    assert moments and set(state) == set(moments)
     for key, value in moments.items():
         np.testing.assert_array_equal(state[key], value)
 

@@ -18,7 +18,7 @@ import pytest
 
 from server.launch.simulation import LocalSuperLink
 from strategies.registry import STRATEGY_NAMES
-from tests.conftest import SimulationRun, run_flwr_simulation
+from tests.helpers import SimulationRun, run_flwr_simulation
 
 pytestmark = pytest.mark.slow
 

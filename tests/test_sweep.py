@@ -24,7 +24,7 @@ from server.preflight import parse_app_run_config
 from server.record.store import RunStore
 from server.ui import cli
 from task.config import ConfigError, config_to_dict
-from tests.conftest import APP_DIR, fedcoord, wait_until
+from tests.helpers import APP_DIR, fedcoord, wait_until
 
 GRID = "strategy=fedavg,median seed=1,2"
 SWEEP_TIMEOUT_S = 600

@@ -14,11 +14,19 @@ import pytest
 import task.config
 from server.export import tracking
 from server.export.tracking import TRACKING_FILE, start_tracking
-from server.record.checkpoints import model_hash, save_checkpoint
+from server.record.checkpoints import model_hash
 from server.record.store import RoundRecord, RunStore
 from task.config import ConfigError, parse_run_config
 from task.config_values import TRACKING_FORMS
-from tests.conftest import APP_DIR, fedcoord
+from tests.helpers import (
+    APP_DIR,
+    add_round,
+    fedcoord,
+    history,
+    make_run,
+    mlflow_client,
+    round_record,
+)
 
 ACCURACIES = (0.1, 0.5, 0.8, 0.9)
 
@@ -38,35 +46,24 @@ def arrays_of(server_round: int) -> dict[str, np.ndarray]:
     return {"w": np.full((2, 3), server_round, dtype=np.float32)}
 
 
-def record_round(store: RunStore, server_round: int) -> None:
-    arrays = arrays_of(server_round)
-    checkpoint = save_checkpoint(store.run_dir, server_round, arrays, {}, {})
+def tracked_round(server_round: int) -> RoundRecord:
     metrics = {"central-accuracy": ACCURACIES[server_round], "central-loss": 2.0 - server_round}
     if server_round > 0:
         metrics |= {"train-loss": 1.0 / server_round, "federated-accuracy": 0.7, "x": float("nan")}
-    store.record_round(
-        RoundRecord(
-            round=server_round,
-            started_at=1000.0 + server_round,
-            ended_at=1000.5 + server_round,
-            sampled=3 if server_round else 0,
-            accepted=2 if server_round else 0,
-            rejected=1 if server_round else 0,
-            failed=0,
-            updated=server_round > 0,
-            metrics=metrics,
-            model_hash=model_hash(arrays),
-        ),
-        checkpoint=checkpoint,
+    return round_record(
+        server_round,
+        started_at=1000.0 + server_round,
+        ended_at=1000.5 + server_round,
+        sampled=3 if server_round else 0,
+        accepted=2 if server_round else 0,
+        rejected=1 if server_round else 0,
+        metrics=metrics,
     )
 
 
-def make_run(tmp_path: Path, name: str, rounds: int, **run_config: object) -> RunStore:
-    config = parse_run_config({"run-name": name, "runs-dir": str(tmp_path), **run_config})
-    store = RunStore.create(tmp_path / name, name, {}, config.num_server_rounds)
-    for server_round in range(rounds + 1):
-        record_round(store, server_round)
-    return store
+# Each round with its checkpoint of arrays_of(round).
+TRACKED_ROUND = {"record_fn": tracked_round, "model_fn": arrays_of}
+TRACKED_RUN = {"config": {}, "state": None, "nodes": False, **TRACKED_ROUND}
 
 
 def track(store: RunStore, state: str, **run_config: object) -> str:
@@ -80,19 +77,9 @@ def track(store: RunStore, state: str, **run_config: object) -> str:
     return json.loads((store.run_dir / TRACKING_FILE).read_text())["run-id"]
 
 
-def mlflow_client(uri: str):  # noqa: ANN201 - MLflow is imported when used: it is slow to import
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(m.step, round(m.value, 6)) for m in client.get_metric_history(run_id, key)]
-
-
 def test_run_config_params_round_metrics_tags_and_artifacts(tmp_path, tracking_uri):
     # Prepare
-    store = make_run(tmp_path, "tracked", rounds=2, **{"tracking-uri": tracking_uri})
+    store = make_run(tmp_path, "tracked", rounds=range(3), **TRACKED_RUN)
 
     # Execute
     run_id = track(store, "completed", **{"tracking-uri": tracking_uri, "strategy": "median"})
@@ -138,14 +125,14 @@ def test_run_config_params_round_metrics_tags_and_artifacts(tmp_path, tracking_u
 
 def test_resumed_run_continues_the_same_mlflow_run(tmp_path, tracking_uri):
     # Prepare: a run stopped after round 2, mirrored
-    store = make_run(tmp_path, "resumed", rounds=2)
+    store = make_run(tmp_path, "resumed", rounds=range(3), **TRACKED_RUN)
     settings = {"tracking-uri": tracking_uri, "num-server-rounds": 2}
     first_id = track(store, "stopped", **settings)
     client = mlflow_client(tracking_uri)
     assert client.get_run(first_id).info.status == "KILLED"
 
     # Execute: resumed to 3 rounds
-    record_round(store, 3)
+    add_round(store, 3, **TRACKED_ROUND)
     run_id = track(store, "completed", **{**settings, "num-server-rounds": 3, "resume": True})
 
     # Assert: the same MLflow run, each round once, the changed keys as tags
@@ -165,7 +152,7 @@ def test_a_folder_is_mlflows_file_store_opted_in(tmp_path, monkeypatch):
     # Prepare: MLflow 3 refuses its file store unless asked; fedcoord asks for it
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "")
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
-    store = make_run(tmp_path, "folder", rounds=1)
+    store = make_run(tmp_path, "folder", rounds=range(2), **TRACKED_RUN)
 
     # Execute
     run_id = track(store, "completed", **{"tracking-uri": str(tmp_path / "mlruns")})
@@ -189,7 +176,7 @@ def test_unreachable_store_is_one_warning_and_never_raises(tmp_path, caplog):
     # Prepare: the database's folder is a file; syncs fail again and again
     (tmp_path / "not-a-folder").write_text("")
     uri = f"sqlite:///{tmp_path / 'not-a-folder' / 'mlruns.db'}"
-    store = make_run(tmp_path, "unreachable", rounds=1)
+    store = make_run(tmp_path, "unreachable", rounds=range(2), **TRACKED_RUN)
     config = parse_run_config({"run-name": "unreachable", "runs-dir": str(tmp_path)})
     tracker = tracking.RunTracker(store.run_dir, uri, "fedcoord", tracking.tracked_params(config))
 
@@ -197,7 +184,7 @@ def test_unreachable_store_is_one_warning_and_never_raises(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         tracker.start()
         time.sleep(0.5)
-        record_round(store, 2)
+        add_round(store, 2, **TRACKED_ROUND)
         tracker.finish(timeout_s=30)
 
     # Assert: the failure said once, in one line; the tracker ended; nothing recorded
@@ -213,7 +200,7 @@ def test_a_store_that_comes_back_gets_the_rounds_it_missed(tmp_path, monkeypatch
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     (tmp_path / "blocked").write_text("")
     uri = (tmp_path / "blocked" / "mlruns").as_uri()
-    store = make_run(tmp_path, "later", rounds=1)
+    store = make_run(tmp_path, "later", rounds=range(2), **TRACKED_RUN)
     config = parse_run_config({"run-name": "later", "runs-dir": str(tmp_path)})
     tracker = tracking.RunTracker(store.run_dir, uri, "fedcoord", tracking.tracked_params(config))
 
@@ -223,7 +210,7 @@ def test_a_store_that_comes_back_gets_the_rounds_it_missed(tmp_path, monkeypatch
         deadline = time.monotonic() + 30
         while not tracking_warnings(caplog) and time.monotonic() < deadline:
             time.sleep(0.05)
-        record_round(store, 2)
+        add_round(store, 2, **TRACKED_ROUND)
         (tmp_path / "blocked").unlink()
         store.update_run(state="completed")
         tracker.finish(timeout_s=30)
@@ -240,7 +227,7 @@ def test_a_store_that_comes_back_gets_the_rounds_it_missed(tmp_path, monkeypatch
 def test_store_damaged_during_the_run_is_a_warning_and_the_tracker_ends(tmp_path, caplog):
     # Prepare: a store that works for the first rounds
     database = tmp_path / "damaged.db"
-    store = make_run(tmp_path, "damaged", rounds=1)
+    store = make_run(tmp_path, "damaged", rounds=range(2), **TRACKED_RUN)
     config = parse_run_config({"run-name": "damaged", "runs-dir": str(tmp_path)})
     tracker = tracking.RunTracker(
         store.run_dir, f"sqlite:///{database}", "fedcoord", tracking.tracked_params(config)
@@ -254,7 +241,7 @@ def test_store_damaged_during_the_run_is_a_warning_and_the_tracker_ends(tmp_path
     # Execute: the database is overwritten (as by a full disk's or another program's damage)
     with caplog.at_level(logging.WARNING):
         database.write_bytes(b"\x00not a database" * 4096)
-        record_round(store, 2)
+        add_round(store, 2, **TRACKED_ROUND)
         store.update_run(state="completed")
         tracker.finish(timeout_s=30)
 
@@ -346,7 +333,7 @@ def test_launcher_refuses_a_bad_tracking_uri_before_starting(tmp_path):
 
 def test_tensorboard_export_reads_back_with_tensorboard(tmp_path):
     # Prepare
-    store = make_run(tmp_path / "runs", "tb", rounds=2)
+    store = make_run(tmp_path / "runs", "tb", rounds=range(3), **TRACKED_RUN)
     logdir = tmp_path / "logs"
 
     # Execute: twice, as a user re-exporting a run
@@ -502,7 +489,7 @@ def test_a_metric_name_mlflow_refuses_never_stops_later_rounds(tmp_path, trackin
     # that does not fit MLflow's timestamps; rounds 2 and 3 are ordinary
     import sqlite3
 
-    store = make_run(tmp_path, "badnames", rounds=0)
+    store = make_run(tmp_path, "badnames", rounds=range(1), **TRACKED_RUN)
     refused = ["train-a!b<script>", "train-" + "x" * 300, "train-a//b", "train-a/../b"]
     store.record_round(
         RoundRecord(
@@ -521,7 +508,7 @@ def test_a_metric_name_mlflow_refuses_never_stops_later_rounds(tmp_path, trackin
     with sqlite3.connect(store.run_dir / "run.db") as db:
         db.execute("UPDATE rounds SET ended_at = 1e308 WHERE round = 1")
     for server_round in (2, 3):
-        record_round(store, server_round)
+        add_round(store, server_round, **TRACKED_ROUND)
 
     # Execute
     with caplog.at_level(logging.WARNING):
@@ -542,7 +529,7 @@ def test_a_tampered_tracking_json_never_stops_tracking(tmp_path, tracking_uri, k
     # Prepare: tracking.json deeply nested, a FIFO (reading it would block), a folder
     import os
 
-    store = make_run(tmp_path, kind, rounds=1)
+    store = make_run(tmp_path, kind, rounds=range(2), **TRACKED_RUN)
     path = store.run_dir / TRACKING_FILE
     if kind == "deep":
         path.write_text("[" * 100_000)
@@ -589,7 +576,7 @@ def test_the_tracking_uri_s_credentials_are_never_logged(tmp_path, caplog, monke
             raise RuntimeError(f"API request to {self.uri}/api/2.0/mlflow/runs/log-batch failed")
 
     monkeypatch.setattr(mlflow, "MlflowClient", Client)
-    store = make_run(tmp_path, "secret", rounds=0)
+    store = make_run(tmp_path, "secret", rounds=range(1), **TRACKED_RUN)
     tracker = tracking.RunTracker(store.run_dir, uri, "fedcoord", {"seed": "1"})
 
     # Execute

@@ -30,8 +30,20 @@ from server.record.store import (
 from server.record.verify import load_verified_checkpoint, verify_run
 from server.ui import cli
 from task.config import ConfigError, parse_run_config
+from tests.helpers import execute, make_run, round_record
 
 ROUNDS = 3
+
+
+def other_first_digit(column: str) -> str:
+    """SQL for the hex digest in ``column`` with its first digit changed.
+
+    Always writing '0' would leave 1 digest in 16 as it was (checkpoint digests
+    differ from run to run), and the test would then fail by chance.
+    """
+    return f"CASE WHEN substr({column}, 1, 1) = '0' THEN '1' ELSE '0' END || substr({column}, 2)"
+
+
 METADATA = {"model": "simple-cnn", "dataset": "digits"}
 # A new value for each stored column of round 2 (the chain must cover every one).
 COLUMN_EDITS = {
@@ -49,9 +61,9 @@ COLUMN_EDITS = {
     "federated_loss": "0.02",
     "federated_accuracy": "0.98",
     "metrics_json": "'{}'",
-    "model_hash": "'0' || substr(model_hash, 2)",
+    "model_hash": other_first_digit("model_hash"),
     "note": "'all good'",
-    "checkpoint_sha256": "'0' || substr(checkpoint_sha256, 2)",
+    "checkpoint_sha256": other_first_digit("checkpoint_sha256"),
     "central_accuracy_as_text": "'0.6'",
 }
 
@@ -65,43 +77,36 @@ def arrays(seed: int) -> dict[str, np.ndarray]:
     }
 
 
-def make_run(runs_dir: Path, name: str = "run", rounds: int = ROUNDS) -> RunStore:
-    """A run of ``rounds`` rounds, each with its checkpoint, as the coordinator records it."""
-    store = RunStore.create(runs_dir / name, name, {"seed": 1, "model": "simple-cnn"}, rounds)
-    for server_round in range(1, rounds + 1):
-        model = arrays(server_round)
-        checkpoint = save_checkpoint(
-            store.run_dir, server_round, model, {"rng": np.arange(3)}, METADATA
-        )
-        store.record_round(
-            RoundRecord(
-                round=server_round,
-                started_at=10.0 * server_round,
-                ended_at=10.0 * server_round + 2.5,
-                sampled=3,
-                accepted=2,
-                rejected=1,
-                failed=0,
-                updated=True,
-                metrics={
-                    "central-accuracy": 0.1 * server_round,
-                    "central-loss": 2.0 / server_round,
-                    "train-loss": 1.5,
-                    "federated-loss": 1.2,
-                    "federated-accuracy": 0.5,
-                },
-                model_hash=model_hash(model),
-                note="",
-            ),
-            checkpoint=checkpoint,
-        )
-    return store
+def verified_round(server_round: int) -> RoundRecord:
+    metrics = {
+        "central-accuracy": 0.1 * server_round,
+        "central-loss": 2.0 / server_round,
+        "train-loss": 1.5,
+        "federated-loss": 1.2,
+        "federated-accuracy": 0.5,
+    }
+    started_at = 10.0 * server_round
+    return round_record(
+        server_round,
+        started_at=started_at,
+        ended_at=started_at + 2.5,
+        updated=True,
+        metrics=metrics,
+    )
 
 
-def execute(run_dir: Path, script: str) -> None:
-    db = sqlite3.connect(run_dir / DB_NAME)
-    db.executescript(script)
-    db.close()
+# A run of ROUNDS rounds, each with its checkpoint, as the coordinator records it.
+VERIFIED_RUN = {
+    "config": {"seed": 1, "model": "simple-cnn"},
+    "num_rounds": ROUNDS,
+    "state": None,
+    "rounds": range(1, ROUNDS + 1),
+    "nodes": False,
+    "record_fn": verified_round,
+    "model_fn": arrays,
+    "strategy_state": {"rng": np.arange(3)},
+    "metadata": METADATA,
+}
 
 
 def swap_checkpoint(run_dir: Path, server_round: int, model: dict, state: dict) -> str:
@@ -113,7 +118,7 @@ def swap_checkpoint(run_dir: Path, server_round: int, model: dict, state: dict) 
 
 def test_an_intact_run_verifies_and_the_summary_names_the_head(tmp_path):
     # Prepare
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     head = store.chain_head()
 
     # Execute
@@ -128,7 +133,7 @@ def test_an_intact_run_verifies_and_the_summary_names_the_head(tmp_path):
 @pytest.mark.parametrize("column", sorted(COLUMN_EDITS))
 def test_editing_any_column_of_a_round_row_is_caught(tmp_path, column):
     # Prepare
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     target = column.removesuffix("_as_text")
     execute(store.run_dir, f"UPDATE rounds SET {target} = {COLUMN_EDITS[column]} WHERE round = 2;")
 
@@ -141,7 +146,7 @@ def test_editing_any_column_of_a_round_row_is_caught(tmp_path, column):
 
 def test_deleting_the_newest_rounds_is_caught(tmp_path):
     # Prepare
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     execute(store.run_dir, "DELETE FROM rounds WHERE round >= 2; DELETE FROM checkpoints;")
 
     # Execute
@@ -154,7 +159,7 @@ def test_deleting_the_newest_rounds_is_caught(tmp_path):
 
 def test_deleting_the_newest_rounds_and_the_head_is_caught(tmp_path):
     # Prepare: rows, checkpoints and the head gone, as if the run had stopped after round 1
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     execute(
         store.run_dir,
         "DELETE FROM rounds WHERE round >= 2; DELETE FROM checkpoints WHERE round >= 2;"
@@ -172,7 +177,7 @@ def test_deleting_the_newest_rounds_and_the_head_is_caught(tmp_path):
 
 def test_moving_the_head_back_still_disagrees_with_current_round(tmp_path):
     # Prepare: the newest rows deleted and the head rewritten to match them
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     first = store.rounds()[0]["chain_hash"]
     head = f'{{"round": 1, "hash": "{first}", "rows": 1}}'
     execute(
@@ -190,7 +195,7 @@ def test_moving_the_head_back_still_disagrees_with_current_round(tmp_path):
 
 def test_deleting_a_middle_round_is_caught(tmp_path):
     # Prepare
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     execute(store.run_dir, "DELETE FROM rounds WHERE round = 2;")
 
     # Execute
@@ -211,7 +216,7 @@ def test_deleting_a_middle_round_is_caught(tmp_path):
 )
 def test_the_chain_is_bound_to_the_run_it_was_recorded_for(tmp_path, edit):
     # Prepare
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     execute(store.run_dir, edit)
 
     # Execute
@@ -223,7 +228,7 @@ def test_the_chain_is_bound_to_the_run_it_was_recorded_for(tmp_path, edit):
 
 def test_rows_copied_from_another_run_are_caught(tmp_path):
     # Prepare: run b's round rows and head replaced by run a's (same shape, other run)
-    a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b")
+    a, b = make_run(tmp_path, "a", **VERIFIED_RUN), make_run(tmp_path, "b", **VERIFIED_RUN)
     a.close()
     execute(
         b.run_dir,
@@ -241,7 +246,7 @@ def test_rows_copied_from_another_run_are_caught(tmp_path):
 
 def test_a_checkpoint_swapped_with_its_table_row_edited_is_caught(tmp_path):
     # Prepare: another model in round 2's file, the checkpoints table edited to match it
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     path = swap_checkpoint(store.run_dir, 2, arrays(99), {"rng": np.arange(3)})
 
     # Execute
@@ -255,7 +260,7 @@ def test_a_checkpoint_swapped_with_its_table_row_edited_is_caught(tmp_path):
 
 def test_a_checkpoint_with_the_same_model_but_other_strategy_state_is_caught(tmp_path):
     # Prepare: the model kept, the server optimiser state poisoned
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     swap_checkpoint(store.run_dir, 3, arrays(3), {"rng": np.full(3, 7)})
 
     # Execute
@@ -267,7 +272,7 @@ def test_a_checkpoint_with_the_same_model_but_other_strategy_state_is_caught(tmp
 
 def test_a_checkpoint_row_naming_a_file_outside_the_folder_is_refused_unread(tmp_path):
     # Prepare
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     secret = tmp_path / "secret.safetensors"
     secret.write_bytes(b"not for verify")
     execute(
@@ -286,7 +291,7 @@ def test_a_checkpoint_row_naming_a_file_outside_the_folder_is_refused_unread(tmp
 
 def test_a_missing_and_an_altered_checkpoint_are_one_line_each(tmp_path):
     # Prepare
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     checkpoint_path(store.run_dir, 1).unlink()
     target = checkpoint_path(store.run_dir, 3)
     data = bytearray(target.read_bytes())
@@ -306,7 +311,7 @@ def test_a_missing_and_an_altered_checkpoint_are_one_line_each(tmp_path):
 
 def test_a_newline_smuggled_into_the_record_stays_on_one_line(tmp_path):
     # Prepare
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     execute(store.run_dir, "UPDATE checkpoints SET sha256 = 'x' || char(10) || 'round 9: fine';")
 
     # Execute
@@ -318,7 +323,7 @@ def test_a_newline_smuggled_into_the_record_stays_on_one_line(tmp_path):
 
 def test_cli_verify_prints_one_line_per_problem_and_exits_1(tmp_path, capsys):
     # Prepare
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     execute(
         store.run_dir,
         "UPDATE rounds SET accepted = 3 WHERE round = 2; DELETE FROM rounds WHERE round = 3;",
@@ -340,7 +345,7 @@ def test_cli_verify_prints_one_line_per_problem_and_exits_1(tmp_path, capsys):
 # ------------------------------------------------------------------- resume
 def test_resume_loads_the_chained_checkpoint(tmp_path):
     # Prepare
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
 
     # Execute
     checkpoint = load_verified_checkpoint(store)
@@ -353,7 +358,7 @@ def test_resume_loads_the_chained_checkpoint(tmp_path):
 
 def test_resume_refuses_a_swapped_checkpoint_even_with_the_table_edited(tmp_path):
     # Prepare
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     swap_checkpoint(store.run_dir, ROUNDS, arrays(99), {"rng": np.arange(3)})
 
     # Execute / Assert
@@ -364,7 +369,7 @@ def test_resume_refuses_a_swapped_checkpoint_even_with_the_table_edited(tmp_path
 
 def test_resume_refuses_a_swapped_checkpoint_whose_round_row_was_edited_too(tmp_path):
     # Prepare: file, checkpoints table and the round's hashes all edited to match
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     model = arrays(99)
     swap_checkpoint(store.run_dir, ROUNDS, model, {"rng": np.arange(3)})
     digest = file_sha256(checkpoint_path(store.run_dir, ROUNDS))
@@ -389,7 +394,7 @@ class RecordingStrategy:
 
 def test_restore_start_point_refuses_a_tampered_checkpoint_as_a_config_error(tmp_path):
     # Prepare
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     config = parse_run_config({"run-name": "run", "resume": True, "runs-dir": str(tmp_path)})
     strategy = RecordingStrategy()
     intact = restore_start_point(store, config, strategy)
@@ -404,7 +409,7 @@ def test_restore_start_point_refuses_a_tampered_checkpoint_as_a_config_error(tmp
 @pytest.mark.parametrize("deleted", ["WHERE round = {newest}", ""])
 def test_removing_the_newest_checkpoints_is_caught_and_resume_refused(tmp_path, deleted):
     # Prepare: the newest (or every) checkpoint row and file removed, to roll the run back
-    store = make_run(tmp_path)
+    store = make_run(tmp_path, **VERIFIED_RUN)
     execute(store.run_dir, f"DELETE FROM checkpoints {deleted.format(newest=ROUNDS)};")
     for path in (store.run_dir / "checkpoints").glob("*.safetensors"):
         if not deleted or path.name == f"round-{ROUNDS:05d}.safetensors":
