@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.error import Error
-from flwr.supercore.task_identity import TaskIdentity
 
 from server.record.store import RunStore
 from strategies import replies
@@ -41,18 +40,12 @@ def test_escape_unprintable_shows_every_control_bidi_and_zero_width_character():
     assert escape_unprintable("x" * 50, limit=10) == "x" * 10
 
 
-@pytest.fixture()
-def identity(monkeypatch):
-    """Messages are created here as the ServerApp creates them."""
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
-
-
 def sent_train_message(node_id: int) -> Message:
     return Message(RecordDict(), dst_node_id=node_id, message_type="train")
 
 
-def test_a_nodes_error_text_and_device_are_escaped_at_the_reply_boundary(identity):
+@pytest.mark.usefixtures("server_identity")
+def test_a_nodes_error_text_and_device_are_escaped_at_the_reply_boundary():
     # Prepare: an error reply with a hostile reason, and a reply with a hostile device
     arrays = {"w": np.zeros(3, dtype=np.float32)}
     specs = specs_from_arrays(arrays)

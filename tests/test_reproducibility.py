@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import MetricRecord, RecordDict
 
-from server import coordinator as coordinator_module
+from server import phases as phases_module
 from server.coordinator import Coordinator
 from server.export.tracking import TRACKING_FILE
 from server.record.checkpoints import model_hash
@@ -143,7 +143,7 @@ def test_two_runs_with_other_node_ids_and_arrival_orders_make_identical_models(
     tmp_path, monkeypatch
 ):
     # Replies trickle in; pull again at once instead of waiting (57 waits took 3 s)
-    monkeypatch.setattr(coordinator_module, "POLL_INTERVAL_S", 0.0)
+    monkeypatch.setattr(phases_module, "POLL_INTERVAL_S", 0.0)
     first = run_three_rounds(tmp_path / "a", seed=1)
     second = run_three_rounds(tmp_path / "b", seed=2)
     assert first[2] != second[2]  # replies did arrive in other orders
