@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.record.runs import effective_state, resolve_run_dir, stored_config
-from server.record.schema import int_value, real_or_none
+from server.record.schema import int_value, real_or_none, stored_number
 from server.record.store import RunStore, RunStoreError
 
 # Keys that name, place or track a run but do not change what it trains.
@@ -209,12 +209,7 @@ def _epsilon(row: Mapping[str, object]) -> float | None:
 
 
 def _number(value: object, allow_inf: bool = False) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    number = float(value)
-    if math.isnan(number) or (math.isinf(number) and not allow_inf):
-        return None
-    return number
+    return stored_number(value, allow_inf=allow_inf)
 
 
 # ---------------------------------------------------------------- numbers

@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 
+from server.record.schema import stored_number
 from task.config import NOISY_STRATEGIES
 
 EPSILON_KEY = "epsilon"
@@ -27,9 +28,8 @@ def round_epsilon(row: Mapping[str, object]) -> float | None:
     except (ValueError, RecursionError):
         return None
     value = metrics.get(EPSILON_KEY) if isinstance(metrics, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        return None
-    return float(value)
+    epsilon = stored_number(value, allow_inf=True)
+    return epsilon if epsilon is not None and epsilon >= 0 else None  # no epsilon is negative
 
 
 def format_epsilon(value: float | None) -> str:
@@ -40,9 +40,8 @@ def format_epsilon(value: float | None) -> str:
 
 
 def _number(value: object, default: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        return default
-    return float(value)
+    number = stored_number(value, allow_inf=True)
+    return default if number is None else number
 
 
 def privacy_summary(

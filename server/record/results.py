@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TextIO
 
 from server.record.privacy_report import round_epsilon
-from server.record.schema import int_value, real_or_none
+from server.record.schema import int_value, real_or_none, stored_number
 
 EXPORT_COLUMNS = (
     "round",
@@ -73,11 +73,8 @@ def round_scalars(row: Mapping[str, object]) -> dict[str, float]:
     metrics = stored_metrics(row.get("metrics_json")) or {}
     values: dict[str, object] = {**metrics, **{key: row.get(key) for key in ROUND_COUNTS}}
     values["duration-s"] = row.get("duration_s")
-    return {
-        str(key): float(value)
-        for key, value in values.items()
-        if isinstance(value, int | float) and math.isfinite(value)
-    }
+    numbers = {str(key): stored_number(value) for key, value in values.items()}
+    return {key: number for key, number in numbers.items() if number is not None}
 
 
 def write_rows(rows: list[dict[str, object]], fmt: str, output: TextIO) -> None:

@@ -280,3 +280,22 @@ def _show(value: object, limit: int = 60) -> str:
     """A value as one short line, for messages about what a file holds."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def stored_number(value: object, *, allow_inf: bool = False) -> float | None:
+    """A number read back from a stored JSON text, as a float; None if it is not one.
+
+    JSON holds integers of any size: one beyond a float's range (an edited row's
+    400-digit "epsilon") is not a number anyone recorded, so it reads as missing
+    instead of raising ``OverflowError``; so do NaN, booleans, non-numbers and,
+    unless ``allow_inf``, infinities.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    if number != number or (number in (float("inf"), float("-inf")) and not allow_inf):
+        return None
+    return number

@@ -1,0 +1,49 @@
+"""Values an edited run.db can hold that no run records: every verb reads them as missing."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+
+from tests.helpers import APP_DIR, make_run, make_run_reaching
+
+HUGE = "9" * 400  # a JSON integer no float holds
+
+
+def test_a_400_digit_metric_reads_as_missing_in_every_verb(tmp_path):
+    # Prepare: a noisy run whose round 2 holds a 400-digit epsilon and train-loss
+    make_run(
+        tmp_path, "big", config={"strategy": "clipped", "noise-multiplier": 1.0}, state="completed"
+    ).close()
+    make_run_reaching(tmp_path, "other", [0.1, 0.5])
+    with sqlite3.connect(tmp_path / "big" / "run.db") as db:
+        metrics = f'{{"epsilon": {HUGE}, "train-loss": {HUGE}}}'
+        db.execute("UPDATE rounds SET metrics_json = ? WHERE round = 2", (metrics,))
+
+    # Execute
+    results = {
+        verb[0] + ("-json" if "--json" in verb else ""): subprocess.run(
+            [sys.executable, "-m", "server.ui.cli", "--runs-dir", str(tmp_path), *verb],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=APP_DIR,
+            check=False,
+        )
+        for verb in (
+            ["runs"],
+            ["status", "big"],
+            ["status", "big", "--json"],
+            ["compare", "big", "other"],
+            ["export", "big", "--format", "tensorboard", "-o", str(tmp_path / "tb")],
+        )
+    }
+
+    # Assert: no traceback anywhere; runs lists both; the export leaves the value out
+    for name, result in results.items():
+        assert "Traceback" not in result.stderr and "OverflowError" not in result.stderr, name
+        assert result.returncode in (0, 1, 2), name
+    assert results["runs"].returncode == 0 and "other" in results["runs"].stdout
+    assert results["status"].returncode == 0 and "Traceback" not in results["status"].stdout
+    assert results["status-json"].returncode == 0
