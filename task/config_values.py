@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -269,6 +269,17 @@ def _finite_number(text: str, refused: str) -> float:
     return value
 
 
+def without_credentials(uri: str) -> str:
+    """``uri`` with any ``user:password@`` removed, for showing it to others."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # does not parse: drop whatever stands between // and @
+        return re.sub(r"//[^/]*@", "//", uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def resolve_tracking_uri(text: str) -> str:
     """The URI MLflow is given for ``tracking-uri``; ``""`` stays ``""`` (off).
 
@@ -287,7 +298,8 @@ def resolve_tracking_uri(text: str) -> str:
     """
     if not text:
         return ""
-    refused = f"tracking-uri {text[:100]!r} is not supported; valid: {TRACKING_FORMS}"
+    shown = without_credentials(text)[:100]
+    refused = f"tracking-uri {shown!r} is not supported; valid: {TRACKING_FORMS}"
     if text.startswith(("http://", "https://")):
         require(text.isprintable() and not any(c.isspace() for c in text), refused)
         parsed = _parsed_uri(text, refused)
@@ -326,13 +338,15 @@ def _tracking_path(text: str, refused: str, uri: str) -> Path:
     require(bool(text.strip()) and text.isprintable(), refused)
     path = expanded_path("tracking-uri", text)
     path = path if path.is_absolute() else fedcoord_home() / path
-    normalized = Path(os.path.normpath(path))
+    # realpath: links resolved, and a leading // (which normpath keeps) collapsed
+    path = normalized = Path(os.path.realpath("/" + str(path).lstrip("/")))
     homes = {Path("/"), fedcoord_home()}
     with contextlib.suppress(RuntimeError):  # no home directory
         homes.add(Path.home().resolve())
     if normalized in homes:
         raise ConfigError(
-            f"tracking-uri {uri[:100]!r} is {normalized}, which MLflow would fill with its "
+            f"tracking-uri {without_credentials(uri)[:100]!r} is {normalized}, which MLflow "
+            "would fill with its "
             "own files; name a file or folder in it, e.g. sqlite:///mlruns.db"
         )
     return path

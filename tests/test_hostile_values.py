@@ -47,3 +47,30 @@ def test_a_400_digit_metric_reads_as_missing_in_every_verb(tmp_path):
     assert results["runs"].returncode == 0 and "other" in results["runs"].stdout
     assert results["status"].returncode == 0 and "Traceback" not in results["status"].stdout
     assert results["status-json"].returncode == 0
+
+
+def test_a_refused_tracking_uri_never_shows_its_password():
+    import pytest
+
+    from task.config import ConfigError, parse_run_config
+
+    with pytest.raises(ConfigError) as refused:
+        parse_run_config({"tracking-uri": "https://ann:s3cret@mlflow.example:0"})
+    assert "s3cret" not in str(refused.value) and "mlflow.example" in str(refused.value)
+
+
+def test_home_cannot_be_named_as_a_tracking_store_by_another_spelling(tmp_path, monkeypatch):
+    import pytest
+
+    from task.config import ConfigError, parse_run_config
+
+    # Prepare: a home folder, and a link to it
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "link").symlink_to(home)
+    monkeypatch.setenv("HOME", str(home))
+
+    # Execute / Assert: //HOME, file:////HOME and a link to HOME are HOME
+    for uri in (f"/{home}", f"file:///{home}", str(tmp_path / "link"), "//", "file:////"):
+        with pytest.raises(ConfigError, match="which MLflow would fill"):
+            parse_run_config({"tracking-uri": uri})

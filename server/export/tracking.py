@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from flwr.common.logger import log
 
@@ -43,6 +43,7 @@ from server.record.checkpoints import checkpoint_path
 from server.record.results import plot_rounds, round_scalars
 from server.record.store import RunStore
 from task.config import RunConfig, config_to_dict
+from task.config_values import without_credentials
 
 T = TypeVar("T")
 TRACKING_FILE = "tracking.json"
@@ -63,14 +64,6 @@ RUN_STATUS = {
     lifecycle.STOPPED: "KILLED",
     lifecycle.FAILED: "FAILED",
 }
-
-
-def without_credentials(uri: str) -> str:
-    """``uri`` with any ``user:password@`` removed, for showing it to others."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def mlflow_name(name: str) -> bool:
