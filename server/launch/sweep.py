@@ -71,6 +71,7 @@ from server.record.runs import run_status
 from server.record.store import DB_NAME, RunStoreError
 from task.config import ConfigError, config_to_dict
 from task.names import find_run_dir_problem
+from task.text import escape_unprintable
 
 APP_DIR = Path(__file__).resolve().parents[2]
 RUN_LOG = "flwr-run.log"
@@ -401,4 +402,5 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _say(line: str, error: bool = False) -> None:
     prefix = "fedcoord: " if error else ""
-    print(prefix + line, file=sys.stderr if error else sys.stdout, flush=True)
+    lines = "\n".join(escape_unprintable(part) for part in line.split("\n"))
+    print(prefix + lines, file=sys.stderr if error else sys.stdout, flush=True)
