@@ -65,6 +65,18 @@ def check_resumable_exists(config: RunConfig) -> None:
         raise ConfigError(problem)
 
 
+def _app_defaults(app_dir: Path) -> dict[str, object]:
+    """The run-config defaults of the app in ``app_dir``, or a one-line ConfigError."""
+    try:
+        return dict(get_fused_config_from_dir(app_dir, {}))
+    except (ValueError, KeyError, TypeError, OSError) as error:  # no or a broken pyproject
+        reason = " ".join(str(error).split())[:300]
+        raise ConfigError(
+            f"{app_dir} is not a Flower app with a [tool.flwr.app.config] table ({reason}); "
+            "give --app the folder of fedcoord's pyproject.toml"
+        ) from None
+
+
 def parse_app_run_config(app_dir: Path, run_config_text: str) -> RunConfig:
     """Parse ``--run-config`` text over the app's pyproject defaults, as ``flwr run`` does.
 
@@ -78,7 +90,7 @@ def parse_app_run_config(app_dir: Path, run_config_text: str) -> RunConfig:
         overrides = parse_config_args([run_config_text]) if run_config_text.strip() else {}
     except click.ClickException as error:
         raise ConfigError(f"--run-config {run_config_text!r}: {error.message}") from error
-    defaults = get_fused_config_from_dir(app_dir, {})
+    defaults = _app_defaults(app_dir)
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise ConfigError(

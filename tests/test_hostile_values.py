@@ -74,3 +74,25 @@ def test_home_cannot_be_named_as_a_tracking_store_by_another_spelling(tmp_path, 
     for uri in (f"/{home}", f"file:///{home}", str(tmp_path / "link"), "//", "file:////"):
         with pytest.raises(ConfigError, match="which MLflow would fill"):
             parse_run_config({"tracking-uri": uri})
+
+
+def test_a_folder_that_is_not_the_app_is_one_line_and_exit_2(tmp_path):
+    # Prepare: a pyproject.toml without Flower's tables
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n')
+
+    # Execute
+    result = subprocess.run(
+        [sys.executable, "-m", "server.launch.simulation", "--app", str(tmp_path)]
+        + ["--flwr-home", str(tmp_path / "fh")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=APP_DIR,
+        check=False,
+    )
+
+    # Assert
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not a Flower app" in lines[0]
+    assert not (tmp_path / "fh").exists()
