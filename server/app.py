@@ -21,6 +21,7 @@ from server.export.tracking import start_tracking
 from server.preflight import check_resumable_exists, check_run_name_free
 from server.record import lifecycle
 from server.record.checkpoints import CheckpointError
+from server.record.entries import check_run_entries
 from server.record.runs import effective_state
 from server.record.store import RunStore, RunStoreError
 from server.record.verify import load_verified_checkpoint
@@ -138,6 +139,7 @@ def open_resumed_run(config: RunConfig) -> RunStore:
     if link_problem is not None:
         raise ConfigError(f"resume=true: {link_problem}")
     check_resumable_exists(config)
+    check_run_entries(run_dir)
     try:
         store = RunStore(run_dir)
         run = store.run_row()

@@ -96,3 +96,37 @@ def test_a_folder_that_is_not_the_app_is_one_line_and_exit_2(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not a Flower app" in lines[0]
     assert not (tmp_path / "fh").exists()
+
+
+def test_links_inside_a_run_folder_are_refused_and_never_written_through(tmp_path):
+    import pytest
+
+    from server.app import open_resumed_run
+    from server.record.checkpoints import CheckpointError, save_checkpoint
+    from server.record.entries import find_run_entries_problem, open_append_no_follow
+    from task.config import ConfigError, parse_run_config
+
+    # Prepare: a stopped run whose checkpoints folder and log are links to outside files
+    runs, outside = tmp_path / "runs", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.txt").write_text("precious\n")
+    make_run(runs, "r", state="stopped").close()
+    run_dir = runs / "r"
+    (run_dir / "flwr-run.log").symlink_to(outside / "victim.txt")
+    if (run_dir / "checkpoints").exists():
+        import shutil
+
+        shutil.rmtree(run_dir / "checkpoints")
+    (run_dir / "checkpoints").symlink_to(outside)
+    config = parse_run_config({"runs-dir": str(runs), "run-name": "r", "resume": True})
+
+    # Execute / Assert: each way in is refused; nothing outside changes
+    assert "is a link" in str(find_run_entries_problem(run_dir))
+    with pytest.raises(ConfigError, match="is a link"):
+        open_resumed_run(config)
+    with pytest.raises(CheckpointError, match="is a link"):
+        save_checkpoint(run_dir, 3, {}, {}, {})
+    with pytest.raises(OSError):
+        open_append_no_follow(run_dir / "flwr-run.log")
+    assert (outside / "victim.txt").read_text() == "precious\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]

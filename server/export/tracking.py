@@ -311,7 +311,10 @@ class RunTracker:
         record = {"tracking-uri": self.tracking_uri, "experiment": self.experiment}
         temporary = self.run_dir / f".tmp-{TRACKING_FILE}"
         try:
-            temporary.write_text(json.dumps({**record, "run-id": run_id}) + "\n")
+            temporary.unlink(missing_ok=True)  # a leftover (or a link): never written through
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            with open(os.open(temporary, flags, 0o644), "w") as file:
+                file.write(json.dumps({**record, "run-id": run_id}) + "\n")
             os.replace(temporary, self.run_dir / TRACKING_FILE)
         except OSError as error:
             temporary.unlink(missing_ok=True)

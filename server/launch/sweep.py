@@ -65,6 +65,7 @@ from server.record.compare import (
     validate_target,
 )
 from server.record.compare_report import format_comparison
+from server.record.entries import check_run_entries, open_append_no_follow
 from server.record.lifecycle import InvalidTransitionError
 from server.record.operations import request_command
 from server.record.runs import run_status
@@ -132,6 +133,7 @@ def _plan_step(
         raise ConfigError(
             f"{run_dir} is a file, not a run folder; move it away or choose another --name"
         )
+    check_run_entries(run_dir)
     if not (run_dir / DB_NAME).exists():
         return SweepStep(combination, "run", plan_run(app_dir, fresh))
     if not resume:
@@ -231,7 +233,7 @@ class SweepRunner:
     ) -> None:
         run_dir = step.planned.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / RUN_LOG, "ab") as log:
+        with open(open_append_no_follow(run_dir / RUN_LOG), "ab") as log:
             process = subprocess.Popen(
                 command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )

@@ -103,6 +103,8 @@ def save_checkpoint(
     """Write a checkpoint atomically; return its path, its SHA-256 and the model's hash."""
     path = checkpoint_path(run_dir, server_round)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent.is_symlink():  # never save (or prune) in another folder
+        raise CheckpointError(f"{path.parent} is a link; checkpoints stay in the run folder")
     tensors = {MODEL_PREFIX + k: np.ascontiguousarray(v) for k, v in arrays.items()}
     tensors.update(
         {STRATEGY_PREFIX + k: np.ascontiguousarray(v) for k, v in strategy_state.items()}
