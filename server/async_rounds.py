@@ -70,6 +70,8 @@ NODE_REFRESH_S = 0.5
 # known without a partition).
 ASYNC_ROLL_CALL_S = 2.0
 ASYNC_ROLL_CALL_ATTEMPTS = 3
+# Longest a pull waits for the parts of a listed reply; then the reply counts as failed.
+ASYNC_PULL_WAIT_S = 10.0
 SAMPLE_ALL = 1e-9  # with minimum=n, NodeSampler.sample draws exactly n nodes
 
 
@@ -205,7 +207,9 @@ class AsyncCoordinator(Coordinator):
         if not self.in_flight:
             return 0
         pending = {message_id: t.node_id for message_id, t in self.in_flight.items()}
-        deadline = time.monotonic() + self.config.round_timeout
+        # A reply listed with parts missing (its node died mid-upload) holds up every
+        # other reply of the pull until this deadline: bound it, not by round-timeout
+        deadline = time.monotonic() + min(self.config.round_timeout, ASYNC_PULL_WAIT_S)
         replies = self.phases.pull(self.version + 1, "train", pending, deadline)
         handled = 0
         for reply in replies:
