@@ -30,8 +30,11 @@ $(STAMP): pyproject.toml
 system-deps:
 	@tools/system_deps.sh
 
+# `fedcoord run` (python -m server.ui.cli: this folder's code). Its exit code says how the
+# run ended (0 completed, 1 failed, 2 bad config, 3 stopped, 130 Ctrl-C); make shows it as
+# "Error N" and itself exits 2 on any failure: scripts call `.venv/bin/fedcoord run`.
 demo: setup
-	@$(BIN)/python -m server.launch.simulation --supernodes $(SUPERNODES) --num-cpus $(NUM_CPUS) \
+	@$(BIN)/python -m server.ui.cli run --supernodes $(SUPERNODES) --num-cpus $(NUM_CPUS) \
 		--num-gpus $(NUM_GPUS) $(if $(RAY_ADDRESS),--ray-address $(RAY_ADDRESS)) \
 		--flwr-home $(FLWR_HOME_DIR) --run-config "$(RUN_CONFIG)"
 

@@ -10,7 +10,7 @@ The run-config is checked before anything starts (a bad value: one line, exit 2)
 and the exit code says how the run ended: 0 completed, 1 failed, 3 stopped, 130
 interrupted with Ctrl-C.
 
-Usage::
+Usage (``fedcoord run`` takes the same options)::
 
     python -m server.launch.simulation --supernodes 10 --run-config "num-server-rounds=3"
 """
@@ -33,6 +33,7 @@ import httpx
 
 from server.launch.processes import flwr_env, free_port, stop_process, stop_tree
 from server.launch.resources import SimulationResources, plan_resources
+from server.launch.run_options import add_run_arguments
 from server.preflight import check_resumable_exists, check_run_name_free, parse_app_run_config
 from server.record.runs import run_status
 from server.record.store import DB_NAME, RunStoreError
@@ -310,33 +311,13 @@ def _say(line: str) -> None:
     print(f"fedcoord: {line}", file=sys.stderr, flush=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: run a simulation and clean up whatever happens.
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the simulation ``args`` describe and clean up whatever happens.
 
+    ``args`` holds the options of :func:`server.launch.run_options.add_run_arguments`.
     Exit codes: 0 completed, 1 failed (or did not start), 2 bad run-config,
     3 stopped, 130 Ctrl-C.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--app", default=".", help="the Flower app folder (pyproject.toml)")
-    parser.add_argument("--supernodes", type=int, default=10, help="simulated nodes")
-    parser.add_argument("--run-config", default="", help='e.g. "num-server-rounds=3"')
-    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per simulated node")
-    parser.add_argument(
-        "--num-gpus",
-        default="auto",
-        help="GPU share per simulated node, e.g. 0.25 (default auto: the visible GPUs shared "
-        "among the nodes that run at once; 0 without CUDA)",
-    )
-    parser.add_argument(
-        "--ray-address",
-        default="",
-        help="HOST:PORT of a running Ray cluster to simulate on (never started or stopped here)",
-    )
-    parser.add_argument("--flwr-home", default=".flwr_home", help="FLWR_HOME for this run")
-    parser.add_argument(
-        "--debug", action="store_true", help="log tracebacks of config and node errors too"
-    )
-    args = parser.parse_args(argv)
     if args.debug:
         os.environ[DEBUG_ENV] = "1"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -344,6 +325,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return launch(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry, the same run as ``fedcoord run``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

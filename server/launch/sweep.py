@@ -37,6 +37,7 @@ from pathlib import Path
 from flwr.common.config import parse_config_args
 
 from server.launch.processes import stop_process
+from server.launch.run_options import APP_DIR
 from server.launch.simulation import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -74,7 +75,6 @@ from task.config import ConfigError, config_to_dict
 from task.names import find_run_dir_problem
 from task.text import escape_unprintable
 
-APP_DIR = Path(__file__).resolve().parents[2]
 RUN_LOG = "flwr-run.log"
 POLL_S = 0.5
 STOP_GRACE_S = 60.0

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TextIO
 
 from server.export.event_files import EventFileError, write_round_events
+from server.launch.run_options import add_run_arguments
 from server.record import lifecycle
 from server.record.compare import (
     CompareError,
@@ -284,6 +285,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the app in simulation on a SuperLink of its own; the exit code says how it ended."""
+    from server.launch.simulation import run_from_args  # imports Flower: only when running
+
+    return run_from_args(args)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run every combination of a grid in simulation, then compare the runs."""
     from server.launch.sweep import run_sweep  # imports Flower: only when sweeping
@@ -345,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of run directories (default: $FEDCOORD_HOME/runs)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="train in simulation on a SuperLink of its own; exit 0 completed, 1 failed, "
+        "2 bad config, 3 stopped, 130 Ctrl-C",
+    )
+    add_run_arguments(run)
+    run.set_defaults(func=cmd_run)
     runs = sub.add_parser("runs", help="list runs with state and progress")
     runs.set_defaults(func=cmd_runs)
     status = sub.add_parser("status", help="state, round k/N, last metrics, nodes, ETA")
