@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import click
-from flwr.common.config import get_fused_config_from_dir, parse_config_args
+from flwr.common.config import get_fused_config_from_dir
 
+from server.launch.run_config_text import check_known_keys, parse_run_config_text
 from server.record.runs import stored_config
 from server.record.store import DB_NAME, RunStore, RunStoreError
 from strategies.registry import build_strategy
@@ -83,20 +83,12 @@ def parse_app_run_config(app_dir: Path, run_config_text: str) -> RunConfig:
     Raises
     ------
     ConfigError
-        On a malformed string, an unknown key, a value the run cannot use or a
-        strategy that refuses its parameters.
+        On text flwr would drop or misread (:mod:`server.launch.run_config_text`),
+        an unknown key (naming the nearest valid one), a value the run cannot use
+        or a strategy that refuses its parameters.
     """
-    try:
-        overrides = parse_config_args([run_config_text]) if run_config_text.strip() else {}
-    except click.ClickException as error:
-        raise ConfigError(f"--run-config {run_config_text!r}: {error.message}") from error
-    defaults = _app_defaults(app_dir)
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"unknown run-config key {', '.join(map(repr, unknown))}; "
-            f"valid keys: {', '.join(sorted(defaults))}"
-        )
+    overrides = parse_run_config_text(run_config_text)
+    check_known_keys(overrides, _app_defaults(app_dir))
     config = parse_run_config(get_fused_config_from_dir(app_dir, overrides))
     try:  # the strategy's own checks (e.g. fedprox needs proximal-mu > 0)
         build_strategy(config)

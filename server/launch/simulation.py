@@ -320,11 +320,13 @@ def run_from_args(args: argparse.Namespace) -> int:
     """
     if args.debug:
         os.environ[DEBUG_ENV] = "1"
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return launch(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

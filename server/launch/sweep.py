@@ -34,9 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.common.config import parse_config_args
-
 from server.launch.processes import stop_process
+from server.launch.run_config_text import parse_run_config_text
 from server.launch.run_options import APP_DIR
 from server.launch.simulation import (
     EXIT_CONFIG,
@@ -141,7 +140,7 @@ def _plan_step(
             f"run {name} already exists in {runs_dir}; continue the sweep "
             "with --resume, or start another with a new --name"
         )
-    explicit = {*parse_config_args([base] if base.strip() else []), *dict(combination.values)}
+    explicit = {*parse_run_config_text(base), *dict(combination.values)}
     state = _check_same_config(config_to_dict(config), run_dir, explicit)
     if state == "completed":
         return SweepStep(combination, "done", PlannedRun("", run_dir, None))

@@ -20,16 +20,13 @@ from pathlib import Path
 
 from flwr.common.config import parse_config_args
 
+from server.launch.run_config_text import parse_run_config_text
 from task.config import ConfigError
 from task.names import RUN_NAME_HINT, find_run_name_problem
 
 # Keys the sweep sets itself for every run.
 SWEEP_KEYS = ("run-name", "runs-dir", "resume")
-# flwr's --run-config pairs (flwr.common.config.parse_config_args): a value is a word,
-# or quoted '...' / "..." with no quote of its kind inside (no escapes). Text outside
-# the pairs is dropped without a word, so the sweep refuses it.
 PLAIN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-FLWR_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 
 
 @dataclass(frozen=True)
@@ -197,57 +194,18 @@ def run_config_text(base: str, combination: Combination, runs_dir: Path, resume:
 
 
 def check_base_run_config(base: str, grid_keys: Sequence[str]) -> None:
-    """Refuse --run-config keys the sweep sets itself or the grid sets.
+    """Refuse --run-config text flwr would drop or misread, and keys the sweep or grid sets.
 
     Raises
     ------
     ConfigError
-        Naming the key and where it belongs.
+        Naming the key and where it belongs (:func:`parse_run_config_text`).
     """
-    if base.strip().endswith(".toml"):
-        raise ConfigError(
-            f"--run-config {base!r}: a sweep takes key=value pairs, not a .toml file; "
-            "copy its keys into --run-config"
-        )
-    check_no_dropped_words(base)
-    try:
-        keys = set(parse_config_args([base])) if base.strip() else set()
-    except Exception as error:  # click's and tomli's errors: say which text
-        raise ConfigError(f"--run-config {base!r}: {error}") from None
-    for key in sorted(keys):
+    for key in sorted(parse_run_config_text(base)):
         if key in SWEEP_KEYS:
             raise ConfigError(f"--run-config: the sweep sets {key} itself; drop it")
         if key in grid_keys:
             raise ConfigError(f"{key} is in both --grid and --run-config; keep it in one")
-
-
-def check_no_dropped_words(text: str) -> None:
-    """Refuse text that flwr's parser would drop without a word.
-
-    ``num-server-rounds= 10`` sets nothing (the space ends the pair), nor does a
-    word without ``=``.
-
-    Raises
-    ------
-    ConfigError
-        Naming the first such word and the fix.
-    """
-    outside, position = [], 0
-    for match in FLWR_PAIR.finditer(text):
-        outside.append(text[position : match.start()])
-        position = match.end()
-    outside.append(text[position:])
-    for word in " ".join(outside).split():
-        if word.endswith("=") and len(word) > 1:
-            key = word[:-1]
-            raise ConfigError(
-                f"--run-config {text!r}: {key} has no value, and flwr would drop it; "
-                f"write {key}=VALUE with no space after '=' (\"\" for an empty string)"
-            )
-        raise ConfigError(
-            f"--run-config {text!r}: {word[:40]!r} is not key=value, and flwr would drop it; "
-            "write key=value pairs separated by spaces"
-        )
 
 
 def check_carried(text: str, base: str, combination: Combination, runs_dir: Path) -> None:
