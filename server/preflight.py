@@ -15,6 +15,8 @@ from flwr.common.config import get_fused_config_from_dir
 from server.launch.run_config_text import check_known_keys, parse_run_config_text
 from server.record.runs import stored_config
 from server.record.store import DB_NAME, RunStore, RunStoreError
+from strategies.accounted import accounted
+from strategies.protocol import RoundStrategy
 from strategies.registry import build_strategy
 from task.config import (
     NOISY_STRATEGIES,
@@ -77,28 +79,69 @@ def _app_defaults(app_dir: Path) -> dict[str, object]:
         ) from None
 
 
-def parse_app_run_config(app_dir: Path, run_config_text: str) -> RunConfig:
+def parse_app_run_config(
+    app_dir: Path, run_config_text: str, population: int | None = None
+) -> RunConfig:
     """Parse ``--run-config`` text over the app's pyproject defaults, as ``flwr run`` does.
+
+    ``population``, the number of nodes when the caller knows it, lets the
+    privacy budget be checked for ``sampling='fixed'`` too
+    (:func:`check_budget_covers_a_round`).
 
     Raises
     ------
     ConfigError
         On text flwr would drop or misread (:mod:`server.launch.run_config_text`),
-        an unknown key (naming the nearest valid one), a value the run cannot use
-        or a strategy that refuses its parameters.
+        an unknown key (naming the nearest valid one), a value the run cannot use,
+        a strategy that refuses its parameters or a privacy budget below one round.
     """
     overrides = parse_run_config_text(run_config_text)
     check_known_keys(overrides, _app_defaults(app_dir))
     config = parse_run_config(get_fused_config_from_dir(app_dir, overrides))
     try:  # the strategy's own checks (e.g. fedprox needs proximal-mu > 0)
-        build_strategy(config)
+        strategy = build_strategy(config)
     except ConfigError:
         raise
     except Exception as error:  # a parameter the strategy cannot take, whatever it raises
         raise ConfigError(
             f"strategy {config.strategy!r} refused its parameters: {type(error).__name__}: {error}"
         ) from error
+    check_budget_covers_a_round(config, strategy, population)
     return config
+
+
+def check_budget_covers_a_round(
+    config: RunConfig, strategy: RoundStrategy, population: int | None
+) -> None:
+    """Refuse a fresh run whose ``target-epsilon`` is below what its first round costs.
+
+    Such a run would stop before round 1 and end ``completed`` with nothing
+    trained. The cost is the accountant's own (:class:`AccountedStrategy`): the
+    epsilon one round of the run's noise and sampling reaches at ``target-delta``.
+    ``sampling='fixed'`` depends on the number of nodes: unchecked without
+    ``population``. A resumed run spends what its ledger has left: not checked here.
+
+    Raises
+    ------
+    ConfigError
+        Naming the epsilon one round costs and the settings it was computed for.
+    """
+    target = config.target_epsilon
+    if target <= 0 or config.resume or (config.sampling == "fixed" and population is None):
+        return
+    accounted_strategy = accounted(strategy, config)
+    first_round = accounted_strategy.next_event(population or 0)
+    one_round = accounted_strategy.accountant.epsilon_after(first_round)
+    if one_round <= target:
+        return
+    nodes = f", {population} nodes" if config.sampling == "fixed" else ""
+    raise ConfigError(
+        f"target-epsilon={target:g} is below the epsilon one round costs: {one_round:.4g} "
+        f"(strategy {config.strategy!r}, noise-multiplier {config.noise_multiplier:g}, "
+        f"sampling {config.sampling!r}{nodes}, target-delta {config.target_delta:g}), so no "
+        f"round could train; set target-epsilon above {one_round:.4g}, more noise, or "
+        "target-epsilon=0 (no budget)"
+    )
 
 
 # The keys an epsilon depends on: the rounds of one run must share them, so that one

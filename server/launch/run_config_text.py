@@ -16,6 +16,7 @@ import difflib
 import re
 import tomllib
 from collections.abc import Collection, Mapping
+from pathlib import Path
 
 from flwr.app.user_config import UserConfig
 from flwr.common.config import parse_config_args
@@ -131,3 +132,24 @@ def check_known_keys(overrides: Mapping[str, object], valid: Collection[str]) ->
         f"unknown run-config key {', '.join(map(repr, unknown))}; "
         f"valid keys: {', '.join(sorted(valid))}"
     )
+
+
+def with_runs_dir(text: str, runs_dir: Path) -> str:
+    """``text`` with ``runs-dir`` set to ``runs_dir`` (``--runs-dir`` of ``fedcoord run``).
+
+    Raises
+    ------
+    ConfigError
+        If ``text`` sets another ``runs-dir``, or ``runs_dir`` holds a ``'``
+        (flwr's --run-config cannot carry it in a literal string).
+    """
+    given = parse_run_config_text(text).get("runs-dir")
+    if given is not None and Path(str(given)).expanduser() != runs_dir:
+        raise ConfigError(
+            f"--runs-dir {runs_dir} and --run-config runs-dir={given!r} differ; give one"
+        )
+    if given is not None:
+        return text
+    if "'" in str(runs_dir):
+        raise ConfigError(f"--runs-dir {runs_dir}: flwr's --run-config cannot carry a \"'\"")
+    return f"{text} runs-dir='{runs_dir}'".strip()

@@ -207,15 +207,18 @@ class PlannedRun:
     device: str = "auto"
 
 
-def plan_run(app_dir: Path, run_config: str) -> PlannedRun:
+def plan_run(app_dir: Path, run_config: str, supernodes: int | None = None) -> PlannedRun:
     """Validate the run-config and the run directory; name the run if it has no name.
+
+    ``supernodes``, the simulated nodes, lets a privacy budget be checked for every
+    sampling (:func:`server.preflight.check_budget_covers_a_round`).
 
     Raises
     ------
     ConfigError
         With the one-line message of the first problem.
     """
-    config = parse_app_run_config(app_dir, run_config)
+    config = parse_app_run_config(app_dir, run_config, population=supernodes)
     run_name = config.run_name
     if config.resume:
         check_resumable_exists(config)
@@ -272,7 +275,7 @@ def launch(args: argparse.Namespace) -> int:
     """Check the config, run the simulation, and map the run's final state to an exit code."""
     app_dir = Path(args.app).resolve()
     try:
-        planned = plan_run(app_dir, args.run_config)
+        planned = plan_run(app_dir, args.run_config, args.supernodes)
     except ConfigError as error:
         _say(str(error))
         return EXIT_CONFIG

@@ -286,9 +286,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the app in simulation on a SuperLink of its own; the exit code says how it ended."""
-    from server.launch.simulation import run_from_args  # imports Flower: only when running
+    """Run the app in simulation on a SuperLink of its own; the exit code says how it ended.
 
+    A ``--runs-dir`` other than the default becomes the run's ``runs-dir``.
+    """
+    # Both import Flower: only when running.
+    from server.launch.run_config_text import with_runs_dir
+    from server.launch.simulation import EXIT_CONFIG, run_from_args
+    from task.config import ConfigError
+
+    runs_dir = Path(args.runs_dir).expanduser()
+    if runs_dir != default_runs_dir():
+        try:
+            args.run_config = with_runs_dir(args.run_config, runs_dir.absolute())
+        except ConfigError as error:
+            say(f"fedcoord: {error}", file=sys.stderr)
+            return EXIT_CONFIG
     return run_from_args(args)
 
 
@@ -353,20 +366,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of run directories (default: $FEDCOORD_HOME/runs)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser(
+    # --runs-dir after the verb too: SUPPRESS keeps the value given before it.
+    runs_dir_option = argparse.ArgumentParser(add_help=False)
+    runs_dir_option.add_argument(
+        "--runs-dir", default=argparse.SUPPRESS, help="folder of run directories"
+    )
+
+    def verb(name: str, text: str, reads_runs: bool = True) -> argparse.ArgumentParser:
+        """A subcommand; ``reads_runs``: it reads runs, so a missing runs folder is refused."""
+        command = sub.add_parser(name, help=text, parents=[runs_dir_option])
+        command.set_defaults(reads_runs=reads_runs)
+        return command
+
+    run = verb(
         "run",
-        help="train in simulation on a SuperLink of its own; exit 0 completed, 1 failed, "
+        "train in simulation on a SuperLink of its own; exit 0 completed, 1 failed, "
         "2 bad config, 3 stopped, 130 Ctrl-C",
+        reads_runs=False,
     )
     add_run_arguments(run)
     run.set_defaults(func=cmd_run)
-    runs = sub.add_parser("runs", help="list runs with state and progress")
+    runs = verb("runs", "list runs with state and progress")
     runs.set_defaults(func=cmd_runs)
-    status = sub.add_parser("status", help="state, round k/N, last metrics, nodes, ETA")
+    status = verb("status", "state, round k/N, last metrics, nodes, ETA")
     status.add_argument("run", nargs="?", help="run name (default: the newest run)")
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.set_defaults(func=cmd_status)
-    watch = sub.add_parser("watch", help="live progress bar until the run ends")
+    watch = verb("watch", "live progress bar until the run ends")
     watch.add_argument("run", nargs="?", help="run name (default: the newest run)")
     watch.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
     watch.set_defaults(func=cmd_watch)
@@ -375,32 +401,31 @@ def build_parser() -> argparse.ArgumentParser:
         ("resume", "start the next round"),
         ("stop", "abandon the round in flight and end the run"),
     ):
-        control = sub.add_parser(command, help=text)
+        control = verb(command, text)
         control.add_argument("run", help="run name")
         control.add_argument(
             "--wait", type=float, default=0.0, help="seconds to wait for the new state"
         )
         control.set_defaults(func=cmd_control, command=command)
-    nodes = sub.add_parser("nodes", help="node table")
+    nodes = verb("nodes", "node table")
     nodes.add_argument("run", nargs="?", help="run name (default: the newest run)")
     nodes.set_defaults(func=cmd_nodes)
-    weight = sub.add_parser("weight", help="operator weight of a partition, from the next round")
+    weight = verb("weight", "operator weight of a partition, from the next round")
     weight.add_argument("run", help="run name")
     weight.add_argument("partition", type=int, help="partition id")
     weight.add_argument("weight", type=float, help="weight >= 0")
     weight.set_defaults(func=cmd_weight)
-    plot = sub.add_parser("plot", help="accuracy / loss per round as a PNG")
+    plot = verb("plot", "accuracy / loss per round as a PNG")
     plot.add_argument("run", nargs="?", help="run name (default: the newest run)")
     plot.add_argument("-o", "--output", required=True, help="PNG file to write")
     plot.set_defaults(func=cmd_plot)
-    compare = sub.add_parser("compare", help="runs side by side: accuracy, time to a target")
+    compare = verb("compare", "runs side by side: accuracy, time to a target")
     compare.add_argument("runs", nargs="+", metavar="RUN", help="two or more run names")
     compare.add_argument("--target", type=float, help="accuracy in [0, 1]: round and time to it")
     compare.add_argument("-o", "--output", help="PNG of accuracy per round and over wall time")
     compare.add_argument("--json", action="store_true", help="print one JSON object")
-    compare.add_argument("--runs-dir", default=argparse.SUPPRESS, help="folder of run directories")
     compare.set_defaults(func=cmd_compare)
-    sweep = sub.add_parser("sweep", help="every combination of a grid of run-config values")
+    sweep = verb("sweep", "every combination of a grid of run-config values", reads_runs=False)
     sweep.add_argument("--grid", required=True, help='e.g. "strategy=fedavg,median seed=1,2,3"')
     sweep.add_argument("--run-config", default="", help="settings of every run, as flwr run's")
     sweep.add_argument("--supernodes", type=int, default=10, help="simulated nodes of each run")
@@ -411,22 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per simulated node")
     sweep.add_argument("--app", help="the Flower app folder (default: fedcoord's own)")
     sweep.add_argument("--flwr-home", help="FLWR_HOME of its SuperLink (default: a temp dir)")
-    sweep.add_argument("--runs-dir", default=argparse.SUPPRESS, help="folder of run directories")
     sweep.set_defaults(func=cmd_sweep)
-    export = sub.add_parser("export", help="round rows as CSV, JSON lines or TensorBoard events")
+    export = verb("export", "round rows as CSV, JSON lines or TensorBoard events")
     export.add_argument("run", nargs="?", help="run name (default: the newest run)")
     export.add_argument("--format", choices=("csv", "jsonl", "tensorboard"), default="csv")
     export.add_argument(
         "-o", "--output", help="file to write (default: stdout); tensorboard: the logdir"
     )
     export.set_defaults(func=cmd_export)
-    verify = sub.add_parser("verify", help="are checkpoints and the round hash chain intact?")
+    verify = verb("verify", "are checkpoints and the round hash chain intact?")
     verify.add_argument("run", nargs="?", help="run name (default: the newest run)")
     verify.set_defaults(func=cmd_verify)
-    dashboard = sub.add_parser("dashboard", help="web dashboard of the runs, live")
-    dashboard.add_argument(
-        "--runs-dir", default=argparse.SUPPRESS, help="folder of run directories"
-    )
+    dashboard = verb("dashboard", "web dashboard of the runs, live", reads_runs=False)
     dashboard.add_argument(
         "--host", default="127.0.0.1", help="address to bind; not loopback = token required"
     )
@@ -440,9 +461,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def find_runs_dir_problem(runs_dir: Path) -> str | None:
+    """Why ``runs_dir`` cannot hold runs to read (missing, not a folder), or None."""
+    if runs_dir.is_dir():
+        return None
+    if runs_dir == default_runs_dir():
+        missing = "no run has been started there" if not runs_dir.exists() else "not a folder"
+        return (
+            f"no runs folder at {runs_dir} (the default, $FEDCOORD_HOME/runs): {missing}; "
+            "name the runs' folder with --runs-dir DIR"
+        )
+    if not runs_dir.exists():
+        return (
+            f"--runs-dir {runs_dir}: no such folder; name the runs-dir the runs were started "
+            "with (--runs-dir goes before or after the verb)"
+        )
+    return f"--runs-dir {runs_dir}: not a folder; name the folder of the run directories"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedcoord`` console script."""
     args = build_parser().parse_args(argv)
+    problem = find_runs_dir_problem(Path(args.runs_dir)) if args.reads_runs else None
+    if problem is not None:
+        say(f"fedcoord: {problem}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args))
     except ONE_LINE_ERRORS as error:
