@@ -66,8 +66,22 @@ def stop_tree(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
     """
     tree = descendants(process.pid)
     stop_process(process, grace_s)
+    _stop_pids(tree, grace_s)
+
+
+def stop_pid_tree(pid: int, grace_s: float = 10.0) -> None:
+    """Stop process ``pid`` (not our child: one a command before us started) and its tree.
+
+    As :func:`stop_tree`: the tree is read first; SIGTERM, then SIGKILL after ``grace_s``.
+    """
+    tree = descendants(pid)
+    _stop_pids([pid], grace_s)
+    _stop_pids(tree, grace_s)
+
+
+def _stop_pids(pids: list[int], grace_s: float) -> None:
     for signum in (signal.SIGTERM, signal.SIGKILL):
-        alive = [pid for pid in tree if process_alive(pid)]
+        alive = [pid for pid in pids if process_alive(pid)]
         for pid in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)

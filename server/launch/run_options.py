@@ -12,6 +12,8 @@ from pathlib import Path
 # fedcoord's own Flower app: the folder of its pyproject.toml.
 APP_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_FLWR_HOME = ".flwr_home"
+# ``fedcoord connection``'s default name: not deploy's "fedcoord", nor Flower's "local".
+DEFAULT_CONNECTION_NAME = "fedcoord-local"
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -76,7 +76,38 @@ def write_connection(flwr_home: Path, address: str) -> None:
     )
 
 
-def _wait_healthy(process: subprocess.Popen[bytes], port: int, log_file: Path) -> None:
+def superlink_command(http_port: int, control_port: int, log_file: Path) -> list[str]:
+    """``flower-superlink`` for simulation on 127.0.0.1, runtime dependency installation off.
+
+    Flower's ``:local:`` SuperLink, but on the ports given and from this environment
+    (its ServerApp and simulation run with this venv's packages, nothing is installed).
+    """
+    return [
+        str(Path(sys.executable).with_name("flower-superlink")),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http_port),
+        "--control-api-address",
+        f"127.0.0.1:{control_port}",
+        "--log-file",
+        str(log_file),
+    ]
+
+
+def wait_healthy(process: subprocess.Popen[bytes], port: int, log_file: Path) -> None:
+    """Wait until the SuperLink ``process`` answers on ``port``.
+
+    Raises
+    ------
+    RuntimeError
+        If it exits or is not healthy within ``STARTUP_TIMEOUT_S``, naming its log.
+    """
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -107,22 +138,7 @@ def local_superlink(
     flwr_home.mkdir(parents=True, exist_ok=True)
     http_port, control_port = free_port(), free_port()
     log_file = flwr_home / "superlink.log"
-    command = [
-        str(Path(sys.executable).with_name("flower-superlink")),
-        "--insecure",
-        "--simulation",
-        "--isolation",
-        "subprocess",
-        "--disable-runtime-dependency-installation",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(http_port),
-        "--control-api-address",
-        f"127.0.0.1:{control_port}",
-        "--log-file",
-        str(log_file),
-    ]
+    command = superlink_command(http_port, control_port, log_file)
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
             command,
@@ -133,7 +149,7 @@ def local_superlink(
         )
     link = LocalSuperLink(process, flwr_home, http_port, control_port)
     try:
-        _wait_healthy(process, http_port, log_file)
+        wait_healthy(process, http_port, log_file)
         write_connection(flwr_home, link.address)
         yield link
     finally:
