@@ -89,3 +89,25 @@ def test_run_completes_one_round_and_exits_0(tmp_path):
     assert result.returncode == EXIT_OK, output[-3000:]
     assert "final accuracy: " in output
     assert (runs_dir / "one" / "run.db").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--num-cpus", "0.5"],
+            "--num-cpus must be a whole number of CPUs per node, at least 1, "
+            "got 0.5 (Flower's simulation config holds an integer)",
+        ),
+        (["--supernodes", "0"], "--supernodes must be at least 1, got 0"),
+    ],
+)
+def test_nodes_flower_cannot_simulate_are_refused_before_anything_starts(
+    tmp_path, capsys, args, message
+):
+    # Execute: flwr run would fail on 0.5 CPUs (an integer field) after the SuperLink started
+    code = cli.main(["run", "--flwr-home", str(tmp_path / "flwr_home"), *args])
+
+    # Assert
+    assert code == EXIT_CONFIG and capsys.readouterr().err == f"fedcoord: {message}\n"
+    assert not (tmp_path / "flwr_home").exists()

@@ -35,6 +35,7 @@ from pathlib import Path
 import httpx
 
 from server.launch.processes import flwr_env, free_port, process_alive, stop_pid_tree, stop_tree
+from server.launch.resources import check_nodes
 from server.launch.run_options import DEFAULT_CONNECTION_NAME
 from server.launch.simulation import superlink_command, wait_healthy
 from task.config import ConfigError
@@ -84,18 +85,12 @@ def validate_settings(
             f"--name {name!r}: a connection name is letters, digits, '-' and '_' (at most 63), "
             f"not Flower's own {', '.join(FLOWER_NAMES)}"
         )
-    if supernodes < 1:
-        raise ConfigError(f"--supernodes must be at least 1, got {supernodes}")
-    if not (math.isfinite(num_cpus) and num_cpus >= 1 and num_cpus == int(num_cpus)):
-        raise ConfigError(
-            f"--num-cpus must be a whole number of CPUs per node, at least 1, got {num_cpus:g} "
-            "(Flower's simulation config holds an integer)"
-        )
+    cpus = check_nodes(supernodes, num_cpus)
     if not (math.isfinite(num_gpus) and num_gpus >= 0):
         raise ConfigError(
             f"--num-gpus must be a GPU share >= 0 per node, e.g. 0.25, got {num_gpus:g}"
         )
-    return SimulationSettings(name, supernodes, int(num_cpus), num_gpus)
+    return SimulationSettings(name, supernodes, cpus, num_gpus)
 
 
 def superlink_dir(flwr_home: Path, name: str) -> Path:

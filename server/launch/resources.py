@@ -77,6 +77,25 @@ def parse_num_gpus(text: str) -> float | None:
     return value
 
 
+def check_nodes(supernodes: int, num_cpus: float) -> int:
+    """``--num-cpus`` as Flower's simulation config holds it (an integer), after checking both.
+
+    Raises
+    ------
+    ConfigError
+        For fewer than 1 simulated node, or CPUs per node that are not a whole number
+        >= 1 (``flwr run`` would fail on them after the SuperLink started).
+    """
+    if supernodes < 1:
+        raise ConfigError(f"--supernodes must be at least 1, got {supernodes}")
+    if not (math.isfinite(num_cpus) and num_cpus >= 1 and num_cpus == int(num_cpus)):
+        raise ConfigError(
+            f"--num-cpus must be a whole number of CPUs per node, at least 1, got {num_cpus:g} "
+            "(Flower's simulation config holds an integer)"
+        )
+    return int(num_cpus)
+
+
 def auto_gpu_share(gpus: int, supernodes: int, num_cpus: float) -> float:
     """The visible GPUs shared among the nodes that train at once (by CPUs), at most 1 each."""
     if gpus == 0:

@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 from server.launch.processes import flwr_env, free_port, stop_process, stop_tree
-from server.launch.resources import SimulationResources, plan_resources
+from server.launch.resources import SimulationResources, check_nodes, plan_resources
 from server.launch.run_options import add_run_arguments
 from server.preflight import check_resumable_exists, check_run_name_free, parse_app_run_config
 from server.record.runs import run_status
@@ -291,6 +291,7 @@ def launch(args: argparse.Namespace) -> int:
     """Check the config, run the simulation, and map the run's final state to an exit code."""
     app_dir = Path(args.app).resolve()
     try:
+        check_nodes(args.supernodes, args.num_cpus)
         planned = plan_run(app_dir, args.run_config, args.supernodes)
     except ConfigError as error:
         _say(str(error))
