@@ -22,6 +22,7 @@ by that PID.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
@@ -289,3 +290,27 @@ def connection_lines(
         + (f" --flwr-home {flwr_home}" if env else "")
         + f" (or kill {link.pid})",
     ]
+
+
+def run_connection(args: argparse.Namespace) -> int:
+    """``fedcoord connection``; exit 0 set up (or stopped), 1 no SuperLink, 2 bad settings.
+
+    ``args`` holds the options of :func:`server.launch.run_options.add_connection_arguments`.
+    """
+    from flwr.supercore.utils import get_flwr_home
+
+    flwr_home = Path(args.flwr_home or get_flwr_home()).expanduser().absolute()
+    if args.stop:
+        print(stop_superlink(flwr_home, args.name), flush=True)
+        return 0
+    try:
+        settings = validate_settings(args.name, args.supernodes, args.num_cpus, args.num_gpus)
+        link, reused = set_up_connection(flwr_home, settings)
+    except ConfigError as error:
+        print(f"fedcoord: {error}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError as error:  # the SuperLink did not start
+        print(f"fedcoord: {error}", file=sys.stderr, flush=True)
+        return 1
+    print("\n".join(connection_lines(flwr_home, settings, link, reused)), flush=True)
+    return 0

@@ -1,7 +1,9 @@
-"""The options of one simulation run: ``fedcoord run`` and ``python -m server.launch.simulation``.
+"""The options of the launch verbs: ``fedcoord run`` and ``fedcoord connection``.
+
+``python -m server.launch.simulation`` takes ``fedcoord run``'s options.
 
 Kept apart from the launcher so that the ``fedcoord`` command line builds its
-parser without importing Flower; the launcher reads the options it declares.
+parser without importing Flower; the launcher reads the options declared here.
 """
 
 from __future__ import annotations
@@ -61,4 +63,28 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--debug", action="store_true", help="log tracebacks of config and node errors too"
+    )
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the options of ``fedcoord connection`` on ``parser``."""
+    parser.add_argument(
+        "--supernodes", type=int, default=10, metavar="N", help="simulated nodes (default: 10)"
+    )
+    parser.add_argument(
+        "--num-cpus", type=float, default=1, metavar="C", help="CPUs per node (default: 1)"
+    )
+    parser.add_argument(
+        "--num-gpus", type=float, default=0.0, metavar="G", help="GPU share per node (default: 0)"
+    )
+    parser.add_argument(
+        "--flwr-home", metavar="DIR", help="Flower's home folder (default: $FLWR_HOME or ~/.flwr)"
+    )
+    parser.add_argument(
+        "--name",
+        default=DEFAULT_CONNECTION_NAME,
+        help=f"connection name (default: {DEFAULT_CONNECTION_NAME})",
+    )
+    parser.add_argument(
+        "--stop", action="store_true", help="stop the connection's SuperLink (by its PID)"
     )

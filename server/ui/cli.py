@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TextIO
 
 from server.export.event_files import EventFileError, write_round_events
-from server.launch.run_options import DEFAULT_CONNECTION_NAME, add_run_arguments
+from server.launch.run_options import add_connection_arguments, add_run_arguments
 from server.record import lifecycle
 from server.record.compare import (
     CompareError,
@@ -307,36 +307,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_connection(args: argparse.Namespace) -> int:
     """Write a simulation connection for Flower's own commands, on a SuperLink started here."""
-    # Imports Flower: only when setting up.
-    from server.launch.connection import (
-        connection_lines,
-        set_up_connection,
-        stop_superlink,
-        validate_settings,
-    )
-    from task.config import ConfigError
+    from server.launch.connection import run_connection  # imports Flower: only when used
 
-    flwr_home = Path(args.flwr_home or _flower_home()).expanduser().absolute()
-    if args.stop:
-        say(stop_superlink(flwr_home, args.name))
-        return 0
-    try:
-        settings = validate_settings(args.name, args.supernodes, args.num_cpus, args.num_gpus)
-        link, reused = set_up_connection(flwr_home, settings)
-    except ConfigError as error:
-        say(f"fedcoord: {error}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:  # the SuperLink did not start
-        say(f"fedcoord: {error}", file=sys.stderr)
-        return 1
-    say("\n".join(connection_lines(flwr_home, settings, link, reused)))
-    return 0
-
-
-def _flower_home() -> Path:
-    from flwr.supercore.utils import get_flwr_home
-
-    return get_flwr_home()
+    return run_connection(args)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -425,26 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a simulation connection for flwr run . NAME, on a SuperLink started here",
         reads_runs=False,
     )
-    connection.add_argument(
-        "--supernodes", type=int, default=10, metavar="N", help="simulated nodes (default: 10)"
-    )
-    connection.add_argument(
-        "--num-cpus", type=float, default=1, metavar="C", help="CPUs per node (default: 1)"
-    )
-    connection.add_argument(
-        "--num-gpus", type=float, default=0.0, metavar="G", help="GPU share per node (default: 0)"
-    )
-    connection.add_argument(
-        "--flwr-home", metavar="DIR", help="Flower's home folder (default: $FLWR_HOME or ~/.flwr)"
-    )
-    connection.add_argument(
-        "--name",
-        default=DEFAULT_CONNECTION_NAME,
-        help=f"connection name (default: {DEFAULT_CONNECTION_NAME})",
-    )
-    connection.add_argument(
-        "--stop", action="store_true", help="stop the connection's SuperLink (by its PID)"
-    )
+    add_connection_arguments(connection)
     connection.set_defaults(func=cmd_connection)
     runs = verb("runs", "list runs with state and progress")
     runs.set_defaults(func=cmd_runs)
