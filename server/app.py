@@ -18,7 +18,11 @@ from server.async_rounds import AsyncCoordinator
 from server.control import StopRequestedError
 from server.coordinator import Coordinator, EvaluateFn, NamedArrays, NodeShortageError
 from server.export.tracking import start_tracking
-from server.preflight import check_resumable_exists, check_run_name_free
+from server.preflight import (
+    check_budget_covers_a_round,
+    check_resumable_exists,
+    check_run_name_free,
+)
 from server.record import lifecycle
 from server.record.checkpoints import CheckpointError
 from server.record.entries import check_run_entries
@@ -201,6 +205,7 @@ def main(grid: Grid, context: Context) -> None:
     install_one_line_errors()
     config = parse_run_config(context.run_config)
     object_pull.install()
+    check_budget_covers_a_round(config, build_strategy(config), None)  # plain flwr run too
     strategy = accounted(build_strategy(config), config)  # with its privacy ledger
     run_name = config.run_name or make_run_name()
     store = open_resumed_run(config) if config.resume else open_new_run(config, run_name)

@@ -115,10 +115,12 @@ def test_the_default_runs_folder_missing_and_a_file_are_named(tmp_path, capsys, 
     (tmp_path / "file").write_text("x")
 
     # Execute
-    default = run_cli(capsys, "runs")
+    first_look = run_cli(capsys, "runs")
+    default = run_cli(capsys, "status")
     a_file = run_cli(capsys, "status", "--runs-dir", tmp_path / "file")
 
-    # Assert
+    # Assert: a first look at the default folder is no error; reading a run there is
+    assert first_look[0] == 0 and first_look[1].startswith("no runs yet in ")
     assert default[0] == 2 and "no runs folder at " in default[2]
     assert "(the default, $FEDCOORD_HOME/runs): no run has been started there" in default[2]
     assert a_file[0] == 2 and a_file[2].endswith(

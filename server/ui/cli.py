@@ -496,7 +496,11 @@ def find_runs_dir_problem(runs_dir: Path) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedcoord`` console script."""
     args = build_parser().parse_args(argv)
-    problem = find_runs_dir_problem(Path(args.runs_dir)) if args.reads_runs else None
+    runs_dir = Path(args.runs_dir)
+    if args.func is cmd_runs and runs_dir == default_runs_dir() and not runs_dir.exists():
+        say(f"no runs yet in {runs_dir} (the default runs folder); start one with fedcoord run")
+        return 0
+    problem = find_runs_dir_problem(runs_dir) if args.reads_runs else None
     if problem is not None:
         say(f"fedcoord: {problem}", file=sys.stderr)
         return 2
