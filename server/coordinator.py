@@ -35,7 +35,7 @@ from server.record.round_result import (
     record_initial_evaluation,
     record_round_result,
 )
-from server.record.runs import ROLL_CALL_REFUSED
+from server.record.runs import ROLL_CALL_REFUSED, ROLL_CALL_TRANSFERRED
 from server.record.store import RoundRecord, RunStore
 from strategies.accountant import EPSILON_METRIC
 from strategies.accounted import accounted
@@ -50,6 +50,7 @@ from strategies.strategy import (
 from strategies.validation import find_partition_id_problem
 from task import keys
 from task.config import RunConfig
+from task.text import escape_unprintable
 
 EvaluateFn = Callable[[NamedArrays], tuple[float, float]]
 """Central evaluation: global arrays -> (loss, accuracy)."""
@@ -60,6 +61,16 @@ NODE_SETTLE_S = 1.0
 
 class NodeShortageError(RuntimeError):
     """Fewer nodes than ``min-train-nodes`` registered within the wait limit."""
+
+
+def recorded_partitions(store: RunStore) -> dict[int, int | None]:
+    """Node id -> the partition the run's node rows record for it (a resumed run's roll call)."""
+    partitions: dict[int, int | None] = {}
+    for row in store.nodes():
+        node_id, partition = row["node_id"], row["partition_id"]
+        if isinstance(node_id, int | str) and str(node_id).isdigit():
+            partitions[int(node_id)] = partition if isinstance(partition, int) else None
+    return partitions
 
 
 class Coordinator:
@@ -100,7 +111,9 @@ class Coordinator:
         self.phases = PhaseRunner(grid, store, self.control, config.round_timeout, self._reject)
         # Node id -> partition id from the roll call (None: asked, no valid answer);
         # the strategy checks each reply's partition-id against it
-        self.partitions: dict[int, int | None] = {}
+        # Kept for the whole run, also for nodes that left, and taken back from the run's
+        # node rows on resume: a node's identity never changes by leaving and returning
+        self.partitions: dict[int, int | None] = recorded_partitions(store)
         # Node id -> roll calls it did not answer, while it is not known
         self._roll_call_asked: dict[int, int] = {}
         self.strategy.set_node_partitions(self.partitions)
@@ -255,6 +268,7 @@ class Coordinator:
             self._reject(server_round, outcome.node_id, outcome.reason)
 
     def _reject(self, server_round: int, node_id: int, reason: str) -> None:
+        reason = escape_unprintable(reason)  # a node's text, e.g. in numpy's error message
         self.store.record_node_fault(node_id, server_round, "rejected", reason)
         log(WARNING, "round %s: reply from node %s rejected: %s", server_round, node_id, reason)
 
@@ -314,10 +328,6 @@ class Coordinator:
         present node is refused, so no reply can borrow another node's weight.
         """
         present = set(node_ids)
-        for gone in [node_id for node_id in self.partitions if node_id not in present]:
-            del self.partitions[gone]
-        for gone in [node_id for node_id in self._roll_call_asked if node_id not in present]:
-            del self._roll_call_asked[gone]
         unknown = [node_id for node_id in node_ids if node_id not in self.partitions]
         if not unknown:
             return
@@ -334,7 +344,7 @@ class Coordinator:
             if problem is not None:
                 self._reject(round_, node_id, f"query reply: {problem}")
             elif isinstance(value, int | float) and value >= 0:  # -1: own data, no partition
-                self._claim_partition(round_, node_id, int(value), answered)
+                self._claim_partition(round_, node_id, int(value), answered, present)
 
         content = RecordDict({keys.CONFIG: ConfigRecord(self._round_config(server_round))})
         started = time.perf_counter()
@@ -353,11 +363,29 @@ class Coordinator:
         )
 
     def _claim_partition(
-        self, server_round: int, node_id: int, partition: int, answered: dict[int, int | None]
+        self,
+        server_round: int,
+        node_id: int,
+        partition: int,
+        answered: dict[int, int | None],
+        present: set[int],
     ) -> None:
-        """Record ``partition`` as ``node_id``'s, unless another present node holds it."""
+        """Record ``partition`` as ``node_id``'s, unless another present node holds it.
+
+        A partition held by a node that has left (a SuperNode restarted under a new
+        id) passes to the new node, and the old record keeps no partition: if the
+        old node comes back it takes part without one. Both are events.
+        """
         holders = {**self.partitions, **answered}
         holder = next((n for n, p in holders.items() if p == partition and n != node_id), None)
+        if holder is not None and holder not in present:
+            self.partitions[holder] = None
+            self.store.add_event(
+                ROLL_CALL_TRANSFERRED,
+                f"round {server_round}: partition {partition} passes from node {holder}, "
+                f"which left, to node {node_id}",
+            )
+            holder = None
         if holder is None:
             answered[node_id] = partition
             return
@@ -384,6 +412,7 @@ class Coordinator:
 
         def keep(round_: int, reply: Message) -> None:
             outcome = check_evaluate_reply(reply)
+            outcome.partition_id = self.partitions.get(outcome.node_id)  # the record, not a claim
             if outcome.accepted:
                 collected.append(outcome.metrics)
             self._record_outcome(round_, outcome, joined=False)

@@ -319,9 +319,12 @@ def test_a_node_silent_at_the_roll_call_is_ordered_last(tmp_path):
     assert "2/3 new node(s)" in str(coordinator.store.events()[-1]["message"])
 
 
-def test_nodes_that_left_are_forgotten_by_the_roll_call(tmp_path):
+def test_nodes_that_left_keep_their_record_and_are_not_asked_again(tmp_path):
     grid = ReplyingGrid([5, 6], make_reply_fn({5: 0, 6: 1}))
     coordinator = make_coordinator(tmp_path, grid)
     coordinator._roll_call(1, [5, 6])
     coordinator._roll_call(2, [6])
-    assert coordinator.partitions == {6: 6}
+    coordinator._roll_call(3, [5, 6])
+    assert coordinator.partitions == {5: 5, 6: 6}
+    queries = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "query"]
+    assert queries == [5, 6]

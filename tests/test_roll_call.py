@@ -132,3 +132,46 @@ def test_a_node_silent_at_a_short_roll_call_is_asked_again_then_known_without_on
     assert coordinator.partitions == {7: 7, 8: 8, 9: None}
     queries = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "query"]
     assert queries == [7, 8, 9, 9]
+
+
+def test_leaving_and_returning_never_changes_a_nodes_identity(tmp_path):
+    # Prepare: node 30 (partition 1) leaves; while node 20 (partition 0) is away too,
+    # node 30 comes back answering partition 0; then a new node 50 answers partition 0
+    grid = ReplyingGrid([20, 30], claiming_reply({}, {20: 1.0, 30: 1.0, 50: 1.0}))
+    grid.partitions = {20: 0, 30: 1, 50: 0}
+    coordinator = make_coordinator(tmp_path, grid)
+    coordinator._roll_call(1, [20, 30])
+    grid.partitions[30] = 0  # what node 30 would answer now
+
+    # Execute
+    coordinator._roll_call(2, [30])  # node 20 away, node 30 back
+    coordinator._roll_call(3, [30, 50])  # a new node takes the absent node's partition
+    coordinator._roll_call(4, [20, 30, 50])  # node 20 back
+
+    # Assert: node 30 stays partition 1; partition 0 passed to node 50 with an event,
+    # and node 20, back, has none (it is not asked again)
+    assert coordinator.partitions == {20: None, 30: 1, 50: 0}
+    moved = [
+        e["message"] for e in coordinator.store.events() if e["kind"] == "roll-call-transferred"
+    ]
+    assert moved == ["round 3: partition 0 passes from node 20, which left, to node 50"]
+    queries = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "query"]
+    assert queries == [20, 30, 50]
+
+
+def test_a_resumed_coordinator_keeps_the_roll_calls_record(tmp_path):
+    # Prepare: a round with nodes 20 (partition 0) and 30 (-1: no partition)
+    roll_call = {20: 0, 30: -1}
+    grid = ReplyingGrid(
+        list(roll_call), claiming_reply({20: 0}, {20: 1.0, 30: 1.0}), partitions=roll_call
+    )
+    first = make_coordinator(tmp_path, grid)
+    first.run_round(1, model())
+
+    # Execute: a new coordinator on the same run store (the ServerApp after a resume)
+    from server.coordinator import Coordinator
+
+    second = Coordinator(grid, first.strategy, first.store, first.config, first.evaluate_fn)
+
+    # Assert: node 30 cannot take a partition by being asked again
+    assert second.partitions == {20: 0, 30: None}

@@ -17,6 +17,8 @@ FINAL_STATES = ("stopped", "completed", "failed")
 STALE_HEARTBEAT_S = 15.0
 # The coordinator's event for a roll-call answer naming a partition another node holds.
 ROLL_CALL_REFUSED = "roll-call-refused"
+# ... and for a partition passed from a node that left to a new one.
+ROLL_CALL_TRANSFERRED = "roll-call-transferred"
 
 
 class RunNotFoundError(LookupError):
