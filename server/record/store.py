@@ -16,8 +16,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -30,6 +29,7 @@ from server.record.chain import (
     parse_head,
     write_head,
 )
+from server.record.connection import connect, one_row, transaction
 from server.record.schema import (
     DB_NAME,
     LEGACY_SCHEMA_VERSION,
@@ -64,25 +64,6 @@ class RoundRecord:
     metrics: Mapping[str, float]
     model_hash: str
     note: str = ""
-
-
-def connect(db_path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open a connection with a busy timeout, rows as mappings.
-
-    ``readonly`` opens with SQLite's ``mode=ro``: nothing done through it can
-    change the file. Neither mode changes the journal mode (:meth:`RunStore.create`
-    sets WAL once; it stays with the file).
-    """
-    if readonly:
-        uri = Path(db_path).absolute().as_uri() + "?mode=ro"
-        connection = sqlite3.connect(uri, timeout=30.0, isolation_level=None, uri=True)
-    else:
-        connection = sqlite3.connect(db_path, timeout=30.0, isolation_level=None)
-    connection.row_factory = sqlite3.Row
-    connection.execute("PRAGMA busy_timeout=30000")
-    if not readonly:
-        connection.execute("PRAGMA synchronous=NORMAL")
-    return connection
 
 
 class RunStore:
@@ -151,7 +132,7 @@ class RunStore:
         db.execute("PRAGMA journal_mode=WAL")
         now = time.time()
         db.executescript(SCHEMA)
-        with _transaction(db):
+        with transaction(db):
             db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
@@ -160,7 +141,7 @@ class RunStore:
                 " updated_at) VALUES (1, ?, 'running', ?, ?, ?, ?)",
                 (run_name, num_rounds, json.dumps(dict(config), default=str), now, now),
             )
-            write_head(db, None, genesis_hash(_one_row(db, "SELECT * FROM run WHERE id = 1")), 0)
+            write_head(db, None, genesis_hash(one_row(db, "SELECT * FROM run WHERE id = 1")), 0)
         db.close()
         return cls(run_dir)
 
@@ -251,7 +232,7 @@ class RunStore:
             "note": record.note,
             "checkpoint_sha256": checkpoint.sha256 if checkpoint is not None else "",
         }
-        with _transaction(self._db):
+        with transaction(self._db):
             if checkpoint is not None:
                 self._db.execute(
                     "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
@@ -268,7 +249,7 @@ class RunStore:
                 f" VALUES ({', '.join('?' * len(values))})",
                 tuple(values.values()),
             )
-            stored = _one_row(self._db, "SELECT * FROM rounds WHERE round = ?", (record.round,))
+            stored = one_row(self._db, "SELECT * FROM rounds WHERE round = ?", (record.round,))
             link = chain_hash(self._previous_link(record.round), stored)
             self._db.execute(
                 "UPDATE rounds SET chain_hash = ? WHERE round = ?", (link, record.round)
@@ -319,7 +300,7 @@ class RunStore:
         """Count a failure (``kind='failure'``) or a rejected update against a node."""
         column = "failures" if kind == "failure" else "rejected"
         self._ensure_node(node_id)
-        with _transaction(self._db):
+        with transaction(self._db):
             self._db.execute(
                 f"UPDATE nodes SET {column} = {column} + 1, last_error = ? WHERE node_id = ?",
                 (reason[:500], str(node_id)),
@@ -366,7 +347,7 @@ class RunStore:
 
     def truncate_after(self, server_round: int) -> int:
         """Delete round and checkpoint rows after ``server_round``; return rows deleted."""
-        with _transaction(self._db):
+        with transaction(self._db):
             cursor = self._db.execute("DELETE FROM rounds WHERE round > ?", (server_round,))
             self._db.execute("DELETE FROM checkpoints WHERE round > ?", (server_round,))
             self._write_head_of_rows()
@@ -428,20 +409,3 @@ class RunStore:
             ).fetchone()
         )
         return parse_head(row["value"] if row is not None else None)
-
-
-def _one_row(
-    db: sqlite3.Connection, query: str, parameters: tuple[object, ...] = ()
-) -> dict[str, object]:
-    return dict(db.execute(query, parameters).fetchone())
-
-
-@contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
