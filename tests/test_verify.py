@@ -467,6 +467,7 @@ def test_a_schema_1_run_is_verified_as_far_as_its_chain_goes_and_says_so(tmp_pat
     # Assert
     assert problems == []
     assert "schema 1 (older fedcoord)" in summary and "deleted newest rounds" in summary
+    assert summary.endswith("node, rejection and event rows are not covered")
     assert code == 0 and "completed" in capsys.readouterr().out
 
 
