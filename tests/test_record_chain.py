@@ -152,6 +152,28 @@ def test_a_new_run_with_no_rows_verifies(tmp_path):
     assert summary.startswith("0 round rows, 0 checkpoints, 0 node rows, 0 rejections, 0 events")
 
 
+def test_verify_reads_one_state_of_a_run_the_server_is_writing(tmp_path, monkeypatch):
+    # Prepare: the server writes an event and a node between verify's reads of heads and rows
+    store = make_full_run(tmp_path)
+    chained_rows = RunStore.chained_rows
+
+    def rows_after_a_write(self: RunStore, table: str) -> list[dict[str, object]]:
+        if table == "rejections":
+            store.add_event("round", "written while verify reads")
+            store.record_node_fault(NODES[0], 4, "rejected", "late")
+        return chained_rows(self, table)
+
+    monkeypatch.setattr(RunStore, "chained_rows", rows_after_a_write)
+
+    # Execute
+    problems, summary = verify_run(store.run_dir)
+
+    # Assert: what was on record when verify began, whole
+    assert problems == []
+    assert "3 node rows, 3 rejections, 4 events" in summary
+    assert len(chained_rows(store, "events")) == 5
+
+
 # ---------------------------------------------------- rejections and events
 @pytest.mark.parametrize(
     ("table", "column"),

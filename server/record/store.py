@@ -91,7 +91,7 @@ class RunStore:
     Raises
     ------
     RunStoreError
-        If there is no ``run.db``, or (writing) it was recorded by an older fedcoord.
+        If there is no ``run.db``, or (writing) it was recorded by a fedcoord of schema 1.
     CorruptRunError
         If ``run.db`` is not a fedcoord run store one of these versions can read.
     """
@@ -177,6 +177,15 @@ class RunStore:
     def close(self) -> None:
         """Close the connection."""
         self._db.close()
+
+    @contextmanager
+    def one_view(self) -> Iterator[None]:
+        """Reads inside it see one state of ``run.db``, however the server writes meanwhile."""
+        self._read(lambda: self._db.execute("BEGIN"))
+        try:
+            yield
+        finally:
+            self._db.execute("COMMIT")
 
     # ------------------------------------------------------------------ writes
     def update_run(self, **columns: object) -> None:

@@ -299,18 +299,19 @@ def read_snapshot(run_dir: Path) -> RecordSnapshot:
     """
     store = RunStore(run_dir, readonly=True)
     try:
-        version = store.schema_version
-        linked = {t: store.chained_rows(t) for t in LINKED_TABLES if version == SCHEMA_VERSION}
-        return RecordSnapshot(
-            version=version,
-            genesis=store.genesis(),
-            run=store.run_row(),
-            rounds=store.rounds(),
-            checkpoints=store.checkpoints(),
-            heads=store.heads(),
-            linked=linked,
-            nodes=store.nodes() if version == SCHEMA_VERSION else [],
-        )
+        with store.one_view():  # a live run's writes between these reads stay out
+            version = store.schema_version
+            current = version == SCHEMA_VERSION
+            return RecordSnapshot(
+                version=version,
+                genesis=store.genesis(),
+                run=store.run_row(),
+                rounds=store.rounds(),
+                checkpoints=store.checkpoints(),
+                heads=store.heads(),
+                linked={t: store.chained_rows(t) for t in LINKED_TABLES if current},
+                nodes=store.nodes() if current else [],
+            )
     finally:
         store.close()
 
