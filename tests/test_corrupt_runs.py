@@ -221,7 +221,7 @@ def test_the_store_raises_one_error_class_with_a_one_line_message(runs_dir, dama
         ("empty", "run.db is empty"),
         ("random", "run.db cannot be read (file is not a database)"),
         ("foreign-schema", "run.db is not a fedcoord run store (tables: t)"),
-        ("newer-version", "run.db has schema version 9; this fedcoord reads versions 1 and 2"),
+        ("newer-version", "run.db has schema version 9; this fedcoord reads versions 1 to 3"),
         ("text-version", "run.db has no valid schema version ('x')"),
         ("half-filled", "run.db has no table 'run' (half-written?)"),
         ("no-run-row", "run.db has 0 run rows, not 1"),

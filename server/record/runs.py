@@ -126,7 +126,8 @@ def run_status(run_dir: Path) -> dict[str, object]:
     state = effective_state(str(run["state"]), heartbeat_at, now)
     accuracies = [real_or_none(r, "central_accuracy") for r in rounds]
     return {
-        "run_name": run["run_name"],
+        "run_name": run_dir.name,  # what every command takes
+        "stored_run_name": run["run_name"],  # what run.db records; differs in a copied folder
         "state": state,
         "stored_state": run["state"],
         "current_round": current,
@@ -151,6 +152,14 @@ def run_status(run_dir: Path) -> dict[str, object]:
         "training": _training(run["config_json"]),
         "privacy": privacy_summary(stored_config(run["config_json"]), rounds),
     }
+
+
+def name_note(status: dict[str, object]) -> str:
+    """``holds run 'a'`` for a run folder whose run.db records another run name, else ''."""
+    stored = status.get("stored_run_name")
+    if stored is None or stored == status["run_name"]:
+        return ""
+    return f"holds run {stored!r}"
 
 
 def stored_config(config_json: object) -> dict[str, object]:

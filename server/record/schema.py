@@ -17,9 +17,13 @@ import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Schema 2 (round rows chained; nodes, rejections and events not) is read, and
+# migrated to schema 3 when its run is resumed (:mod:`server.record.migration`).
+PREVIOUS_SCHEMA_VERSION = 2
 # Schema 1 (chain over model hash, round and metrics only) is read, never written.
 LEGACY_SCHEMA_VERSION = 1
+READ_VERSIONS = (LEGACY_SCHEMA_VERSION, PREVIOUS_SCHEMA_VERSION, SCHEMA_VERSION)
 DB_NAME = "run.db"
 
 SCHEMA = """
@@ -75,7 +79,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     rejected INTEGER NOT NULL DEFAULT 0,
     weight REAL NOT NULL DEFAULT 1.0,
     last_seen REAL,
-    last_error TEXT NOT NULL DEFAULT ''
+    last_error TEXT NOT NULL DEFAULT '',
+    row_hash TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -83,7 +88,8 @@ CREATE TABLE IF NOT EXISTS rejections (
     node_id TEXT NOT NULL,
     kind TEXT NOT NULL,
     reason TEXT NOT NULL,
-    at REAL NOT NULL
+    at REAL NOT NULL,
+    chain_hash TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS commands (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -96,7 +102,8 @@ CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
     kind TEXT NOT NULL,
-    message TEXT NOT NULL
+    message TEXT NOT NULL,
+    chain_hash TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     round INTEGER PRIMARY KEY,
@@ -110,8 +117,11 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 Kinds = type | tuple[type, ...]
 """The Python kinds a column's values may have (``isinstance``'s second argument)."""
 
-# Columns schema 2 added; a schema 1 store has all the others.
-ADDED_IN_SCHEMA_2 = {"rounds": ("checkpoint_sha256",)}
+# Columns each schema added; a store of an older version has all the others.
+ADDED_IN_SCHEMA = {
+    2: {"rounds": ("checkpoint_sha256",)},
+    3: {"rejections": ("chain_hash",), "events": ("chain_hash",), "nodes": ("row_hash",)},
+}
 SQL_KINDS: dict[str, Kinds] = {"INTEGER": int, "REAL": (int, float), "TEXT": str}
 _COLUMN = re.compile(r"^\s+(\w+) (INTEGER|REAL|TEXT)\b(.*?),?$")
 
@@ -170,12 +180,18 @@ def check_layout(db: sqlite3.Connection, run_dir: Path) -> int:
         if table not in tables:
             raise CorruptRunError(run_dir, f"run.db has no table {table!r} (half-written?)")
         present = {str(r["name"]) for r in db.execute(f"PRAGMA table_info({table})")}
-        needed = set(columns) - set(ADDED_IN_SCHEMA_2.get(table, ()) if version == 1 else ())
+        needed = set(columns) - set(columns_added_after(version, table))
         missing = sorted(needed - present)
         if missing:
             raise CorruptRunError(run_dir, f"table {table} has no column {missing[0]!r}")
     checked_rows(run_dir, "run", db.execute("SELECT * FROM run WHERE id = 1").fetchall(), 1)
     return version
+
+
+def columns_added_after(version: int, table: str) -> tuple[str, ...]:
+    """The columns of ``table`` that schemas newer than ``version`` added."""
+    newer = (added.get(table, ()) for v, added in ADDED_IN_SCHEMA.items() if v > version)
+    return tuple(column for columns in newer for column in columns)
 
 
 def _schema_version(db: sqlite3.Connection, run_dir: Path) -> int:
@@ -184,11 +200,11 @@ def _schema_version(db: sqlite3.Connection, run_dir: Path) -> int:
     if not (isinstance(text, str) and text.isascii() and text.isdigit() and len(text) < 6):
         raise CorruptRunError(run_dir, f"run.db has no valid schema version ({_show(text)})")
     version = int(text)
-    if version not in (LEGACY_SCHEMA_VERSION, SCHEMA_VERSION):
+    if version not in READ_VERSIONS:
         raise CorruptRunError(
             run_dir,
             f"run.db has schema version {version}; this fedcoord reads versions "
-            f"{LEGACY_SCHEMA_VERSION} and {SCHEMA_VERSION}",
+            f"{READ_VERSIONS[0]} to {READ_VERSIONS[-1]}",
         )
     return version
 
@@ -217,7 +233,7 @@ def find_value_problem(table: str, row: Mapping[str, object]) -> str | None:
     """The first value of ``row`` (of ``table``) that is not of its column's kind, or None."""
     for name, (kinds, nullable) in TABLE_COLUMNS[table].items():
         if name not in row:
-            continue  # a schema 1 store lacks the columns schema 2 added
+            continue  # a store of an older schema lacks the columns newer ones added
         value = row[name]
         if value is None and nullable:
             continue

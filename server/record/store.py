@@ -6,8 +6,11 @@ while the server writes; every write is one short transaction.
 
 ``run.db`` is read back as untrusted input (:mod:`server.record.schema`: every
 table, column and value is checked; readers open it read-only, ``mode=ro``, and
-never change it) and its round rows are chained (:mod:`server.record.chain`).
-Schema 1 stores (older fedcoord) stay readable, not writable.
+never change it). Its round, rejection and event rows are chained and its node
+rows hashed (:mod:`server.record.chain`), each write with its head in one
+transaction. Schema 2 stores (older fedcoord) are read as they are and migrated
+by the first write of a resumed run (:mod:`server.record.migration`); schema 1
+stores stay readable, not writable.
 """
 
 from __future__ import annotations
@@ -23,16 +26,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from server.record.chain import (
-    CHAIN_HEAD_KEY,
     GENESIS_HASH,
-    chain_hash,
+    append_linked,
     genesis_hash,
-    parse_head,
-    write_head,
+    link_round,
+    parse_heads,
+    rehash_nodes,
+    write_empty_heads,
+    write_rounds_head,
 )
+from server.record.connection import connect, one_row, transaction
+from server.record.migration import migrate_to_current
 from server.record.schema import (
     DB_NAME,
     LEGACY_SCHEMA_VERSION,
+    PREVIOUS_SCHEMA_VERSION,
     SCHEMA,
     SCHEMA_VERSION,
     CorruptRunError,
@@ -66,25 +74,6 @@ class RoundRecord:
     note: str = ""
 
 
-def connect(db_path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open a connection with a busy timeout, rows as mappings.
-
-    ``readonly`` opens with SQLite's ``mode=ro``: nothing done through it can
-    change the file. Neither mode changes the journal mode (:meth:`RunStore.create`
-    sets WAL once; it stays with the file).
-    """
-    if readonly:
-        uri = Path(db_path).absolute().as_uri() + "?mode=ro"
-        connection = sqlite3.connect(uri, timeout=30.0, isolation_level=None, uri=True)
-    else:
-        connection = sqlite3.connect(db_path, timeout=30.0, isolation_level=None)
-    connection.row_factory = sqlite3.Row
-    connection.execute("PRAGMA busy_timeout=30000")
-    if not readonly:
-        connection.execute("PRAGMA synchronous=NORMAL")
-    return connection
-
-
 class RunStore:
     """Read and write one run's ``run.db``.
 
@@ -94,11 +83,15 @@ class RunStore:
         The run directory; ``run.db`` lives inside it.
     readonly : bool
         Open with SQLite's ``mode=ro`` (every reader: CLI, dashboard, verify).
+        Writable, a schema 2 store is opened as it is and migrated to schema 3 by
+        the first write to a chained table (a resumed server's first event or node
+        write), never by opening it or queueing a command: a run still served by
+        an older fedcoord keeps the schema its server writes.
 
     Raises
     ------
     RunStoreError
-        If there is no ``run.db``, or (writing) it was recorded by an older fedcoord.
+        If there is no ``run.db``, or (writing) it was recorded by a fedcoord of schema 1.
     CorruptRunError
         If ``run.db`` is not a fedcoord run store one of these versions can read.
     """
@@ -122,7 +115,7 @@ class RunStore:
         except BaseException:
             self._db.close()
             raise
-        if not readonly and self.schema_version != SCHEMA_VERSION:
+        if not readonly and self.schema_version == LEGACY_SCHEMA_VERSION:
             self._db.close()
             raise RunStoreError(
                 f"run {self.run_dir.name!r} was recorded by an older fedcoord (run.db schema "
@@ -151,7 +144,7 @@ class RunStore:
         db.execute("PRAGMA journal_mode=WAL")
         now = time.time()
         db.executescript(SCHEMA)
-        with _transaction(db):
+        with transaction(db):
             db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
@@ -160,7 +153,7 @@ class RunStore:
                 " updated_at) VALUES (1, ?, 'running', ?, ?, ?, ?)",
                 (run_name, num_rounds, json.dumps(dict(config), default=str), now, now),
             )
-            write_head(db, None, genesis_hash(_one_row(db, "SELECT * FROM run WHERE id = 1")), 0)
+            write_empty_heads(db, genesis_hash(one_row(db, "SELECT * FROM run WHERE id = 1")))
         db.close()
         return cls(run_dir)
 
@@ -184,6 +177,15 @@ class RunStore:
     def close(self) -> None:
         """Close the connection."""
         self._db.close()
+
+    @contextmanager
+    def one_view(self) -> Iterator[None]:
+        """Reads inside it see one state of ``run.db``, however the server writes meanwhile."""
+        self._read(lambda: self._db.execute("BEGIN"))
+        try:
+            yield
+        finally:
+            self._db.execute("COMMIT")
 
     # ------------------------------------------------------------------ writes
     def update_run(self, **columns: object) -> None:
@@ -217,10 +219,28 @@ class RunStore:
         return stop
 
     def add_event(self, kind: str, message: str) -> None:
-        """Append a line to the event log."""
-        self._db.execute(
-            "INSERT INTO events (at, kind, message) VALUES (?, ?, ?)", (time.time(), kind, message)
-        )
+        """Append a line to the event log, chained, with its head."""
+        with self._chained_write() as genesis:
+            values = {"at": time.time(), "kind": kind, "message": message}
+            append_linked(self._db, "events", values, genesis)
+
+    @contextmanager
+    def _chained_write(self) -> Iterator[str]:
+        """A transaction that writes a chained table; yields the run's genesis hash.
+
+        A schema 2 store is migrated to schema 3 first, in the same transaction.
+        """
+        with transaction(self._db):
+            version = self._db.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'"
+            ).fetchone()[0]
+            genesis = self.genesis()
+            migrating = version == str(PREVIOUS_SCHEMA_VERSION)
+            if migrating:
+                migrate_to_current(self._db, genesis)
+            yield genesis
+        if migrating:
+            self.schema_version = SCHEMA_VERSION
 
     def record_round(self, record: RoundRecord, checkpoint: SavedCheckpoint | None = None) -> str:
         """Insert a completed round, chained to the previous row; return its chain hash.
@@ -251,7 +271,7 @@ class RunStore:
             "note": record.note,
             "checkpoint_sha256": checkpoint.sha256 if checkpoint is not None else "",
         }
-        with _transaction(self._db):
+        with transaction(self._db):
             if checkpoint is not None:
                 self._db.execute(
                     "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
@@ -268,32 +288,9 @@ class RunStore:
                 f" VALUES ({', '.join('?' * len(values))})",
                 tuple(values.values()),
             )
-            stored = _one_row(self._db, "SELECT * FROM rounds WHERE round = ?", (record.round,))
-            link = chain_hash(self._previous_link(record.round), stored)
-            self._db.execute(
-                "UPDATE rounds SET chain_hash = ? WHERE round = ?", (link, record.round)
-            )
-            self._write_head_of_rows()
+            link = link_round(self._db, record.round, self.genesis())
             self.update_run(current_round=record.round)
         return link
-
-    def _previous_link(self, server_round: int) -> str:
-        previous = self._db.execute(
-            "SELECT chain_hash FROM rounds WHERE round < ? ORDER BY round DESC LIMIT 1",
-            (server_round,),
-        ).fetchone()
-        return str(previous["chain_hash"]) if previous else self.genesis()
-
-    def _write_head_of_rows(self) -> None:
-        """Record the newest row's round and hash, and the number of rows, as the head."""
-        count = int(self._db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
-        last = self._db.execute(
-            "SELECT round, chain_hash FROM rounds ORDER BY round DESC LIMIT 1"
-        ).fetchone()
-        if last is None:
-            write_head(self._db, None, self.genesis(), 0)
-        else:
-            write_head(self._db, int(last["round"]), str(last["chain_hash"]), count)
 
     def record_node_reply(  # noqa: PLR0913
         self,
@@ -306,28 +303,43 @@ class RunStore:
         joined: bool = False,
     ) -> None:
         """Upsert a node after a reply: what it reported and that it was seen."""
-        self._ensure_node(node_id)
-        self._db.execute(
-            "UPDATE nodes SET partition_id = COALESCE(?, partition_id),"
-            " num_examples = COALESCE(?, num_examples), device = COALESCE(?, device),"
-            " weight = COALESCE(?, weight), rounds_joined = rounds_joined + ?, last_seen = ?"
-            " WHERE node_id = ?",
-            (partition_id, num_examples, device, weight, int(joined), time.time(), str(node_id)),
-        )
+        with self._chained_write() as genesis:
+            self._ensure_node(node_id)
+            self._db.execute(
+                "UPDATE nodes SET partition_id = COALESCE(?, partition_id),"
+                " num_examples = COALESCE(?, num_examples), device = COALESCE(?, device),"
+                " weight = COALESCE(?, weight), rounds_joined = rounds_joined + ?, last_seen = ?"
+                " WHERE node_id = ?",
+                (
+                    partition_id,
+                    num_examples,
+                    device,
+                    weight,
+                    int(joined),
+                    time.time(),
+                    str(node_id),
+                ),
+            )
+            rehash_nodes(self._db, genesis, "node_id = ?", (str(node_id),))
 
     def record_node_fault(self, node_id: int, server_round: int, kind: str, reason: str) -> None:
         """Count a failure (``kind='failure'``) or a rejected update against a node."""
         column = "failures" if kind == "failure" else "rejected"
-        self._ensure_node(node_id)
-        with _transaction(self._db):
+        with self._chained_write() as genesis:
+            self._ensure_node(node_id)
             self._db.execute(
                 f"UPDATE nodes SET {column} = {column} + 1, last_error = ? WHERE node_id = ?",
                 (reason[:500], str(node_id)),
             )
-            self._db.execute(
-                "INSERT INTO rejections (round, node_id, kind, reason, at) VALUES (?,?,?,?,?)",
-                (server_round, str(node_id), kind, reason[:2000], time.time()),
-            )
+            rehash_nodes(self._db, genesis, "node_id = ?", (str(node_id),))
+            rejection = {
+                "round": server_round,
+                "node_id": str(node_id),
+                "kind": kind,
+                "reason": reason[:2000],
+                "at": time.time(),
+            }
+            append_linked(self._db, "rejections", rejection, genesis)
 
     def add_command(self, command: str, argument: str = "") -> int:
         """Queue an operator command for the server; return its id."""
@@ -356,9 +368,11 @@ class RunStore:
 
     def set_partition_weight(self, partition_id: int, weight: float) -> None:
         """Record the operator weight of every node serving ``partition_id``."""
-        self._db.execute(
-            "UPDATE nodes SET weight = ? WHERE partition_id = ?", (weight, partition_id)
-        )
+        with self._chained_write() as genesis:
+            self._db.execute(
+                "UPDATE nodes SET weight = ? WHERE partition_id = ?", (weight, partition_id)
+            )
+            rehash_nodes(self._db, genesis, "partition_id = ?", (partition_id,))
 
     def forget_checkpoint(self, server_round: int) -> None:
         """Drop the checkpoint row of a pruned file."""
@@ -366,10 +380,10 @@ class RunStore:
 
     def truncate_after(self, server_round: int) -> int:
         """Delete round and checkpoint rows after ``server_round``; return rows deleted."""
-        with _transaction(self._db):
+        with transaction(self._db):
             cursor = self._db.execute("DELETE FROM rounds WHERE round > ?", (server_round,))
             self._db.execute("DELETE FROM checkpoints WHERE round > ?", (server_round,))
-            self._write_head_of_rows()
+            write_rounds_head(self._db, self.genesis())
             self.update_run(current_round=max(server_round, 0))
         return cursor.rowcount
 
@@ -422,26 +436,20 @@ class RunStore:
 
     def chain_head(self) -> dict[str, object] | None:
         """The recorded chain head ``{"round", "hash", "rows"}``; None if absent or malformed."""
-        row = self._read(
-            lambda: self._db.execute(
-                "SELECT value FROM meta WHERE key = ?", (CHAIN_HEAD_KEY,)
-            ).fetchone()
+        return self.heads()["rounds"]
+
+    def heads(self) -> dict[str, dict[str, object] | None]:
+        """Every recorded head by table, and the migration marker; None if absent or malformed.
+
+        ``rounds``: ``{"round", "hash", "rows"}``; ``rejections``, ``events``:
+        ``{"id", "hash", "rows"}``; ``nodes``: ``{"rows", "hash"}``; ``migrated``: what a
+        migration from schema 2 chained at once (None if this store was not migrated).
+        """
+        values = dict(
+            self._read(lambda: self._db.execute("SELECT key, value FROM meta").fetchall())
         )
-        return parse_head(row["value"] if row is not None else None)
+        return parse_heads(values)
 
-
-def _one_row(
-    db: sqlite3.Connection, query: str, parameters: tuple[object, ...] = ()
-) -> dict[str, object]:
-    return dict(db.execute(query, parameters).fetchone())
-
-
-@contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
+    def chained_rows(self, table: str) -> list[dict[str, object]]:
+        """Every row of the append-only ``table`` (``rejections``, ``events``), oldest first."""
+        return self._select(table, f"SELECT * FROM {table} ORDER BY id")

@@ -27,6 +27,7 @@ from server.record.runs import (
     RunNotFoundError,
     default_runs_dir,
     list_run_dirs,
+    name_note,
     resolve_run_dir,
     run_status,
     run_step,
@@ -79,7 +80,10 @@ def _fmt_seconds(seconds: object) -> str:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    """List runs with state and progress."""
+    """List runs by folder name (what every command takes) with state and progress.
+
+    A folder whose run.db records another run name (copied or renamed) is noted.
+    """
     runs_dir = Path(args.runs_dir)
     run_dirs = list_run_dirs(runs_dir)
     if not run_dirs:
@@ -96,9 +100,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
         metrics = status["metrics"]
         accuracy = metrics.get("central_accuracy") if isinstance(metrics, dict) else None
         rounds = f"{status['current_round']}/{status['num_rounds']}"
+        note = name_note(status)
         say(
-            f"{status['run_name']!s:<36} {status['state']!s:<12} {rounds:>9} "
+            f"{run_dir.name:<36} {status['state']!s:<12} {rounds:>9} "
             f"{_fmt(accuracy):>9} {_fmt(status['best_accuracy']):>7}"
+            + (f"  ({note})" if note else "")
         )
     return 0
 
@@ -110,7 +116,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         say(strict_json(status))
         return 0
     metrics = status["metrics"] if isinstance(status["metrics"], dict) else {}
-    say(f"run        {status['run_name']}  ({status['run_dir']})")
+    note = name_note(status)
+    say(f"run        {status['run_name']}{f'  ({note})' if note else ''}  ({status['run_dir']})")
     say(f"state      {status['state']}" + (f"  {status['message']}" if status["message"] else ""))
     say(
         f"{status.get('step', 'round')!s:<10} {status['current_round']}/{status['num_rounds']}"
@@ -206,7 +213,10 @@ def cmd_weight(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check the round hash chain and the checkpoint files; exit 1 on any problem."""
+    """Check the record's hash chains, their heads, the checkpoint files and the run's name.
+
+    Exit 1 on any problem.
+    """
     run_dir = resolve_run_dir(Path(args.runs_dir), args.run)
     try:
         problems, summary = verify_run(run_dir)
@@ -458,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", help="file to write (default: stdout); tensorboard: the logdir"
     )
     export.set_defaults(func=cmd_export)
-    verify = verb("verify", "are checkpoints and the round hash chain intact?")
+    verify = verb(
+        "verify", "is the record intact: hash chains, their heads, checkpoints, run name?"
+    )
     verify.add_argument("run", nargs="?", help="run name (default: the newest run)")
     verify.set_defaults(func=cmd_verify)
     dashboard = verb("dashboard", "web dashboard of the runs, live", reads_runs=False)

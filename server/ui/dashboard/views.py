@@ -147,7 +147,15 @@ def _summary(run_dir: Path, now: float) -> dict[str, object]:
     status = run_status(run_dir)
     created_at = float(status["created_at"])  # type: ignore[arg-type]
     metrics = status["metrics"] if isinstance(status["metrics"], dict) else {}
-    keys = ("run_name", "state", "current_round", "num_rounds", "progress", "best_accuracy")
+    keys = (
+        "run_name",  # the folder's name: links and commands use it
+        "stored_run_name",  # what run.db records; differs in a copied or renamed folder
+        "state",
+        "current_round",
+        "num_rounds",
+        "progress",
+        "best_accuracy",
+    )
     summary = {key: status[key] for key in keys}
     summary.update(
         accuracy=metrics.get("central_accuracy"),

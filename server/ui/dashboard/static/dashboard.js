@@ -98,6 +98,13 @@ function runCells(run) {
   link.href = `/runs/${encodeURIComponent(run.run_name)}`;
   link.textContent = run.run_name;
   name.append(link);
+  // A folder copied or renamed: its run.db records another run name.
+  if (run.stored_run_name && run.stored_run_name !== run.run_name) {
+    const note = document.createElement("span");
+    note.className = "muted";
+    note.textContent = ` (holds run '${run.stored_run_name}')`;
+    name.append(note);
+  }
   const state = document.createElement("td");
   const badge = document.createElement("span");
   badge.className = "badge";
