@@ -32,11 +32,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import tomllib
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
@@ -329,7 +334,11 @@ class ClientAppWorker:
         that exists: another build with those 8 digits, installed earlier, would load.
         """
         if digest not in self._installed:
-            base = get_flwr_home() / BUILDS_DIR / digest
+            check_build_names(fab_content, digest)
+            builds = get_flwr_home() / BUILDS_DIR / digest
+            builds.mkdir(parents=True, exist_ok=True)
+            # A fresh folder per process: nothing found on disk is reused unverified
+            base = Path(tempfile.mkdtemp(dir=builds, prefix="install-"))
             installed = install_from_fab(fab_content, install_dir=base, skip_prompt=True)
             if installed is None:
                 raise AppRefusedError(f"app build {digest} could not be installed")
@@ -339,9 +348,8 @@ class ClientAppWorker:
     def _load_app(self, fab_id: str, fab_version: str, digest: str, installed: Path) -> ClientApp:
         """Load the ClientApp from the folder the checked bytes were installed in."""
         load = get_load_client_app_fn(default_app_ref="", app_path=str(installed), multi_app=True)
-        app = load(fab_id, fab_version, digest)
-        self.loaded_fab_hash = digest
-        return app
+        self.loaded_fab_hash = digest  # before importing: a failed load leaves its modules
+        return load(fab_id, fab_version, digest)
 
     @staticmethod
     def _error_reply(message: Message | None, error: Exception) -> tuple[Message | None, str]:
@@ -378,6 +386,38 @@ class ClientAppWorker:
     def restart(self) -> None:
         """Replace this process with a fresh worker (same PID, same arguments)."""
         os.execv(sys.executable, [sys.executable, "-m", "deploy.worker", *sys.argv[1:]])
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_build_names(content: bytes, digest: str) -> None:
+    """Refuse a build whose publisher, name or version could not be a plain folder name.
+
+    Flower names the install folder after them: ``1.0.0/../../x`` would put it
+    outside the builds folder.
+
+    Raises
+    ------
+    AppRefusedError
+        Naming the field and value.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as fab:
+            project = tomllib.loads(fab.read("pyproject.toml").decode())
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise AppRefusedError(f"refused app build {digest}: unreadable ({error})") from None
+    fields = {
+        "publisher": project.get("tool", {}).get("flwr", {}).get("app", {}).get("publisher"),
+        "name": project.get("project", {}).get("name"),
+        "version": project.get("project", {}).get("version"),
+    }
+    for field_name, value in fields.items():
+        if not isinstance(value, str) or not _SAFE_NAME.match(value) or ".." in value:
+            raise AppRefusedError(
+                f"refused app build {digest}: its {field_name} {str(value)[:60]!r} is not a plain "
+                "name (letters, digits, . _ -)"
+            )
 
 
 def preload(modules: Sequence[str]) -> float:

@@ -122,3 +122,26 @@ def test_the_superlink_never_inherits_flowers_internal_grpc_switches(tmp_path, m
     # Assert
     assert not [key for key in env if key.startswith("FLWR_INTERNAL_GRPC_")]
     assert env["FLWR_HOME"] == str(tmp_path / "home")
+
+
+def test_a_build_that_fails_to_load_still_counts_as_loaded(tmp_path, monkeypatch):
+    import deploy.worker as worker_module
+
+    # Prepare: loading imports the build's modules, then fails
+    def failing_loader(**_kwargs):  # noqa: ANN202
+        def load(*_args):  # noqa: ANN202
+            raise RuntimeError("attribute app not found")
+
+        return load
+
+    monkeypatch.setattr(worker_module, "get_load_client_app_fn", failing_loader)
+    worker = ClientAppWorker("127.0.0.1:1", allowed=AppAllowList(any_app=True))
+
+    # Execute
+    with pytest.raises(RuntimeError):
+        worker._load_app("someone/buildapp", "1.0.0", "a" * 64, tmp_path)
+
+    # Assert: another build is never run warm beside that one's modules
+    assert worker.loaded_fab_hash == "a" * 64
+    with pytest.raises(AppRefusedError, match="only in a fresh process"):
+        worker.verified_build(b"other bytes", ())

@@ -507,6 +507,39 @@ def test_worker_refuses_to_start_without_a_clear_allow_list(arguments, capsys):
     assert "--allow-app" in capsys.readouterr().err
 
 
+def fab_bytes(version: str) -> bytes:
+    """A FAB-shaped zip whose pyproject names ``version``."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as fab:
+        fab.writestr(
+            "pyproject.toml",
+            f'[project]\nname = "app"\nversion = "{version}"\n'
+            '[tool.flwr.app]\npublisher = "someone"\n',
+        )
+    return buffer.getvalue()
+
+
+def test_a_build_whose_version_is_a_path_is_refused_uninstalled(monkeypatch):
+    from flwr.common.constant import ErrorCode
+
+    # Prepare: an allowed build whose version would place it outside the builds folder
+    task = FakeTask(fab_bytes("1.0.0/../../../escaped"), monkeypatch)
+    runner = worker.ClientAppWorker(
+        "127.0.0.1:1", allowed=AppAllowList(frozenset({task.fab.hash_str}))
+    )
+
+    # Execute
+    runner.run_task("token", task.fab.hash_str)
+
+    # Assert
+    assert task.installed == []
+    error = task.pushed[0].error
+    assert error.code == ErrorCode.INVALID_FAB and "is not a plain name" in error.reason
+
+
 class FakeTask:
     """The Runtime API calls of one task, recorded; the FAB is ``content``."""
 
@@ -598,7 +631,7 @@ def test_worker_installs_and_runs_an_allowed_build(monkeypatch):
     from flwr.common.constant import SubStatus
 
     # Prepare
-    task = FakeTask(b"PK\x03\x04 the reviewed app", monkeypatch)
+    task = FakeTask(fab_bytes("1.0.0"), monkeypatch)
     runner = worker.ClientAppWorker(
         "127.0.0.1:1", allowed=AppAllowList(frozenset({task.fab.hash_str}))
     )
