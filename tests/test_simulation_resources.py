@@ -66,7 +66,8 @@ def test_auto_shares_the_visible_gpus_among_the_nodes_at_once(gpus, monkeypatch)
         ("many", "", "auto", 1, "--num-gpus 'many'"),
         ("auto", "10.0.0.5", "auto", 1, "is not HOST:PORT"),
         ("auto", "10.0.0.5:99999", "auto", 1, "is not HOST:PORT"),
-        ("auto", "10.0.0.5:6379", "cuda", 1, "on a Ray cluster: give each node GPUs"),
+        ("2", "", "auto", 1, "each node would need 2 GPUs and 1 are visible"),
+        ("auto", "127.0.0.1:1", "auto", 1, "nothing answers there"),
     ],
 )
 def test_a_run_that_cannot_get_its_gpus_is_refused_in_one_line(
@@ -83,9 +84,14 @@ def test_a_run_that_cannot_get_its_gpus_is_refused_in_one_line(
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
-def test_a_cluster_address_and_the_gpu_share_reach_flower():
+def test_a_cluster_address_and_the_gpu_share_reach_flower(monkeypatch):
+    # Prepare: the cluster answers
+    monkeypatch.setattr(resources, "check_reachable", lambda address: None)
+
     # Execute
     remote = plan_resources("0.25", "ray://10.0.0.5:10001", "cuda", supernodes=4, num_cpus=1.0)
+    with pytest.raises(ConfigError, match="on a Ray cluster: give each node GPUs"):
+        plan_resources("auto", "10.0.0.5:6379", "cuda", supernodes=4, num_cpus=1.0)
     command = flwr_run_command(APP_DIR, 4, "", 1.0, num_gpus=remote.num_gpus)
 
     # Assert

@@ -32,6 +32,8 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    # A Ray cluster is joined only when asked for (--ray-address), never inherited.
+    env.pop("RAY_ADDRESS", None)
     # Flower's internal switches that reopen its gRPC APIs on all addresses.
     for key in [key for key in env if key.startswith("FLWR_INTERNAL_GRPC_")]:
         del env[key]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass
 
 from task.config import ConfigError
@@ -53,6 +54,25 @@ def parse_ray_address(text: str) -> str:
             "`ray start --head` prints)"
         )
     return text
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a Ray cluster address nothing answers on (Ray would wait for it without end).
+
+    Raises
+    ------
+    ConfigError
+        Naming the address and what to check.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return
+    except OSError as error:
+        raise ConfigError(
+            f"--ray-address {address}: nothing answers there ({error.strerror or error}); "
+            "start the cluster with `ray start --head --port=PORT` or check the address"
+        ) from None
 
 
 def parse_num_gpus(text: str) -> float | None:
@@ -120,6 +140,7 @@ def plan_resources(
     asked = parse_num_gpus(num_gpus_text)
     wants_cuda = device.strip().lower().startswith("cuda")
     if ray_address:  # the cluster's GPUs are not visible from here: take the user's word
+        check_reachable(ray_address)
         if wants_cuda and not asked:
             raise ConfigError(
                 f"device={device!r} on a Ray cluster: give each node GPUs with --num-gpus "
@@ -137,6 +158,11 @@ def plan_resources(
         raise ConfigError(
             f"device={device!r}: no CUDA GPU is visible here; use device='auto' or 'cpu', "
             "or run on a GPU machine"
+        )
+    if asked is not None and asked > gpus:
+        raise ConfigError(
+            f"--num-gpus {num_gpus_text}: each node would need {asked:g} GPUs and {gpus} "
+            "are visible here; Ray could place no node. Give a share of one GPU, e.g. 0.5"
         )
     share = auto_gpu_share(gpus, supernodes, num_cpus) if asked is None else asked
     if wants_cuda and share == 0:
