@@ -334,7 +334,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     run_dir = resolve_run_dir(Path(args.runs_dir), args.run)
     while True:
         status = run_status(run_dir)
-        sys.stdout.write("\r" + progress_line(status))
+        sys.stdout.write("\r" + escape_unprintable(progress_line(status)))
         sys.stdout.flush()
         if status["state"] in (*lifecycle.FINAL_STATES, lifecycle.INTERRUPTED):
             sys.stdout.write("\n")
