@@ -8,6 +8,8 @@ what a table shows. Every such character is shown as its Python escape instead.
 
 from __future__ import annotations
 
+import unicodedata
+
 
 def escape_unprintable(text: str, limit: int | None = None) -> str:
     r"""``text`` with each character that is not printable shown as its escape.
@@ -16,9 +18,23 @@ def escape_unprintable(text: str, limit: int | None = None) -> str:
     zero-width characters (U+200B) become ``\x1b``, ``\u202e``, ...; a backslash
     stays as it is. ``limit`` cuts the result to that many characters.
     """
-    if not text.isprintable():
-        text = "".join(char if char.isprintable() else _escape(char) for char in text)
+    if not text.isprintable() or not text.isascii():
+        text = "".join(_escape(char) if _hidden(char) else char for char in text)
     return text if limit is None else text[:limit]
+
+
+# Printable by Python's measure, yet invisible or blank: fillers, variation selectors,
+# the combining grapheme joiner, the braille blank and Khmer's inherent vowels.
+_INVISIBLE = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")
+
+
+def _hidden(char: str) -> bool:
+    """Whether ``char`` is not printable, or prints as nothing a reader could see."""
+    if not char.isprintable() or char in _INVISIBLE:
+        return True
+    code = ord(char)
+    variation = 0xFE00 <= code <= 0xFE0F or 0xE0100 <= code <= 0xE01EF
+    return variation or unicodedata.category(char) in ("Mn", "Me", "Cf", "Co", "Cn")
 
 
 def _escape(char: str) -> str:

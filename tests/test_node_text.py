@@ -96,3 +96,13 @@ def test_fedcoord_nodes_and_runs_print_no_control_sequence(tmp_path):
         text = output.stdout + output.stderr
         assert not [char for line in text.splitlines() for char in line if not char.isprintable()]
     assert "\\u202e" in nodes.stdout and "run-a" in runs.stdout
+
+
+def test_characters_that_print_as_nothing_are_escaped_too():
+    # Execute: variation selectors, a filler, the braille blank, a combining mark
+    shown = escape_unprintable("cuda\u034f:0\ufe0f\U000e0100\u3164\u2800e\u0301")
+
+    # Assert: each is visible as its escape; ordinary accented letters stay
+    for escape in ("\\u034f", "\\ufe0f", "\\U000e0100", "\\u3164", "\\u2800", "\\u0301"):
+        assert escape in shown
+    assert escape_unprintable("café naïve") == "café naïve"

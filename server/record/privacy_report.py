@@ -74,6 +74,8 @@ def privacy_summary(
         "sampling": sampling,
         "adjacency": "replace-one" if sampling == "fixed" else "add-or-remove-one",
         "noise_multiplier": noise,
+        # Poisson and fixed samples are drawn from the run's seed, which nodes receive
+        "sample_drawn_from_public_seed": sampling in ("poisson", "fixed"),
     }
 
 
