@@ -21,7 +21,7 @@ from server.record.runs import run_status
 from server.record.store import RunStore
 from server.record.verify import verify_run
 from server.ui import cli
-from server.ui.cli import progress_line
+from server.ui.read_verbs import progress_line
 from strategies.aggregation import ClippedMeanAggregator, compute_update_norm
 from strategies.fedbuff import (
     StalenessBuffer,

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from server.ui import cli
+from server.ui import cli, read_verbs
 from tests.helpers import make_run
 
 
@@ -124,7 +124,7 @@ def test_runs_nodes_export_and_plot(tmp_path, capsys):
 
 
 def test_progress_line_shows_round_replies_and_eta():
-    line = cli.progress_line(
+    line = read_verbs.progress_line(
         {
             "progress": 0.5,
             "current_round": 5,

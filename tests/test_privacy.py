@@ -17,6 +17,7 @@ from server.app import run_training
 from server.preflight import parse_app_run_config
 from server.record.runs import run_status
 from server.record.store import RunStore
+from server.ui.read_verbs import progress_line
 from strategies.accountant import (
     LEDGER_KEY,
     PrivacyAccountant,
@@ -643,8 +644,6 @@ def test_status_watch_export_plot_and_dashboard_show_epsilon(tmp_path, capsys):
     import io
     import json
 
-    from server.ui import cli
-
     # Prepare: a noisy run (Poisson, budget 50) and a run without noise
     start_run(tmp_path / "a", **{"num-server-rounds": 2, "target-epsilon": 50.0})
     plain = {"strategy": "fedavg", "noise-multiplier": 0.0, "sampling": "fraction"}
@@ -671,7 +670,7 @@ def test_status_watch_export_plot_and_dashboard_show_epsilon(tmp_path, capsys):
     assert "budget 50; sample drawn from the public seed: assumes it is hidden" in out
     _, out = run_cli(capsys, "--runs-dir", tmp_path / "b", "status", "dp")
     assert "privacy    epsilon inf: no noise, not differentially private" in out
-    line = cli.progress_line(run_status(tmp_path / "a" / "dp"))
+    line = progress_line(run_status(tmp_path / "a" / "dp"))
     assert f"eps {epsilons[-1]:.2f}" in line
 
     # export: CSV has the column (inf for no noise), JSON lines null
