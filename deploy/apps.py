@@ -14,7 +14,11 @@ not listed.
 from __future__ import annotations
 
 import hashlib
+import io
+import re
 import string
+import tomllib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +101,39 @@ class AppAllowList:
         if self.any_app:
             return "any app build the SuperLink sends (--allow-any-app)"
         return "app builds " + ", ".join(digest[:12] for digest in sorted(self.hashes))
+
+
+class AppRefusedError(Exception):
+    """The task's app build is not on this node's allow-list."""
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_build_names(content: bytes, digest: str) -> None:
+    """Refuse a build whose publisher, name or version could not be a plain folder name.
+
+    Flower names the install folder after them: ``1.0.0/../../x`` would put it
+    outside the builds folder.
+
+    Raises
+    ------
+    AppRefusedError
+        Naming the field and value.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as fab:
+            project = tomllib.loads(fab.read("pyproject.toml").decode())
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise AppRefusedError(f"refused app build {digest}: unreadable ({error})") from None
+    fields = {
+        "publisher": project.get("tool", {}).get("flwr", {}).get("app", {}).get("publisher"),
+        "name": project.get("project", {}).get("name"),
+        "version": project.get("project", {}).get("version"),
+    }
+    for field_name, value in fields.items():
+        if not isinstance(value, str) or not _SAFE_NAME.match(value) or ".." in value:
+            raise AppRefusedError(
+                f"refused app build {digest}: its {field_name} {str(value)[:60]!r} is not a plain "
+                "name (letters, digits, . _ -)"
+            )

@@ -32,16 +32,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import io
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
@@ -82,7 +78,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.utils import get_flwr_home
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from deploy.apps import AppAllowList, fab_hash, parse_app_hash
+from deploy.apps import AppAllowList, AppRefusedError, check_build_names, fab_hash, parse_app_hash
 from deploy.checks import DeployError
 
 DEFAULT_POLL_INTERVAL_S = 0.05
@@ -97,10 +93,6 @@ BUILDS_DIR = "fedcoord-builds"
 
 class StopWorkerError(BaseException):
     """SIGTERM / SIGINT, or the SuperNode went away: not caught as a task error."""
-
-
-class AppRefusedError(Exception):
-    """The task's app build is not on this node's allow-list."""
 
 
 def _runtime_retry_invoker(max_time_s: float) -> RetryInvoker:
@@ -386,38 +378,6 @@ class ClientAppWorker:
     def restart(self) -> None:
         """Replace this process with a fresh worker (same PID, same arguments)."""
         os.execv(sys.executable, [sys.executable, "-m", "deploy.worker", *sys.argv[1:]])
-
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def check_build_names(content: bytes, digest: str) -> None:
-    """Refuse a build whose publisher, name or version could not be a plain folder name.
-
-    Flower names the install folder after them: ``1.0.0/../../x`` would put it
-    outside the builds folder.
-
-    Raises
-    ------
-    AppRefusedError
-        Naming the field and value.
-    """
-    try:
-        with zipfile.ZipFile(io.BytesIO(content)) as fab:
-            project = tomllib.loads(fab.read("pyproject.toml").decode())
-    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise AppRefusedError(f"refused app build {digest}: unreadable ({error})") from None
-    fields = {
-        "publisher": project.get("tool", {}).get("flwr", {}).get("app", {}).get("publisher"),
-        "name": project.get("project", {}).get("name"),
-        "version": project.get("project", {}).get("version"),
-    }
-    for field_name, value in fields.items():
-        if not isinstance(value, str) or not _SAFE_NAME.match(value) or ".." in value:
-            raise AppRefusedError(
-                f"refused app build {digest}: its {field_name} {str(value)[:60]!r} is not a plain "
-                "name (letters, digits, . _ -)"
-            )
 
 
 def preload(modules: Sequence[str]) -> float:
