@@ -114,8 +114,17 @@ class StartPoint:
 
 
 def make_central_evaluate(config: RunConfig, data: DatasetSplits) -> EvaluateFn:
-    """Return ``evaluate_fn(arrays) -> (loss, accuracy)`` on the held-out test set."""
-    device = resolve_device(config.device)
+    """Return ``evaluate_fn(arrays) -> (loss, accuracy)`` on the held-out test set.
+
+    Raises
+    ------
+    ConfigError
+        When ``device`` is not available here (one line, like every config error).
+    """
+    try:
+        device = resolve_device(config.device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     model = build_model(config.model, data.input_shape, data.num_classes, config.seed).to(device)
 
     def evaluate(arrays: NamedArrays) -> tuple[float, float]:

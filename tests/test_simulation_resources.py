@@ -201,3 +201,25 @@ def test_a_simulation_runs_on_the_users_ray_cluster_and_leaves_it_running(tmp_pa
     drivers = list(Path(ray_temp).glob("session_*/logs/python-core-driver-*"))
     assert drivers, "the simulation did not connect to the cluster as a Ray driver"
     assert head.poll() is None and process_alive(head.pid)
+
+
+def test_a_connection_asking_gpus_none_are_visible_for_is_refused(gpus):
+    from server.launch.connection import validate_settings
+
+    # Prepare
+    gpus(0)
+
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="no GPU is visible here"):
+        validate_settings("fedcoord-local", 4, 1.0, 1.0)
+    assert validate_settings("fedcoord-local", 4, 1.0, 0.0).num_gpus == 0.0
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_the_serverapp_refuses_a_device_it_lacks_in_one_line():
+    from server.app import make_central_evaluate
+    from task.config import parse_run_config
+    from task.datasets import load_digits_splits
+
+    with pytest.raises(ConfigError, match="Device 'cuda': CUDA is not available here"):
+        make_central_evaluate(parse_run_config({"device": "cuda"}), load_digits_splits(0))

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 from server.launch.processes import flwr_env, free_port, process_alive, stop_pid_tree, stop_tree
-from server.launch.resources import check_nodes
+from server.launch.resources import check_nodes, plan_resources
 from server.launch.run_options import DEFAULT_CONNECTION_NAME
 from server.launch.simulation import superlink_command, wait_healthy
 from task.config import ConfigError
@@ -91,6 +91,8 @@ def validate_settings(
         raise ConfigError(
             f"--num-gpus must be a GPU share >= 0 per node, e.g. 0.25, got {num_gpus:g}"
         )
+    if num_gpus > 0:  # the launcher's check: Ray would wait forever for GPUs not there
+        plan_resources(f"{num_gpus:g}", "", "auto", supernodes, float(cpus))
     return SimulationSettings(name, supernodes, cpus, num_gpus)
 
 
@@ -275,6 +277,8 @@ def connection_lines(
 
     name = settings.name
     env = "" if get_flwr_home().absolute() == flwr_home else f"FLWR_HOME={flwr_home} "
+    # This venv's commands, so that they run as printed without activating it
+    flwr, fedcoord = (str(Path(sys.executable).with_name(tool)) for tool in ("flwr", "fedcoord"))
     started = "running already" if reused else "started"
     gpus = f" and {settings.num_gpus:g} GPU" if settings.num_gpus > 0 else ""
     return [
@@ -283,10 +287,10 @@ def connection_lines(
         f"{link.address} ({started}, pid {link.pid}; runtime dependency installation off; "
         f"log {superlink_dir(flwr_home, name) / 'superlink.log'})",
         "run from the app's folder:",
-        f"  {env}flwr run . {name} --stream",
-        f"  {env}flwr ls {name}   |   {env}flwr log RUN_ID {name}   |   "
-        f"{env}flwr stop RUN_ID {name}",
-        f"the SuperLink keeps running: stop it with fedcoord connection --stop --name {name}"
+        f"  {env}{flwr} run . {name} --stream",
+        f"  {env}{flwr} ls {name}   |   {env}{flwr} log RUN_ID {name}   |   "
+        f"{env}{flwr} stop RUN_ID {name}",
+        f"the SuperLink keeps running: stop it with {fedcoord} connection --stop --name {name}"
         + (f" --flwr-home {flwr_home}" if env else "")
         + f" (or kill {link.pid})",
     ]
