@@ -23,6 +23,11 @@ def escape_unprintable(text: str, limit: int | None = None) -> str:
     return text if limit is None else text[:limit]
 
 
+def escape_lines(text: str) -> str:
+    """``text`` escaped line by line: its own line breaks stay, everything else as above."""
+    return "\n".join(escape_unprintable(line) for line in text.split("\n"))
+
+
 # Printable by Python's measure, yet invisible or blank: fillers, variation selectors,
 # the combining grapheme joiner, the braille blank and Khmer's inherent vowels.
 _INVISIBLE = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")

@@ -72,7 +72,7 @@ from server.record.runs import run_status
 from server.record.store import DB_NAME, RunStoreError
 from task.config import ConfigError, config_to_dict
 from task.names import find_run_dir_problem
-from task.text import escape_unprintable
+from task.text import escape_lines
 
 RUN_LOG = "flwr-run.log"
 POLL_S = 0.5
@@ -403,5 +403,4 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _say(line: str, error: bool = False) -> None:
     prefix = "fedcoord: " if error else ""
-    lines = "\n".join(escape_unprintable(part) for part in line.split("\n"))
-    print(prefix + lines, file=sys.stderr if error else sys.stdout, flush=True)
+    print(prefix + escape_lines(line), file=sys.stderr if error else sys.stdout, flush=True)

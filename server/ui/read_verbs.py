@@ -32,7 +32,7 @@ from server.record.runs import (
 )
 from server.record.store import CorruptRunError, RunStore, RunStoreError
 from server.record.verify import verify_run
-from task.text import escape_unprintable
+from task.text import escape_lines, escape_unprintable
 
 UNREADABLE = "unreadable"
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -47,8 +47,7 @@ def say(*values: object, file: TextIO | None = None, flush: bool = False) -> Non
     so the command's own line breaks stay.
     """
     text = " ".join(str(value) for value in values)
-    lines = "\n".join(escape_unprintable(line) for line in text.split("\n"))
-    print(lines, file=file or sys.stdout, flush=flush)
+    print(escape_lines(text), file=file or sys.stdout, flush=flush)
 
 
 def _fmt(value: object, digits: int = 4) -> str:
